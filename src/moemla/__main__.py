@@ -1,0 +1,3 @@
+from moemla.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Closed-form parameter, FLOP and KV-cache accounting for any ModelConfig (pure functions)."""
+
+from __future__ import annotations
+
+from moemla.config import ModelConfig, variant_name
+from moemla.model.kv_cache import cache_numel_per_token
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    d, r = cfg.dim, cfg.kv_lora_rank
+    if cfg.attention == "mla":
+        # W^Q, W^O (d x d); W^Kc, W^Vc (d x r, Eq. 13); W^Kr, W^Vr (r x d for all heads, Eq. 14)
+        return 2 * d * d + 4 * d * r + (4 * d + 2 * r) * cfg.bias
+    return 4 * d * d + 4 * d * cfg.bias  # W^Q, W^K, W^V, W^O
+
+
+def expert_params(cfg: ModelConfig) -> int:
+    """One routed or shared expert: GELU MLP d -> h -> d without biases."""
+    return 2 * cfg.dim * cfg.expert_inter_dim
+
+
+def ffn_params(cfg: ModelConfig) -> int:
+    d = cfg.dim
+    if cfg.ffn == "moe":
+        router = cfg.n_routed_experts * d  # W_g; the balancing bias b is a buffer, not a parameter
+        return router + (cfg.n_routed_experts + cfg.n_shared_experts) * expert_params(cfg)
+    f = cfg.dense_inter_dim
+    return 2 * d * f + (f + d) * cfg.bias
+
+
+def block_params(cfg: ModelConfig) -> int:
+    return 4 * cfg.dim + attention_params(cfg) + ffn_params(cfg)  # two LayerNorms (weight + bias)
+
+
+def total_params(cfg: ModelConfig) -> int:
+    d = cfg.dim
+    embeddings = cfg.vocab_size * d + (cfg.max_seq_len * d if cfg.positions == "learned" else 0)
+    return embeddings + cfg.n_layers * block_params(cfg) + 2 * d  # LM head tied to the embedding
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Parameters used for one token: all but the routed experts the router did not pick."""
+    if cfg.ffn != "moe":
+        return total_params(cfg)
+    idle = (cfg.n_routed_experts - cfg.n_activated_experts) * expert_params(cfg)
+    return total_params(cfg) - cfg.n_layers * idle
+
+
+def matmul_weights_per_token(cfg: ModelConfig) -> int:
+    """Weights one token multiplies by in a forward pass (biases, norms and lookups excluded)."""
+    d, r = cfg.dim, cfg.kv_lora_rank
+    attn = 2 * d * d + 4 * d * r if cfg.attention == "mla" else 4 * d * d
+    if cfg.ffn == "moe":
+        ffn = cfg.n_routed_experts * d + (cfg.n_activated_experts + cfg.n_shared_experts) * expert_params(cfg)
+    else:
+        ffn = 2 * d * cfg.dense_inter_dim
+    return cfg.n_layers * (attn + ffn) + cfg.vocab_size * d  # + LM head
+
+
+def flops_per_token(cfg: ModelConfig, context: int | None = None) -> int:
+    """Forward FLOPs for one token attending to `context` positions (default: the full max_seq_len).
+
+    2 FLOPs per multiply-add; attention adds QK^T and AV, 2 * d * context each, per layer.
+    MLA's naive path expands its latents to full heads, so its attention costs the same as MHA's.
+    For the average over a causal training sequence of length T use context = (T + 1) / 2.
+    """
+    context = cfg.max_seq_len if context is None else context
+    return 2 * matmul_weights_per_token(cfg) + cfg.n_layers * 4 * cfg.dim * context
+
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "float32") -> int:
+    """Bytes the KV cache holds per token of one sequence, all layers: MHA 2dL, MLA 2rL elements."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
+    return cache_numel_per_token(cfg) * DTYPE_BYTES[dtype]
+
+
+def summary(cfg: ModelConfig, context: int | None = None, dtype: str = "float32") -> dict[str, object]:
+    """Everything `moemla info` reports, as one flat dict."""
+    return {
+        "variant": variant_name(cfg),
+        "attention": cfg.attention,
+        "positions": cfg.positions,
+        "ffn": cfg.ffn,
+        "n_layers": cfg.n_layers,
+        "dim": cfg.dim,
+        "n_heads": cfg.n_heads,
+        "vocab_size": cfg.vocab_size,
+        "kv_lora_rank": cfg.kv_lora_rank if cfg.attention == "mla" else None,
+        "total_params": total_params(cfg),
+        "active_params": active_params(cfg),
+        "flops_per_token": flops_per_token(cfg, context),
+        "flops_context": cfg.max_seq_len if context is None else context,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, dtype),
+        "kv_cache_dtype": dtype,
+    }

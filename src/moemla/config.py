@@ -1,0 +1,172 @@
+"""ModelConfig: the one object all model code receives, its size presets and variant presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+AttentionKind = Literal["mha", "mla"]
+PositionKind = Literal["learned", "rope"]
+FFNKind = Literal["dense", "moe"]
+BalanceRule = Literal["paper", "sign"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # size (Table 1)
+    vocab_size: int = 50257  # GPT-2 BPE, as every preset of the paper
+    max_seq_len: int = 512
+    n_layers: int = 6
+    dim: int = 256  # hidden size d
+    n_heads: int = 8
+    dropout: float = 0.1  # §3.3: on attention and FFN
+    bias: bool = True  # GPT-2 style biases on attention and dense-MLP projections
+
+    # the three independent variant choices
+    attention: AttentionKind = "mla"
+    positions: PositionKind = "rope"
+    ffn: FFNKind = "moe"
+
+    # mla (§3.1, Eq. 13-14)
+    kv_compression: float = 0.5  # rho = r / d; the latent rank r is `kv_lora_rank`
+
+    # rope (§2.3)
+    rope_base: float = 10000.0
+
+    # dense feed-forward
+    ffn_mult: int = 4  # dense hidden width d_ff = ffn_mult * d
+
+    # moe (§3.1): 2 shared + 62 routed experts, top-6, each expert 1/4 of the dense FFN
+    n_routed_experts: int = 62
+    n_shared_experts: int = 2
+    n_activated_experts: int = 6
+    moe_inter_dim: int | None = None  # expert hidden width; None means d_ff / 4
+    bias_in_gate: bool = True  # paper: gates come from softmax(l + b); False: DeepSeek-V3
+    balance_rule: BalanceRule = "paper"  # paper: Algorithm 1; sign: torchtitan / Megatron-LM
+    balance_rate: float = 1e-3  # gamma of Algorithm 1
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_lora_rank(self) -> int:
+        return max(1, round(self.kv_compression * self.dim))
+
+    @property
+    def dense_inter_dim(self) -> int:
+        return self.ffn_mult * self.dim
+
+    @property
+    def expert_inter_dim(self) -> int:
+        return self.moe_inter_dim or self.dense_inter_dim // 4
+
+    def replace(self, **changes: object) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ModelConfig:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}; known keys: {field_names()}")
+        return cls(**data)
+
+    @classmethod
+    def from_preset(cls, size: str = "xs", variant: str = "moe-mla-rope", **overrides: object) -> ModelConfig:
+        if size not in SIZES:
+            raise ConfigError(f"unknown size preset {size!r}; choose one of {list(SIZES)}")
+        if variant not in VARIANTS:
+            raise ConfigError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
+        return cls.from_dict({**SIZES[size], **VARIANTS[variant], **overrides})
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+# Table 1 (vocab 50,257, max sequence 512) plus two sizes for CPU work and tests.
+SIZES: dict[str, dict[str, object]] = {
+    "debug": dict(
+        n_layers=2, dim=32, n_heads=4, vocab_size=256, max_seq_len=64,
+        n_routed_experts=14, n_shared_experts=2, n_activated_experts=4,
+    ),
+    "tiny": dict(n_layers=4, dim=128, n_heads=4, vocab_size=4096, max_seq_len=256),
+    "xs": dict(n_layers=6, dim=256, n_heads=8, vocab_size=50257, max_seq_len=512),
+    "s": dict(n_layers=6, dim=512, n_heads=8, vocab_size=50257, max_seq_len=512),
+    "m": dict(n_layers=9, dim=512, n_heads=8, vocab_size=50257, max_seq_len=512),
+    "l": dict(n_layers=12, dim=768, n_heads=12, vocab_size=50257, max_seq_len=512),
+    "xl": dict(n_layers=12, dim=1024, n_heads=16, vocab_size=50257, max_seq_len=512),
+}  # fmt: skip
+
+# Table 2's rows, plus the RoPE baselines the paper leaves out (mha-rope, moe-mha-rope).
+VARIANTS: dict[str, dict[str, str]] = {
+    "mha": dict(attention="mha", positions="learned", ffn="dense"),
+    "mla": dict(attention="mla", positions="learned", ffn="dense"),
+    "mla-rope": dict(attention="mla", positions="rope", ffn="dense"),
+    "moe-mha": dict(attention="mha", positions="learned", ffn="moe"),
+    "moe-mla": dict(attention="mla", positions="learned", ffn="moe"),
+    "moe-mla-rope": dict(attention="mla", positions="rope", ffn="moe"),
+    "mha-rope": dict(attention="mha", positions="rope", ffn="dense"),
+    "moe-mha-rope": dict(attention="mha", positions="rope", ffn="moe"),
+}
+
+
+def variant_name(cfg: ModelConfig) -> str | None:
+    """The preset name whose three choices equal cfg's, if any (for display only)."""
+    choice = dict(attention=cfg.attention, positions=cfg.positions, ffn=cfg.ffn)
+    return next((name for name, v in VARIANTS.items() if v == choice), None)
+
+
+def _check_choice(cfg: ModelConfig, name: str, kind: object) -> None:
+    allowed = get_args(kind)
+    if getattr(cfg, name) not in allowed:
+        raise ConfigError(f"{name}={getattr(cfg, name)!r} is not one of {list(allowed)}")
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Raise ConfigError naming the first field that cannot work, and what would."""
+    _check_choice(cfg, "attention", AttentionKind)
+    _check_choice(cfg, "positions", PositionKind)
+    _check_choice(cfg, "ffn", FFNKind)
+    _check_choice(cfg, "balance_rule", BalanceRule)
+    for name in ("vocab_size", "max_seq_len", "n_layers", "dim", "n_heads", "ffn_mult"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    if cfg.dim % cfg.n_heads:
+        raise ConfigError(
+            f"dim={cfg.dim} is not divisible by n_heads={cfg.n_heads}; pick a dim that is a multiple of {cfg.n_heads}"
+        )
+    if cfg.positions == "rope" and cfg.head_dim % 2:
+        raise ConfigError(f"RoPE rotates pairs of channels: head_dim={cfg.head_dim} must be even")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0.0 < cfg.kv_compression <= 1.0:
+        raise ConfigError(
+            f"kv_compression (rho = r/d) must be in (0, 1], got {cfg.kv_compression}; Table 4 uses 1, 0.5, 0.25, 0.125"
+        )
+    if cfg.rope_base <= 1.0:
+        raise ConfigError(f"rope_base must be > 1, got {cfg.rope_base}")
+    if cfg.n_routed_experts < 1 or cfg.n_shared_experts < 0:
+        raise ConfigError("n_routed_experts must be >= 1 and n_shared_experts >= 0")
+    if not 1 <= cfg.n_activated_experts <= cfg.n_routed_experts:
+        raise ConfigError(
+            f"n_activated_experts (top-k) = {cfg.n_activated_experts} must be between 1 and "
+            f"n_routed_experts = {cfg.n_routed_experts}"
+        )
+    if cfg.moe_inter_dim is not None and cfg.moe_inter_dim < 1:
+        raise ConfigError(f"moe_inter_dim must be a positive integer or None, got {cfg.moe_inter_dim}")
+    if cfg.ffn == "moe" and cfg.expert_inter_dim < 1:
+        raise ConfigError("expert hidden width is 0: raise ffn_mult or set moe_inter_dim")
+    if cfg.balance_rate < 0:
+        raise ConfigError(f"balance_rate (gamma) must be >= 0, got {cfg.balance_rate}")

@@ -1,0 +1,72 @@
+"""A preallocated KV cache passed into the model's forward, shaped by the attention's cache spec."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moemla.config import ModelConfig
+
+
+def cache_spec(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Per-token, per-layer tensors the attention keeps: MHA caches K and V per head, MLA only C^K, C^V."""
+    if cfg.attention == "mla":
+        return {"c_k": (cfg.kv_lora_rank,), "c_v": (cfg.kv_lora_rank,)}  # Eq. 13: shared latents
+    return {"k": (cfg.n_heads, cfg.head_dim), "v": (cfg.n_heads, cfg.head_dim)}
+
+
+class KVCache:
+    """Per-layer buffers (B, max_len, *spec) written in place; `length` tokens are filled."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.max_len = max_len or cfg.max_seq_len
+        if self.max_len > cfg.max_seq_len:
+            raise ValueError(f"cache max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        self.batch_size = batch_size
+        self.length = 0
+        spec = cache_spec(cfg)
+        self.layers: list[dict[str, torch.Tensor]] = [
+            {
+                name: torch.zeros(batch_size, self.max_len, *shape, dtype=dtype, device=device)
+                for name, shape in spec.items()
+            }
+            for _ in range(cfg.n_layers)
+        ]
+
+    def append(self, layer: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Write new entries (B, T, ...) after the filled prefix; return the filled prefix plus them."""
+        start = self.length
+        out = {}
+        for name, value in new.items():
+            buf = self.layers[layer][name]
+            end = start + value.shape[1]
+            buf[:, start:end] = value
+            out[name] = buf[:, :end]
+        return out
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Real bytes held per cached token (all layers), for one sequence of the batch."""
+        return self.nbytes // (self.batch_size * self.max_len)
+
+
+def cache_numel_per_token(cfg: ModelConfig) -> int:
+    return cfg.n_layers * sum(math.prod(shape) for shape in cache_spec(cfg).values())

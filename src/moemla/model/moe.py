@@ -1,0 +1,154 @@
+"""Fine-grained MoE (§3.1): router, routed experts by grouped matmul, shared experts, bias balancing."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moemla.config import BalanceRule, ModelConfig
+
+
+class MLP(nn.Module):
+    """GELU feed-forward d -> hidden -> d; the dense FFN, and the fused shared experts."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
+class Router(nn.Module):
+    """Top-k gate over routed experts with a balancing bias b (a buffer, not a parameter)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.bias_in_gate = cfg.n_activated_experts, cfg.bias_in_gate
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # persistent: the bias is learned state that checkpoints must carry
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C) -> gates (N, K) summing to 1, expert indices (N, K)."""
+        logits = F.linear(x.float(), self.weight.float())  # (N, E); router math in fp32
+        if self.bias_in_gate:
+            # Algorithm 1 / Eq. 2: l = W_g x + b, TopK(softmax(l)), gates renormalized over the top-k
+            gates, idx = torch.softmax(logits + self.bias, dim=-1).topk(self.top_k, dim=-1)
+        else:
+            # NOTE: DeepSeek-V3: b only decides *which* experts; gate values use the unbiased scores
+            scores = torch.softmax(logits, dim=-1)
+            idx = (scores + self.bias).topk(self.top_k, dim=-1).indices
+            gates = scores.gather(-1, idx)
+        return gates / gates.sum(dim=-1, keepdim=True), idx
+
+
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype, k: int, n: int) -> bool:
+    """Probe once per (device, dtype, shape) whether torch._grouped_mm runs forward and backward."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(4, k, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, k, n, device=device_type, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([1, 4], device=device_type, dtype=torch.int32)
+        y = torch._grouped_mm(x, w, offs=offs)
+        y.backward(torch.ones_like(y))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (M, K) sorted by group, group g of counts[g] rows times w[g] (G, K, N) -> (M, N)."""
+    if grouped_mm_works(x.device.type, x.dtype, w.shape[1], w.shape[2]):
+        offs = counts.cumsum(0).to(torch.int32)  # end offset of each group, no host sync
+        # NOTE: its backward rejects stride-0 gradients (e.g. from .sum()); keep outputs dense
+        return torch._grouped_mm(x, w, offs=offs)
+    # fallback: one host sync for all groups, then a matmul per group
+    return torch.cat([xs @ w[g] for g, xs in enumerate(x.split(counts.tolist()))])
+
+
+class RoutedExperts(nn.Module):
+    """E GELU experts with stacked weights; tokens are sorted by expert and run as grouped matmuls."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # (E, C, h)
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))  # (E, h, C)
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x (N, C), gates and idx (N, K) -> sum_k gates[:, k] * E_idx[:, k](x), (N, C). Dropless."""
+        k = idx.shape[1]
+        flat = idx.flatten()  # (N*K,) assignment a belongs to token a // K
+        order = flat.argsort(stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        token = order // k
+        h = F.gelu(grouped_mm(x[token], self.w1.to(x.dtype), counts))  # (N*K, h)
+        y = grouped_mm(h, self.w2.to(x.dtype), counts)  # (N*K, C)
+        y = y * gates.flatten()[order, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+def _in_backward() -> bool:
+    # Activation recomputation re-runs forward inside the backward pass; counting its routing
+    # again would double every expert's load (and so the balancing step).
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoE(nn.Module):
+    """Eq. 12's MoE: N_s always-active shared experts plus top-k of N_r routed experts."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.expert_inter_dim)
+        # N_s shared experts with gate 1 are one MLP of N_s times the width: same math, one matmul
+        hidden = cfg.n_shared_experts * cfg.expert_inter_dim
+        self.shared = MLP(cfg.dim, hidden, bias=False) if hidden else None
+        # routed assignments per expert since the last balancing update (train) / reset (eval)
+        self.register_buffer("train_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.register_buffer("eval_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, C), N = B * T
+        gates, idx = self.router(x)  # (N, K) each
+        if not _in_backward():
+            load = self.train_load if self.training else self.eval_load
+            load += torch.bincount(idx.flatten(), minlength=load.numel())
+        y = self.experts(x, gates, idx)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(shape)
+
+    @torch.no_grad()
+    def update_bias(self, rate: float, rule: BalanceRule) -> torch.Tensor:
+        """Algorithm 1 step on the accumulated train loads; returns those loads and clears them."""
+        load = self.train_load.clone()
+        if load.sum() > 0:
+            self.router.bias += balance_delta(load, rate, rule)
+        self.train_load.zero_()
+        return load
+
+
+def balance_delta(load: torch.Tensor, rate: float, rule: BalanceRule) -> torch.Tensor:
+    """Bias change for per-expert assignment counts (E,): Algorithm 1, or the sign rule."""
+    if rule == "sign":
+        # torchtitan / Megatron-LM: b_i += gamma * sign(mean load - load_i)
+        return rate * torch.sign(load.mean() - load)
+    # Algorithm 1, line 6: b_i <- b_i - gamma * (f_i - 1/N_r), f_i = expert i's share of assignments
+    f = load / load.sum()
+    return -rate * (f - 1.0 / load.numel())
+
+
+def load_cv(load: torch.Tensor) -> float:
+    """Coefficient of variation of expert loads (population std / mean); 0 is perfectly balanced."""
+    load = load.double()
+    mean = load.mean()
+    return float(load.std(unbiased=False) / mean) if mean > 0 else 0.0

@@ -1,0 +1,109 @@
+"""The decoder: pre-norm blocks (Eq. 11-12), tied embeddings, learned or rotary positions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moemla.config import ModelConfig
+from moemla.model.attention import MHA, MLA
+from moemla.model.kv_cache import KVCache
+from moemla.model.moe import MLP, MoE, load_cv
+from moemla.model.rope import rope_tables
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.attn = MLA(cfg) if cfg.attention == "mla" else MHA(cfg)
+        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg.dim, cfg.dense_inter_dim, cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        h = x + self.drop(self.attn(self.ln1(x), rope, cache, self.layer))  # Eq. 11
+        return h + self.drop(self.ffn(self.ln2(h)))  # Eq. 12
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.dim)
+        if cfg.positions == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (T_max, D/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual-branch output projections by 1/sqrt(2L)
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        for p in module.parameters(recurse=False):  # router weights, stacked expert weights
+            if p.dim() >= 2 and not isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy."""
+        t = idx.shape[1]
+        start = 0 if cache is None else cache.length
+        end = start + t
+        if end > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {end} tokens exceeds the model's context (max_seq_len={self.cfg.max_seq_len}); "
+                "shorten the input or use a model with a longer context"
+            )
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {end} requested")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, end, device=idx.device))
+        x = self.drop(x)
+        rope = (self.rope_cos[:end], self.rope_sin[:end]) if self.cfg.positions == "rope" else None
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.advance(t)
+        logits = F.linear(self.ln_f(x), self.wte.weight)  # (B, T, V); tied input/output embedding
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def moe_layers(self) -> list[MoE]:
+        return [blk.ffn for blk in self.blocks if isinstance(blk.ffn, MoE)]
+
+    @torch.no_grad()
+    def update_routing_biases(self) -> list[float]:
+        """Once per optimizer step (Algorithm 1): move each layer's biases; return per-layer load CV."""
+        cfg = self.cfg
+        return [load_cv(moe.update_bias(cfg.balance_rate, cfg.balance_rule)) for moe in self.moe_layers()]
+
+    def expert_loads(self, split: str = "eval") -> list[torch.Tensor]:
+        """Per-layer routed-assignment counts (E,) accumulated in train or eval mode."""
+        return [getattr(moe, f"{split}_load").clone() for moe in self.moe_layers()]
+
+    def reset_expert_loads(self) -> None:
+        for moe in self.moe_layers():
+            moe.train_load.zero_()
+            moe.eval_load.zero_()
