@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,28 +45,24 @@ class Router(nn.Module):
         return gates / gates.sum(dim=-1, keepdim=True), idx
 
 
-@functools.cache
-def grouped_mm_works(device_type: str, dtype: torch.dtype, k: int, n: int) -> bool:
-    """Probe once per (device, dtype, shape) whether torch._grouped_mm runs forward and backward."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        x = torch.randn(4, k, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, k, n, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([1, 4], device=device_type, dtype=torch.int32)
-        y = torch._grouped_mm(x, w, offs=offs)
-        y.backward(torch.ones_like(y))
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
+# (device type, dtype, K, N) where torch._grouped_mm raised: e.g. fp32 on GPUs whose kernel wants bf16
+_GROUPED_MM_UNSUPPORTED: set[tuple[str, torch.dtype, int, int]] = set()
+
+
+def grouped_mm_supported(key: tuple[str, torch.dtype, int, int]) -> bool:
+    return hasattr(torch, "_grouped_mm") and key not in _GROUPED_MM_UNSUPPORTED
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (M, K) sorted by group, group g of counts[g] rows times w[g] (G, K, N) -> (M, N)."""
-    if grouped_mm_works(x.device.type, x.dtype, w.shape[1], w.shape[2]):
+    key = (x.device.type, x.dtype, w.shape[1], w.shape[2])
+    if grouped_mm_supported(key):
         offs = counts.cumsum(0).to(torch.int32)  # end offset of each group, no host sync
-        # NOTE: its backward rejects stride-0 gradients (e.g. from .sum()); keep outputs dense
-        return torch._grouped_mm(x, w, offs=offs)
+        try:
+            # NOTE: its backward rejects stride-0 gradients (e.g. from .sum()); ours are dense
+            return torch._grouped_mm(x, w, offs=offs)
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_UNSUPPORTED.add(key)
     # fallback: one host sync for all groups, then a matmul per group
     return torch.cat([xs @ w[g] for g, xs in enumerate(x.split(counts.tolist()))])
 

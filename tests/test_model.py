@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from moemla import KVCache, ModelConfig, Transformer
+from moemla.model.rope import apply_rope, rope_tables
+
+from .conftest import ALL_VARIANTS, build
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_causality(variant: str) -> None:
+    model, t, j = build(variant), 20, 11
+    idx = torch.randint(0, model.cfg.vocab_size, (2, t))
+    changed = idx.clone()
+    changed[:, j] = (idx[:, j] + 1) % model.cfg.vocab_size
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert torch.allclose(a[:, :j], b[:, :j], atol=1e-6), "a future token changed the past"
+    assert not torch.allclose(a[:, j:], b[:, j:], atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_cached_decode_equals_full_forward(variant: str) -> None:
+    model, t = build(variant), 24
+    idx = torch.randint(0, model.cfg.vocab_size, (3, t))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(model.cfg, batch_size=3, max_len=t)
+        prefill, _ = model(idx[:, :9], cache=cache)  # a prompt, a chunk after it, then token by token
+        chunk, _ = model(idx[:, 9:13], cache=cache)
+        steps = [model(idx[:, i : i + 1], cache=cache)[0] for i in range(13, t)]
+    cached = torch.cat([prefill, chunk, *steps], dim=1)
+    assert cache.length == t
+    assert (cached - full).abs().max().item() <= 1e-4
+
+
+def test_rope_depends_only_on_relative_position() -> None:
+    d = 16
+    cos, sin = rope_tables(d, 64)
+    q, k = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+
+    def score(m: int, n: int) -> float:
+        qm = apply_rope(q, cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rope(k, cos[n : n + 1], sin[n : n + 1])
+        return float((qm * kn).sum())
+
+    for offset in (1, 5, 20):
+        assert score(3, 3 + offset) == pytest.approx(score(30, 30 + offset), abs=1e-5)
+    assert score(0, 0) == pytest.approx(float((q * k).sum()), abs=1e-6)  # position 0: no rotation
+    assert score(3, 8) != pytest.approx(score(3, 9), abs=1e-3)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_debug_model_overfits_one_batch(variant: str) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("debug", variant, dropout=0.0)
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (4, 17))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        _, loss = model(x, y)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_routing_biases()
+    assert first > 5.0
+    assert loss.item() < 0.1, f"{variant}: loss {first:.2f} -> {loss.item():.3f}"
+
+
+def test_context_overflow_is_a_clear_error() -> None:
+    model = build("moe-mla-rope")
+    too_long = torch.zeros(1, model.cfg.max_seq_len + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        model(too_long)
+    cache = KVCache(model.cfg, batch_size=1, max_len=4)
+    with pytest.raises(ValueError, match="KV cache holds 4 tokens"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_router_bias_travels_with_the_state_dict() -> None:
+    model = build("moe-mla-rope")
+    model.moe_layers()[0].router.bias.fill_(0.25)
+    clone = Transformer(model.cfg)
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone.moe_layers()[0].router.bias, model.moe_layers()[0].router.bias)

@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import moemla.model.moe as moe_module
+from moemla import ModelConfig
+from moemla.model.moe import MoE, Router, balance_delta, load_cv
+
+
+def make_moe(**overrides: object) -> MoE:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("debug", "moe-mla-rope", dropout=0.0, **overrides)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return moe
+
+
+def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token: shared experts plus each selected routed expert, weighted by its gate."""
+    gates, idx = moe.router(x)
+    w1, w2 = moe.experts.w1, moe.experts.w2
+    rows = []
+    for n in range(x.shape[0]):
+        y = moe.shared(x[n]) if moe.shared is not None else torch.zeros_like(x[n])
+        for j in range(idx.shape[1]):
+            e = idx[n, j]
+            y = y + gates[n, j] * (F.gelu(x[n] @ w1[e]) @ w2[e])
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.fixture(params=["grouped_mm", "fallback"])
+def dispatch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "fallback":
+        monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda key: False)
+    elif not moe_module.grouped_mm_supported(("cpu", torch.float32, 32, 32)):
+        pytest.skip("torch._grouped_mm is not available in this torch build")
+    return request.param
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(bias_in_gate=False), dict(n_shared_experts=0)], ids=str)
+def test_grouped_dispatch_equals_per_token_reference(dispatch: str, overrides: dict) -> None:
+    moe = make_moe(**overrides)
+    x = torch.randn(37, moe.router.weight.shape[1], requires_grad=True)
+    upstream = torch.randn(37, x.shape[1])
+
+    out = moe(x[None])[0]
+    grads = torch.autograd.grad((out * upstream).sum(), [x, *moe.parameters()])
+    ref = reference_moe(moe, x)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [x, *moe.parameters()])
+
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias_in_gate", [True, False])
+def test_each_token_uses_exactly_shared_plus_top_k_experts(bias_in_gate: bool) -> None:
+    moe = make_moe(bias_in_gate=bias_in_gate, n_routed_experts=62, n_activated_experts=6)
+    moe.router.bias.copy_(torch.randn(62))
+    x = torch.randn(50, moe.router.weight.shape[1])
+    gates, idx = moe.router(x)
+    assert idx.shape == (50, 6)
+    assert all(len(set(row.tolist())) == 6 for row in idx)
+    assert (gates > 0).all()
+    torch.testing.assert_close(gates.sum(-1), torch.ones(50))
+    # backprop one token: exactly k routed experts (and the shared ones) receive a gradient
+    out = moe(x[:1][None])
+    out.square().sum().backward()
+    touched = (moe.experts.w1.grad.abs().sum(dim=(1, 2)) > 0).sum().item()
+    assert touched == 6
+    assert moe.shared.w1.weight.grad.abs().sum() > 0
+    assert moe.eval_load.sum() == 0 and moe.train_load.sum() == 6
+
+
+def test_bias_changes_which_experts_not_gate_values_in_deepseek_mode() -> None:
+    router = Router(ModelConfig.from_preset("debug", "moe-mla-rope", bias_in_gate=False))
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(8, router.weight.shape[1])
+    scores = torch.softmax(x @ router.weight.T, dim=-1)
+    router.bias[3] = 100.0  # force expert 3 into every selection
+    gates, idx = router(x)
+    assert (idx == 3).any(dim=-1).all()
+    expected = scores.gather(-1, idx)
+    torch.testing.assert_close(gates, expected / expected.sum(-1, keepdim=True))
+
+
+def skewed_router(n_experts: int = 62, top_k: int = 6, dim: int = 16) -> tuple[MoE, torch.Tensor]:
+    """Routing where expert i's logit carries a fixed offset growing with i: a few experts win."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=dim, n_heads=4, n_routed_experts=n_experts, n_activated_experts=top_k, moe_inter_dim=4)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.router.weight, std=0.3)
+    moe.router.weight.data[:, 0] = torch.linspace(0.0, 4.0, n_experts)
+    x = torch.randn(2048, dim)
+    x[:, 0] = 1.0  # constant feature: the offset applies to every token
+    return moe, x
+
+
+def run_balancing(moe: MoE, x: torch.Tensor, steps: int, rate: float, rule: str) -> float:
+    """Training steps of forward then Algorithm 1's update; the CV of the last step's loads."""
+    cv = 0.0
+    for _ in range(steps):
+        with torch.no_grad():
+            moe(x[None])
+        cv = load_cv(moe.update_bias(rate, rule))
+    return cv
+
+
+@pytest.mark.parametrize(("rule", "rate"), [("paper", 2.0), ("sign", 0.01)])
+def test_balancing_drives_cv_below_0_1_on_skewed_routing(rule: str, rate: float) -> None:
+    moe, x = skewed_router()
+    moe.train()
+    assert run_balancing(moe, x, 1, rate, rule) > 0.5  # the first step sees the raw, skewed routing
+    assert run_balancing(moe, x, 400, 0.0, rule) > 0.5  # without updates it stays skewed
+    assert run_balancing(moe, x, 400, rate, rule) < 0.1
+
+
+def test_balance_delta_rules() -> None:
+    load = torch.tensor([10.0, 30.0, 20.0, 20.0])
+    torch.testing.assert_close(balance_delta(load, 0.1, "sign"), torch.tensor([0.1, -0.1, 0.0, 0.0]))
+    # Algorithm 1: f = [1/8, 3/8, 1/4, 1/4], target 1/4
+    torch.testing.assert_close(balance_delta(load, 1.0, "paper"), torch.tensor([0.125, -0.125, 0.0, 0.0]))
+    assert load_cv(torch.ones(5)) == 0.0
+    assert load_cv(torch.tensor([0.0, 2.0])) == pytest.approx(1.0)
+
+
+def test_recomputation_does_not_count_loads_twice() -> None:
+    moe = make_moe()
+    moe.train()
+    x = torch.randn(1, 40, moe.router.weight.shape[1], requires_grad=True)
+    moe(x).sum().backward()
+    plain = moe.train_load.clone()
+    moe.train_load.zero_()
+    checkpoint(moe, x, use_reentrant=False).sum().backward()
+    assert torch.equal(moe.train_load, plain)
+    assert plain.sum() == 40 * moe.router.top_k
