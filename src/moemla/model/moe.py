@@ -78,15 +78,19 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (N, C), gates and idx (N, K) -> sum_k gates[:, k] * E_idx[:, k](x), (N, C). Dropless."""
-        k = idx.shape[1]
+        n, k = idx.shape
         flat = idx.flatten()  # (N*K,) assignment a belongs to token a // K
         order = flat.argsort(stable=True)  # assignments grouped by expert
         counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
-        token = order // k
-        h = F.gelu(grouped_mm(x[token], self.w1.to(x.dtype), counts))  # (N*K, h)
+        # index_select, not x[...]: its backward is a plain index_add, cheaper than index_put on CPU
+        xs = x.index_select(0, order // k)  # (N*K, C) in expert order
+        h = F.gelu(grouped_mm(xs, self.w1.to(x.dtype), counts))  # (N*K, h)
         y = grouped_mm(h, self.w2.to(x.dtype), counts)  # (N*K, C)
-        y = y * gates.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = y.index_select(0, inverse).view(n, k, -1)  # (N, K, C) back in token order
+        # Eq. 2's gate-weighted sum over the K experts as one batched matmul: (N, 1, K) @ (N, K, C)
+        return torch.bmm(gates.unsqueeze(1).to(y.dtype), y).squeeze(1)
 
 
 def _in_backward() -> bool:
