@@ -65,7 +65,9 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> int:
     For the average over a causal training sequence of length T use context = (T + 1) / 2.
     """
     context = cfg.max_seq_len if context is None else context
-    return 2 * matmul_weights_per_token(cfg) + cfg.n_layers * 4 * cfg.dim * context
+    attention = 4 * cfg.dim * context
+    combine = 2 * cfg.n_activated_experts * cfg.dim if cfg.ffn == "moe" else 0  # Eq. 2's gate-weighted sum
+    return 2 * matmul_weights_per_token(cfg) + cfg.n_layers * (attention + combine)
 
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
