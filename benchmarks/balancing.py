@@ -1,0 +1,55 @@
+"""Expert-load CV over steps for each balancing rule on the test suite's skewed synthetic router.
+
+    python benchmarks/balancing.py [--steps 3000] [--tokens 512]
+
+Prints a table for people, then one line of JSON for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.test_moe import skewed_router
+
+from moemla.model.moe import load_cv
+
+SETTINGS = [("paper", 1e-3), ("sign", 1e-3), ("paper", 1.0)]
+
+
+def trajectory(rule: str, rate: float, steps: int, tokens: int, report: list[int]) -> dict[int, float]:
+    moe, x = skewed_router()
+    moe.train()
+    cvs = {}
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            moe(x[None, :tokens])
+        cv = load_cv(moe.update_bias(rate, rule))
+        if step in report:
+            cvs[step] = cv
+    return cvs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--tokens", type=int, default=512, help="tokens routed per step (at most 2048)")
+    args = parser.parse_args()
+    report = sorted({1, 100, 1000, args.steps} & set(range(1, args.steps + 1)))
+    rows = [
+        {"rule": rule, "rate": rate, "cv": trajectory(rule, rate, args.steps, args.tokens, report)}
+        for rule, rate in SETTINGS
+    ]
+    print(f"{'rule':<7}{'gamma':>8}" + "".join(f"{'step ' + str(s):>12}" for s in report))
+    for r in rows:
+        print(f"{r['rule']:<7}{r['rate']:>8g}" + "".join(f"{r['cv'][s]:>12.2f}" for s in report))
+    print(json.dumps({"benchmark": "balancing", "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
