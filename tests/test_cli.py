@@ -1,0 +1,47 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moemla.cli import main
+
+from .test_config import TABLE1
+
+
+@pytest.mark.parametrize("size", list(TABLE1))
+def test_info_json_matches_table1_for_dense_mha(size: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--preset", size, "--variant", "mha", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"total_params", "active_params", "flops_per_token", "kv_cache_bytes_per_token"} <= set(info)
+    assert abs(info["total_params"] / TABLE1[size] - 1) <= 0.015
+
+
+def test_info_overrides_and_all_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--preset", "xs", "--all-variants", "--json", "--vocab-size", "4096"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 8 and {r["vocab_size"] for r in rows} == {4096}
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["moe-mla-rope"]["kv_cache_bytes_per_token"] * 2 == by_name["mha"]["kv_cache_bytes_per_token"]
+    assert by_name["moe-mla-rope"]["active_params"] < by_name["moe-mla-rope"]["total_params"]
+    assert main(["info", "--preset", "tiny", "--all-variants"]) == 0
+    assert "moe-mla-rope" in capsys.readouterr().out
+
+
+def test_info_rejects_bad_config_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--preset", "xs", "--dim", "100"]) == 2
+    assert "dim=100 is not divisible by n_heads=8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", "--attention", "gqa"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", "--bias", "maybe"])
+    assert "expected true or false" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "moemla", "info", "--preset", "debug", "--json"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["variant"] == "moe-mla-rope"
