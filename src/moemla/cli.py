@@ -50,7 +50,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             choices=choices,
             default=None,
             metavar=None if choices else f.name.upper(),
-            help=f"default {f.default!r}",
+            help=f"ModelConfig.{f.name} (dataclass default {f.default!r}; presets may set it)",
         )
 
 
