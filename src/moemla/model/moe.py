@@ -76,12 +76,10 @@ class RoutedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # (E, C, h)
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))  # (E, h, C)
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x (N, C), gates and idx (N, K) -> sum_k gates[:, k] * E_idx[:, k](x), (N, C). Dropless."""
+    def forward(self, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, C), gates and idx (N, K), counts (E,) -> sum_k gates[:, k] * E_idx[:, k](x), (N, C). Dropless."""
         n, k = idx.shape
-        flat = idx.flatten()  # (N*K,) assignment a belongs to token a // K
-        order = flat.argsort(stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        order = idx.flatten().argsort(stable=True)  # assignment a belongs to token a // K; grouped by expert
         # index_select, not x[...]: its backward is a plain index_add, cheaper than index_put on CPU
         xs = x.index_select(0, order // k)  # (N*K, C) in expert order
         h = F.gelu(grouped_mm(xs, self.w1.to(x.dtype), counts))  # (N*K, h)
@@ -117,10 +115,10 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C), N = B * T
         gates, idx = self.router(x)  # (N, K) each
+        counts = torch.bincount(idx.flatten(), minlength=self.experts.n_experts)  # (E,) assignments
         if not _in_backward():
-            load = self.train_load if self.training else self.eval_load
-            load += torch.bincount(idx.flatten(), minlength=load.numel())
-        y = self.experts(x, gates, idx)
+            (self.train_load if self.training else self.eval_load).add_(counts)
+        y = self.experts(x, gates, idx, counts)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape)

@@ -11,7 +11,7 @@ from torch import nn
 from moemla.config import ModelConfig
 from moemla.model.attention import MHA, MLA
 from moemla.model.kv_cache import KVCache
-from moemla.model.moe import MLP, MoE, load_cv
+from moemla.model.moe import MLP, MoE, RoutedExperts, Router, load_cv
 from moemla.model.rope import rope_tables
 
 
@@ -57,8 +57,8 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        for p in module.parameters(recurse=False):  # router weights, stacked expert weights
-            if p.dim() >= 2 and not isinstance(module, nn.Linear | nn.Embedding):
+        elif isinstance(module, Router | RoutedExperts):  # raw weight matrices, stacked per expert
+            for p in module.parameters(recurse=False):
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
     def forward(
