@@ -12,26 +12,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.test_moe import skewed_router
-
-from moemla.model.moe import load_cv
+from tests.test_moe import run_balancing, skewed_router
 
 SETTINGS = [("paper", 1e-3), ("sign", 1e-3), ("paper", 1.0)]
 
 
-def trajectory(rule: str, rate: float, steps: int, tokens: int, report: list[int]) -> dict[int, float]:
+def trajectory(rule: str, rate: float, tokens: int, report: list[int]) -> dict[int, float]:
+    """Load CV at each step in `report`, running the balancing updates in between."""
     moe, x = skewed_router()
     moe.train()
-    cvs = {}
-    for step in range(1, steps + 1):
-        with torch.no_grad():
-            moe(x[None, :tokens])
-        cv = load_cv(moe.update_bias(rate, rule))
-        if step in report:
-            cvs[step] = cv
+    cvs, done = {}, 0
+    for step in report:
+        cvs[step] = run_balancing(moe, x[:tokens], step - done, rate, rule)
+        done = step
     return cvs
 
 
@@ -41,10 +35,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="tokens routed per step (at most 2048)")
     args = parser.parse_args()
     report = sorted({1, 100, 1000, args.steps} & set(range(1, args.steps + 1)))
-    rows = [
-        {"rule": rule, "rate": rate, "cv": trajectory(rule, rate, args.steps, args.tokens, report)}
-        for rule, rate in SETTINGS
-    ]
+    rows = [{"rule": rule, "rate": rate, "cv": trajectory(rule, rate, args.tokens, report)} for rule, rate in SETTINGS]
     print(f"{'rule':<7}{'gamma':>8}" + "".join(f"{'step ' + str(s):>12}" for s in report))
     for r in rows:
         print(f"{r['rule']:<7}{r['rate']:>8g}" + "".join(f"{r['cv'][s]:>12.2f}" for s in report))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moemla import ModelConfig
+from moemla.accounting import ffn_matmul_weights_per_token
 from moemla.model.moe import MoE
 
 
@@ -37,12 +38,6 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     if moe.shared is not None:
         out = out + moe.shared(x)
     return out.view(shape)
-
-
-def moe_flops_per_token(cfg: ModelConfig) -> int:
-    """Forward FLOPs of one MoE layer per token: router + (k + N_s) experts."""
-    expert = 2 * 2 * cfg.dim * cfg.expert_inter_dim
-    return 2 * cfg.dim * cfg.n_routed_experts + (cfg.n_activated_experts + cfg.n_shared_experts) * expert
 
 
 def median_seconds(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -81,7 +76,7 @@ def bench_size(size: str, batch: int, seq: int, repeats: int) -> dict[str, objec
     )
     grouped, naive = seconds["grouped"], seconds["naive"]
     rate = 2 * 2048**3 / seconds["matmul"]  # the machine's fp32 matmul rate, measured in the same loop
-    flops = 3 * batch * seq * moe_flops_per_token(cfg)  # backward ~ 2x forward
+    flops = 3 * batch * seq * 2 * ffn_matmul_weights_per_token(cfg)  # forward 2 FLOPs/MAC; backward ~ 2x
     return {
         "size": size,
         "dim": cfg.dim,

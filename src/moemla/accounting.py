@@ -46,15 +46,19 @@ def active_params(cfg: ModelConfig) -> int:
     return total_params(cfg) - cfg.n_layers * idle
 
 
+def ffn_matmul_weights_per_token(cfg: ModelConfig) -> int:
+    """Feed-forward weights one token multiplies by in one layer: router + (k + N_s) experts, or the MLP."""
+    if cfg.ffn == "moe":
+        active = cfg.n_activated_experts + cfg.n_shared_experts
+        return cfg.n_routed_experts * cfg.dim + active * expert_params(cfg)
+    return 2 * cfg.dim * cfg.dense_inter_dim
+
+
 def matmul_weights_per_token(cfg: ModelConfig) -> int:
     """Weights one token multiplies by in a forward pass (biases, norms and lookups excluded)."""
     d, r = cfg.dim, cfg.kv_lora_rank
     attn = 2 * d * d + 4 * d * r if cfg.attention == "mla" else 4 * d * d
-    if cfg.ffn == "moe":
-        ffn = cfg.n_routed_experts * d + (cfg.n_activated_experts + cfg.n_shared_experts) * expert_params(cfg)
-    else:
-        ffn = 2 * d * cfg.dense_inter_dim
-    return cfg.n_layers * (attn + ffn) + cfg.vocab_size * d  # + LM head
+    return cfg.n_layers * (attn + ffn_matmul_weights_per_token(cfg)) + cfg.vocab_size * d  # + LM head
 
 
 def flops_per_token(cfg: ModelConfig, context: int | None = None) -> int:
