@@ -12,6 +12,11 @@ from collections.abc import Callable, Sequence
 
 from moemla import accounting
 from moemla.config import SIZES, VARIANTS, ConfigError, ModelConfig
+from moemla.data.sources import DataError
+from moemla.run import RunError
+from moemla.train.checkpoint import CheckpointError
+from moemla.train.config import TrainConfig
+from moemla.train.loop import TrainingDiverged
 
 
 def _parse_bool(text: str) -> bool:
@@ -37,25 +42,34 @@ def _field_parser(annotation: object) -> tuple[Callable[[str], object], list[str
     return typing.cast(Callable[[str], object], annotation), None
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--field-name` flag per ModelConfig field; unset flags leave the preset's value."""
-    group = parser.add_argument_group("model config overrides (default: the preset's value)")
-    hints = typing.get_type_hints(ModelConfig)
-    for f in dataclasses.fields(ModelConfig):
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str) -> None:
+    """One `--field-name` flag per dataclass field; unset flags leave the value from preset or file."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         convert, choices = _field_parser(hints[f.name])
         group.add_argument(
             "--" + f.name.replace("_", "-"),
-            dest=f"cfg_{f.name}",
+            dest=f"{prefix}{f.name}",
             type=convert,
             choices=choices,
             default=None,
             metavar=None if choices else f.name.upper(),
-            help=f"ModelConfig.{f.name} (dataclass default {f.default!r}; presets may set it)",
+            help=f"{cls.__name__}.{f.name} (default {f.default!r})",
         )
 
 
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_flags(parser, ModelConfig, "cfg_", "model config overrides (default: the preset's value)")
+
+
+def flag_values(args: argparse.Namespace, prefix: str) -> dict[str, object]:
+    n = len(prefix)
+    return {k[n:]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
 def config_overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    return flag_values(args, "cfg_")
 
 
 def _human(n: float) -> str:
@@ -101,6 +115,143 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from moemla.commands import prepare_data
+
+    folder, m = prepare_data(
+        args.dataset, args.text, args.out, args.tokenizer, args.vocab_size, args.stories, args.corpus_seed,
+        args.val_fraction, args.overwrite,
+    )  # fmt: skip
+    splits = m["splits"]
+    print(
+        f"{folder}: {splits['train']['stories']:,} training stories ({splits['train']['tokens']:,} tokens), "
+        f"{splits['val']['stories']:,} validation stories ({splits['val']['tokens']:,} tokens), "
+        f"vocabulary {m['tokenizer']['vocab_size']:,}"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moemla.commands import run_training
+
+    result = run_training(
+        args.data, args.out, args.resume, args.preset, args.variant, args.config,
+        flag_values(args, "cfg_"), flag_values(args, "tc_"),
+    )  # fmt: skip
+    print(json.dumps(result) if args.json else f"done: step {result['step']}, val loss {result.get('val_loss')}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moemla.commands import evaluate_run
+
+    r = evaluate_run(args.run, args.data, args.text, args.split, args.max_tokens, args.batch_size, args.device)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    lo, hi = r["val_ppl_ci95"]
+    print(f"{r['run']}: loss {r['val_loss']:.4f}, perplexity {r['val_ppl']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
+    print(f"{r['tokens']:,} tokens in {r['batches']} batches")
+    if r["expert_load_cv"] is not None:
+        print("expert-load CV per layer: " + ", ".join(f"{cv:.3f}" for cv in r["expert_load_cv"]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from moemla.demo import run_demo
+
+    run_demo(args.out, args.steps, args.stories, fresh=args.fresh)
+    return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a corpus into memory-mapped shards with a held-out validation split",
+        description="Tokenize stories (the built-in generator, TinyStories, or local files) into a prepared folder "
+        "that every run can reuse. An existing folder prepared the same way is reused; a different tokenizer "
+        "or source is refused.",
+    )
+    p.add_argument(
+        "--dataset",
+        default="builtin",
+        choices=["builtin", "tinystories"],
+        help="builtin: our seeded story generator (offline); tinystories: the paper's data from the hub",
+    )
+    p.add_argument(
+        "--text",
+        nargs="+",
+        metavar="PATH",
+        help="local .txt (stories split by <|endoftext|> or blank lines), .jsonl ('text') or .parquet files",
+    )
+    p.add_argument("--out", help="output folder (default data/builtin, data/tinystories or data/text)")
+    p.add_argument(
+        "--tokenizer",
+        default="bpe",
+        help="bpe: train a byte-level BPE on the data; gpt2: GPT-2's from the hub; or a tokenizer.json path",
+    )
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)")
+    p.add_argument(
+        "--stories", type=int, default=20_000, help="stories to generate (builtin) or to read at most (tinystories)"
+    )
+    p.add_argument("--corpus-seed", type=int, default=0, help="seed of the built-in generator")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of stories held out for validation")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder prepared differently")
+    p.set_defaults(func=cmd_prepare)  # fmt: skip
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on a prepared folder (resumable; DDP under torchrun)",
+        description="Train with the paper's recipe (§3.3) unless flags or --config say otherwise. Checkpoints are "
+        "written atomically; --resume continues a killed run exactly. For data parallelism launch with "
+        "`torchrun --nproc-per-node N -m moemla train ...`.",
+    )
+    p.add_argument("--data", default="data/builtin", help="prepared folder (from `moemla prepare`)")
+    p.add_argument("--out", help="run folder (default runs/PRESET-VARIANT)")
+    p.add_argument("--preset", choices=list(SIZES), help="size preset (default tiny)")
+    p.add_argument("--variant", choices=list(VARIANTS), help="architecture variant (default moe-mla-rope)")
+    p.add_argument("--config", help="JSON or TOML file with preset, variant, model {...} and train {...}")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    add_config_flags(p)
+    add_dataclass_flags(p, TrainConfig, "tc_", "training settings (default: the paper's recipe)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="validation loss, perplexity and expert-load CV of a trained run",
+        description="Evaluate a run's latest checkpoint on a prepared folder's validation split (default: the "
+        "folder it was trained on) or on raw text files.",
+    )
+    p.add_argument("run", help="run folder")
+    p.add_argument("--data", help="prepared folder (default: the run's training data)")
+    p.add_argument("--text", nargs="+", metavar="PATH", help="evaluate raw text files with the run's tokenizer")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="split of the prepared folder")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default the run's micro-batch)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job: train tiny MoE-MLA-RoPE and MHA models on the built-in corpus and compare them",
+        description="Prepare the built-in corpus, train the tiny moe-mla-rope and mha models for a few minutes each "
+        "on CPU, then print a side-by-side table, a sample story from each, and write plots.",
+    )
+    p.add_argument("--out", default="runs/demo", help="folder for the data, both runs and the plots")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's budget)")
+    p.add_argument("--stories", type=int, default=None, help="built-in stories to generate")
+    p.add_argument("--fresh", action="store_true", help="retrain even if the demo's runs are already finished")
+    p.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moemla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -120,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON (one object, or a list with --all-variants)")
     add_config_flags(info)
     info.set_defaults(func=cmd_info)
+    for add in (_add_prepare, _add_train, _add_eval, _add_demo):
+        add(sub)
     return parser
 
 
@@ -130,3 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"moemla {args.command}: invalid configuration: {err}", file=sys.stderr)
         return 2
+    except (DataError, RunError, CheckpointError, TrainingDiverged, ValueError) as err:
+        print(f"moemla {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"moemla {args.command}: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,262 @@
+"""Prepared data: tokenized, memory-mapped shards with a validation split held out by story.
+
+A prepared folder holds `manifest.json` (written last, so a folder without it is unfinished),
+`tokenizer.json` and `{train,val}_NNN.bin` shards of uint16 (vocab <= 65,536) or uint32 token ids,
+each story followed by <|endoftext|>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from moemla.data.sources import DataError, StorySource
+from moemla.data.tokenizer import digest, eot_id, load_tokenizer, train_bpe
+from moemla.progress import Progress
+
+FORMAT = 1
+SPLITS = ("train", "val")
+BPE_SAMPLE_CHARS = 50_000_000  # the BPE is trained on at most this much training text
+
+
+def is_val(index: int, val_fraction: float) -> bool:
+    """Story `index` goes to validation: a fixed hash of its position, so the split is by whole story."""
+    return ((index * 0x9E3779B1) & 0xFFFFFFFF) / 2**32 < val_fraction
+
+
+def _train_texts(source: StorySource, val_fraction: float) -> Iterator[str]:
+    chars = 0
+    for i, text in enumerate(source()):
+        if not is_val(i, val_fraction):
+            yield text
+            chars += len(text)
+            if chars >= BPE_SAMPLE_CHARS:
+                return
+
+
+def _dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+class _ShardWriter:
+    """Appends token arrays to NNN-numbered files of at most `shard_tokens` tokens, hashing as it goes."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[dict[str, object]] = []
+        self.stories = 0
+        self._file = None
+
+    def _open(self) -> None:
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self._file = (self.folder / name).open("wb")
+        self._hash = hashlib.sha256()
+        self.shards.append({"file": name, "tokens": 0})
+
+    def write(self, ids: np.ndarray) -> None:
+        self.stories += 1
+        if self._file is None or self.shards[-1]["tokens"] >= self.shard_tokens:  # type: ignore[operator]
+            self.close()
+            self._open()
+        data = ids.astype(self.dtype).tobytes()
+        self._file.write(data)  # type: ignore[union-attr]
+        self._hash.update(data)
+        self.shards[-1]["tokens"] += len(ids)  # type: ignore[operator]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self.shards[-1]["sha256"] = self._hash.hexdigest()
+            self._file = None
+
+    def summary(self) -> dict[str, object]:
+        return {"stories": self.stories, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+
+
+def prepare(
+    source: StorySource,
+    out: str | Path,
+    description: dict[str, object],
+    tokenizer: str = "bpe",
+    vocab_size: int = 4096,
+    val_fraction: float = 0.05,
+    shard_tokens: int = 1 << 27,
+    overwrite: bool = False,
+    chunk: int = 2048,
+) -> dict[str, object]:
+    """Tokenize `source` into `out`; reuse it when already prepared from the same request."""
+    if not 0.0 < val_fraction < 0.5:
+        raise DataError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
+    out = Path(out)
+    request = {"source": description, "tokenizer": tokenizer, "vocab_size": vocab_size, "val_fraction": val_fraction}
+    if (out / "manifest.json").exists() and not overwrite:
+        old = json.loads((out / "manifest.json").read_text())
+        if old["request"] == request:
+            return old
+        what = "tokenizer" if old["request"]["tokenizer"] != tokenizer else "request"
+        raise DataError(
+            f"{out} already holds data prepared with a different {what} ({old['request']}); a prepared folder "
+            "never mixes tokenizers or sources: choose another --out, or pass --overwrite to replace it"
+        )
+    partial = out / ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        tok = (
+            train_bpe(_train_texts(source, val_fraction), vocab_size)
+            if tokenizer == "bpe"
+            else load_tokenizer(tokenizer)
+        )
+        manifest = _write_shards(source, tok, partial, val_fraction, shard_tokens, chunk)
+        manifest["request"] = request
+        tok.save(str(partial / "tokenizer.json"))
+        for name in [s["file"] for split in manifest["splits"].values() for s in split["shards"]] + ["tokenizer.json"]:
+            (partial / name).replace(out / name)
+        tmp = out / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(out / "manifest.json")  # the folder counts as prepared only from here on
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return manifest
+
+
+def _write_shards(
+    source: StorySource, tok: Tokenizer, folder: Path, val_fraction: float, shard_tokens: int, chunk: int
+) -> dict[str, object]:
+    eot = eot_id(tok)
+    dtype = _dtype(tok.get_vocab_size())
+    writers = {s: _ShardWriter(folder, s, dtype, shard_tokens) for s in SPLITS}
+    texts: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        for (i, _), enc in zip(texts, tok.encode_batch([t for _, t in texts]), strict=True):  # parallel in Rust
+            writers["val" if is_val(i, val_fraction) else "train"].write(np.array([*enc.ids, eot]))
+        texts.clear()
+
+    with Progress("tokenizing", unit="stories") as bar:
+        for i, text in enumerate(source()):
+            texts.append((i, text))
+            if len(texts) >= chunk:
+                flush()
+                bar.advance(chunk)
+        flush()
+    for w in writers.values():
+        w.close()
+    splits = {s: w.summary() for s, w in writers.items()}
+    if splits["train"]["stories"] == 0:
+        raise DataError("no stories found in the input: check the files or the dataset name")
+    if splits["val"]["stories"] == 0:
+        raise DataError(
+            f"only {splits['train']['stories']} stories: too few to hold out a validation split at "
+            f"{val_fraction:.0%}; give more text or a larger --val-fraction"
+        )
+    return {
+        "format": FORMAT,
+        "tokenizer": {"vocab_size": tok.get_vocab_size(), "eot_id": eot, "sha256": digest(tok)},
+        "dtype": dtype.name,
+        "splits": splits,
+    }
+
+
+@dataclass
+class PreparedData:
+    """A prepared folder opened for reading: memory-mapped shards per split."""
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: str | Path) -> PreparedData:
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.is_file():
+            hint = " (an unfinished `moemla prepare`? run it again)" if (root / ".partial").exists() else ""
+            raise DataError(f"{root} is not a prepared data folder: no manifest.json{hint}; run `moemla prepare`")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise DataError(f"{root} was prepared by an incompatible moemla version; prepare it again")
+        data = cls(root, manifest)
+        for split in SPLITS:
+            for shard in manifest["splits"][split]["shards"]:
+                f = root / shard["file"]
+                expected = shard["tokens"] * np.dtype(manifest["dtype"]).itemsize
+                if not f.is_file() or f.stat().st_size != expected:
+                    raise DataError(f"{f} is missing or truncated; prepare the folder again")
+        return data
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(str(self.root / "tokenizer.json"))
+
+    def shards(self, split: str) -> list[np.ndarray]:
+        dtype = np.dtype(self.manifest["dtype"])
+        return [
+            np.memmap(self.root / s["file"], dtype=dtype, mode="r") for s in self.manifest["splits"][split]["shards"]
+        ]
+
+    def verify(self) -> None:
+        """Recompute every shard's sha256 against the manifest."""
+        for split in SPLITS:
+            for shard in self.manifest["splits"][split]["shards"]:
+                h = hashlib.sha256((self.root / shard["file"]).read_bytes()).hexdigest()
+                if h != shard["sha256"]:
+                    raise DataError(f"{self.root / shard['file']} does not match its checksum; prepare it again")
+
+
+def _windows(shards: list[np.ndarray], seq_len: int) -> np.ndarray:
+    """Number of (seq_len + 1)-token windows that start in each shard."""
+    counts = np.array([max(len(s) - seq_len, 0) for s in shards], dtype=np.int64)
+    if counts.sum() == 0:
+        raise DataError(f"the data holds fewer than {seq_len + 1} tokens per shard; use a shorter --seq-len")
+    return counts
+
+
+def train_batch(
+    shards: list[np.ndarray], seq_len: int, seed: int, step: int, batch: int, rows: slice
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `rows` of step `step`'s global batch of random windows: a pure function of (seed, step)."""
+    counts = _windows(shards, seq_len)
+    starts = np.random.default_rng([seed, step]).integers(0, counts.sum(), size=batch)[rows]
+    bounds = np.cumsum(counts)
+    which = np.searchsorted(bounds, starts, side="right")
+    offsets = starts - (bounds - counts)[which]
+    xy = np.stack([shards[s][o : o + seq_len + 1] for s, o in zip(which, offsets, strict=True)]).astype(np.int64)
+    xy = torch.from_numpy(xy)  # (B, T + 1)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def eval_batches(
+    shards: list[np.ndarray], seq_len: int, batch: int, max_tokens: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive non-overlapping windows over the split, the same every time."""
+    _windows(shards, seq_len)
+    rows: list[np.ndarray] = []
+    seen = 0
+    for s in shards:
+        for o in range(0, len(s) - seq_len, seq_len):
+            rows.append(s[o : o + seq_len + 1])
+            seen += seq_len
+            if len(rows) == batch or (max_tokens is not None and seen >= max_tokens):
+                xy = torch.from_numpy(np.stack(rows).astype(np.int64))
+                yield xy[:, :-1], xy[:, 1:]
+                rows = []
+            if max_tokens is not None and seen >= max_tokens:
+                return
+    if rows:
+        xy = torch.from_numpy(np.stack(rows).astype(np.int64))
+        yield xy[:, :-1], xy[:, 1:]

@@ -1,0 +1,63 @@
+"""Tokenizers: a byte-level BPE trained on the corpus, or GPT-2's (the paper's, 50,257 tokens)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from moemla.data.sources import EOT, DataError
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (GPT-2's scheme) with <|endoftext|> as token 0."""
+    if not 257 <= vocab_size <= 65535:
+        raise DataError(f"--vocab-size must be in [257, 65535] (256 bytes + <|endoftext|> at least), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """`gpt2` (from the Hugging Face hub) or a path to a tokenizer.json."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise DataError(f"tokenizer file not found: {path}")
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            raise DataError(f"{path} is not a valid tokenizers JSON file: {err}") from None
+    if spec == "gpt2":
+        try:
+            return Tokenizer.from_pretrained("gpt2")
+        except Exception as err:
+            raise DataError(
+                f"could not fetch the gpt2 tokenizer from the Hugging Face hub ({err}); offline, pass the path "
+                "of a local gpt2 tokenizer.json with --tokenizer"
+            ) from None
+    raise DataError(f"unknown tokenizer {spec!r}: use bpe, gpt2, or the path of a tokenizer.json")
+
+
+def eot_id(tok: Tokenizer) -> int:
+    token = tok.token_to_id(EOT)
+    if token is None:
+        raise DataError(f"the tokenizer has no {EOT} token, which separates stories; train one with --tokenizer bpe")
+    return token
+
+
+def digest(tok: Tokenizer) -> str:
+    """sha256 of the tokenizer's JSON: two folders with equal digests tokenize identically."""
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()

@@ -1,0 +1,1 @@
+"""Training: run settings, the loop, checkpoints and data parallelism."""

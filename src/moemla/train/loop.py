@@ -1,0 +1,243 @@
+"""The training loop: config, setup, data, model, optimizer, then steps with evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from moemla import accounting
+from moemla.config import ConfigError, ModelConfig
+from moemla.data.shards import PreparedData, train_batch
+from moemla.data.sources import DataError
+from moemla.evaluate import amp_dtype, autocast, evaluate
+from moemla.model import Transformer
+from moemla.progress import Progress
+from moemla.run import METRICS_FILE, RUN_FILE, TOKENIZER_FILE, RunError, read_meta
+from moemla.train import checkpoint, distributed
+from moemla.train.config import TrainConfig, build_optimizer, lr_at
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the message names the step and the checkpoint that survives."""
+
+
+def check_compatible(cfg: ModelConfig, tc: TrainConfig, data: PreparedData) -> None:
+    if data.vocab_size > cfg.vocab_size:
+        raise DataError(
+            f"the data's tokenizer has {data.vocab_size:,} tokens but the model's vocab_size is {cfg.vocab_size:,}; "
+            f"drop --vocab-size (it then follows the data) or set it to at least {data.vocab_size}"
+        )
+    if tc.seq_len > cfg.max_seq_len:
+        raise ConfigError(
+            f"seq_len={tc.seq_len} exceeds the model's context max_seq_len={cfg.max_seq_len}; lower --seq-len"
+        )
+
+
+def _start_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData, resume: bool) -> None:
+    """Write run.json and the tokenizer for a new run; for --resume check that the data is the same."""
+    meta = {
+        "model": cfg.to_dict(),
+        "train": tc.to_dict(),
+        "data": {"path": str(data.root), "tokenizer_sha256": data.tokenizer_sha256, "vocab_size": data.vocab_size},
+    }
+    if (run_dir / RUN_FILE).exists():
+        old = read_meta(run_dir)
+        if not resume:
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+        if old["data"]["tokenizer_sha256"] != data.tokenizer_sha256:
+            raise DataError(
+                f"{data.root} was tokenized with a different tokenizer than the run {run_dir} was trained on "
+                f"({old['data']['path']}); resume with data prepared by the same tokenizer"
+            )
+        if old["model"] != meta["model"]:
+            raise RunError(f"--resume: the model configuration differs from the one in {run_dir / RUN_FILE}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / (RUN_FILE + ".tmp")).write_text(json.dumps(meta, indent=1))
+    (run_dir / (RUN_FILE + ".tmp")).replace(run_dir / RUN_FILE)
+    shutil.copyfile(data.root / "tokenizer.json", run_dir / TOKENIZER_FILE)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget records written after the checkpoint being resumed from."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _tensorboard(run_dir: Path) -> object | None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def train(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """Train `cfg` on a prepared folder into `run_dir`; returns the final metrics."""
+    data = PreparedData.open(data_dir)
+    check_compatible(cfg, tc, data)
+    d = distributed.setup(tc.device)
+    try:
+        return _train(data, Path(run_dir), cfg, tc, resume, log, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(
+    data: PreparedData,
+    run_dir: Path,
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    resume: bool,
+    log: Callable[[str], None],
+    d: distributed.Dist,
+) -> dict[str, object]:
+    accum = tc.accumulation(d.world)
+    if d.main:
+        _start_run(run_dir, cfg, tc, data, resume)
+    distributed.barrier(d)
+    torch.manual_seed(tc.seed)  # identical initial weights on every process
+    model = Transformer(cfg).to(d.device)
+    optimizer = build_optimizer(model, tc)
+    dtype = amp_dtype(d.device, tc.amp)
+    scaler = torch.amp.GradScaler(d.device.type) if dtype == torch.float16 else None
+    if d.rank:
+        torch.manual_seed(tc.seed + d.rank)  # different dropout masks per process
+
+    step, elapsed = 0, 0.0
+    ckpt = checkpoint.latest(run_dir) if resume else None
+    if ckpt is not None:
+        checkpoint.load_weights(ckpt, model)
+        extra, state = checkpoint.load(ckpt)
+        optimizer.load_state_dict(extra["optimizer"])
+        if scaler is not None and extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
+        rng = extra["rng"]
+        if len(rng) == d.world:
+            torch.set_rng_state(rng[d.rank])
+        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        log(f"resuming {run_dir} from step {step} ({ckpt.name})")
+    if d.main:
+        _truncate_metrics(run_dir / METRICS_FILE, step)
+
+    fwd: torch.nn.Module = model
+    if d.world > 1:  # buffers are not broadcast: routing biases stay equal through all-reduced loads instead
+        fwd = DistributedDataParallel(model, broadcast_buffers=False)
+    if tc.compile:
+        fwd = torch.compile(fwd)
+    shards = data.shards("train")
+    val_shards = data.shards("val")
+    total = tc.steps
+    flops_per_token = 3 * accounting.flops_per_token(cfg, tc.seq_len)  # forward + backward
+    writer = _tensorboard(run_dir) if d.main else None
+    metrics = (run_dir / METRICS_FILE).open("a") if d.main else None
+    last: dict[str, object] = {"step": step}
+    window_tokens, window_time = 0, 0.0
+
+    def record(row: dict[str, object]) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        if writer is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k != "step":
+                    writer.add_scalar(f"{row['split']}/{k}", v, row["step"])
+
+    model.train()
+    with Progress(f"train {run_dir.name}", total=total) as bar:
+        bar.set(step)
+        while step < total:
+            t0 = time.perf_counter()
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=d.device)
+            for m in range(accum):
+                first = (m * d.world + d.rank) * tc.micro_batch_size
+                x, y = train_batch(
+                    shards, tc.seq_len, tc.seed, step, tc.batch_size, slice(first, first + tc.micro_batch_size)
+                )
+                sync = m == accum - 1 or d.world == 1
+                ctx = (
+                    fwd.no_sync() if not sync and isinstance(fwd, DistributedDataParallel) else autocast(d.device, None)
+                )
+                with ctx, autocast(d.device, dtype):
+                    _, loss = fwd(x.to(d.device), y.to(d.device))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(_diverged(run_dir, step + 1, f"the loss became {float(loss)}"))
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += loss.detach()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            params = [p for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            if scaler is None and not torch.isfinite(norm):
+                raise TrainingDiverged(_diverged(run_dir, step + 1, f"the gradient norm became {float(norm)}"))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # Algorithm 1: one bias update per optimizer step, from the loads of every micro-batch and process
+            distributed.all_reduce_sum([moe.train_load for moe in model.moe_layers()] + [loss_sum], d)
+            cvs = model.update_routing_biases()
+            step += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            window_tokens += tc.tokens_per_step
+            window_time += dt
+            train_loss = float(loss_sum) / (accum * d.world)
+            bar.set(step, f"loss {train_loss:.3f} | {window_tokens / window_time:,.0f} tok/s")
+
+            if step % tc.log_interval == 0 or step == total:
+                tps = window_tokens / window_time
+                last = {
+                    "step": step, "split": "train", "loss": train_loss, "lr": lr, "grad_norm": float(norm),
+                    "tokens": step * tc.tokens_per_step, "tokens_per_s": tps, "mfu_flops_per_s": tps * flops_per_token,
+                    "elapsed_s": elapsed, "load_cv": cvs or None,
+                }  # fmt: skip
+                record(last)
+                window_tokens, window_time = 0, 0.0
+            if d.main and (step % tc.eval_interval == 0 or step == total):
+                ev = evaluate(model, val_shards, tc.seq_len, tc.micro_batch_size, tc.eval_tokens, d.device, dtype)
+                record({"step": step, "split": "val", **ev})
+                last = {**last, **{k: v for k, v in ev.items() if k != "tokens"}, "val_tokens": ev["tokens"]}
+                cv = f" | load CV {max(ev['expert_load_cv']):.3f}" if ev["expert_load_cv"] else ""
+                log(
+                    f"step {step}/{total} | train loss {train_loss:.4f} | val loss {ev['val_loss']:.4f} "
+                    f"(ppl {ev['val_ppl']:.2f}){cv} | {last.get('tokens_per_s', 0):,.0f} tok/s"
+                )
+            if step % tc.ckpt_interval == 0 or step == total:
+                rng = distributed.gather_objects(torch.get_rng_state(), d)
+                if d.main:
+                    extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {}}
+                    state = {"step": step, "elapsed_s": elapsed, "train_loss": train_loss}
+                    checkpoint.save(run_dir, step, model, {**extra, "rng": rng}, state, tc.keep_checkpoints)
+                distributed.barrier(d)
+    if metrics is not None:
+        metrics.close()
+    if writer is not None:
+        writer.close()  # type: ignore[attr-defined]
+    return last
+
+
+def _diverged(run_dir: Path, step: int, what: str) -> str:
+    good = checkpoint.latest(run_dir)
+    kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+    return f"{what} at step {step}; training stopped ({kept}). Try a lower --lr or --grad-clip, or --amp none"
