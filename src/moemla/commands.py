@@ -87,9 +87,14 @@ def resolve_configs(
     train_over = {**file.get("train", {}), **train_flags}
     if resume and (run_dir / RUN_FILE).exists():
         cfg, tc = configs(read_meta(run_dir))
-        changed = {k: v for k, v in model_over.items() if getattr(cfg, k, None) != v}
-        if changed or preset or variant:
-            raise ConfigError(f"--resume continues {run_dir} as configured; model settings cannot change ({changed})")
+        asked = ModelConfig.from_preset(
+            preset or file.get("preset", "tiny"), variant or file.get("variant", "moe-mla-rope"),
+            **{"vocab_size": cfg.vocab_size, **model_over},
+        )  # fmt: skip
+        if (preset or variant or model_over) and asked != cfg:
+            raise ConfigError(
+                f"--resume continues {run_dir} as configured in its run.json; model settings cannot change"
+            )
         return cfg, tc.replace(**train_over)
     model_over.setdefault("vocab_size", data.vocab_size)
     cfg = ModelConfig.from_preset(

@@ -29,7 +29,7 @@ BPE_SAMPLE_CHARS = 50_000_000  # the BPE is trained on at most this much trainin
 
 def is_val(index: int, val_fraction: float) -> bool:
     """Story `index` goes to validation: a fixed hash of its position, so the split is by whole story."""
-    return ((index * 0x9E3779B1) & 0xFFFFFFFF) / 2**32 < val_fraction
+    return (((index + 1) * 0x9E3779B1) & 0xFFFFFFFF) / 2**32 < val_fraction
 
 
 def _train_texts(source: StorySource, val_fraction: float) -> Iterator[str]:

@@ -203,10 +203,10 @@ def _train(
             window_tokens += tc.tokens_per_step
             window_time += dt
             train_loss = float(loss_sum) / (accum * d.world)
-            bar.set(step, f"loss {train_loss:.3f} | {window_tokens / window_time:,.0f} tok/s")
+            tps = window_tokens / window_time
+            bar.set(step, f"loss {train_loss:.3f} | {tps:,.0f} tok/s")
 
             if step % tc.log_interval == 0 or step == total:
-                tps = window_tokens / window_time
                 last = {
                     "step": step, "split": "train", "loss": train_loss, "lr": lr, "grad_norm": float(norm),
                     "tokens": step * tc.tokens_per_step, "tokens_per_s": tps, "mfu_flops_per_s": tps * flops_per_token,
@@ -221,7 +221,7 @@ def _train(
                 cv = f" | load CV {max(ev['expert_load_cv']):.3f}" if ev["expert_load_cv"] else ""
                 log(
                     f"step {step}/{total} | train loss {train_loss:.4f} | val loss {ev['val_loss']:.4f} "
-                    f"(ppl {ev['val_ppl']:.2f}){cv} | {last.get('tokens_per_s', 0):,.0f} tok/s"
+                    f"(ppl {ev['val_ppl']:.2f}){cv} | {tps:,.0f} tok/s"
                 )
             if step % tc.ckpt_interval == 0 or step == total:
                 rng = distributed.gather_objects(torch.get_rng_state(), d)

@@ -1,0 +1,85 @@
+"""Sampling from a trained model with the preallocated KV cache: prefill the prompt, then one token per step."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from moemla.data.tokenizer import eot_id
+from moemla.model import KVCache, Transformer
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) with everything outside the top-k and outside the top-p nucleus set to -inf."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already cover top_p; the most likely token always stays
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: Transformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Continue one prompt until `stop`, `max_new_tokens`, or the model's context is full."""
+    cfg = model.cfg
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one token")
+    if len(prompt) >= cfg.max_seq_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {cfg.max_seq_len}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(cfg, batch_size=1, max_len=min(cfg.max_seq_len, len(prompt) + max_new_tokens), device=device)
+    logits, _ = model(torch.tensor([prompt], device=device), cache=cache)  # prefill
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+        out.append(int(token))
+        if out[-1] == stop or cache.length == cache.max_len:
+            break
+        logits, _ = model(token.view(1, 1), cache=cache)  # one decode step
+    return out
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Prompt text -> prompt plus continuation, stopping at <|endoftext|>."""
+    stop = eot_id(tokenizer)
+    texts = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt).ids
+        new = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, stop, seed + i)
+        texts.append(tokenizer.decode(ids + [t for t in new if t != stop]))
+    return texts

@@ -1,0 +1,142 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moemla.data import corpus
+from moemla.data.shards import PreparedData, is_val, prepare, train_batch
+from moemla.data.sources import DataError, builtin_source, file_source
+from moemla.data.tokenizer import load_tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "gpt2" / "tokenizer.json").is_file(), reason="../shared/data absent")
+
+
+def _prepare(tmp_path: Path, stories: int = 300, **kw: object) -> Path:
+    out = tmp_path / "data"
+    prepare(builtin_source(stories), out, {"dataset": "builtin", "stories": stories}, vocab_size=400, **kw)
+    return out
+
+
+def test_corpus_is_deterministic_and_story_lengths_are_in_range() -> None:
+    assert corpus.story(0, 5) == corpus.story(0, 5)
+    assert corpus.story(0, 5) != corpus.story(1, 5)
+    lengths = [len(s.split()) for s in corpus.stories(0, 500)]
+    assert min(lengths) >= corpus.MIN_WORDS and max(lengths) <= corpus.MAX_WORDS
+
+
+def test_corpus_has_long_range_references() -> None:
+    # the hero's name and treasured object, introduced in the first two sentences, recur in the last third
+    hits = 0
+    for text in corpus.stories(3, 300):
+        name = text.replace(" called ", " named ").split(" named ")[1].split()[0].strip(".")
+        thing = text.split(" had ", 1)[1].split(".")[0].split(" ", 1)[1]  # "a blue kite" -> "blue kite"
+        tail = text[2 * len(text) // 3 :]
+        hits += name in tail and thing in tail
+    assert hits >= 0.9 * 300
+
+
+def test_corpus_vocabulary_is_large() -> None:
+    words = {w.strip('.,!?":;').lower() for s in corpus.stories(0, 3000) for w in s.split()}
+    assert len(words) > 1000
+
+
+def test_text_files_split_by_marker_or_blank_lines(tmp_path: Path) -> None:
+    marked = tmp_path / "a.txt"
+    marked.write_text("One story.\nSecond line.\n<|endoftext|>\nTwo story.\n<|endoftext|>\n")
+    blank = tmp_path / "b.txt"
+    blank.write_text("First.\n\nSecond one\nstill second.\n\n\nThird.")
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(json.dumps({"text": "From json."}) + "\n\n" + json.dumps({"text": "Again."}) + "\n")
+    assert list(file_source([marked])()) == ["One story.\nSecond line.", "Two story."]
+    assert list(file_source([blank])()) == ["First.", "Second one\nstill second.", "Third."]
+    assert list(file_source([jsonl, marked])())[:3] == ["From json.", "Again.", "One story.\nSecond line."]
+
+
+def test_parquet_source(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": ["A.", "B."]}), tmp_path / "x.parquet")
+    assert list(file_source([tmp_path / "x.parquet"])()) == ["A.", "B."]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.txt", None, "not found"),
+        ("empty.txt", "", "empty"),
+        ("bad.csv", "a,b", "unsupported file type"),
+        ("bad.jsonl", '{"body": "x"}\n', "'text' field"),
+    ],
+)
+def test_bad_input_files_are_named(tmp_path: Path, name: str, content: str | None, message: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        list(file_source([path])())
+
+
+def test_prepare_holds_out_whole_stories_and_checks_out(tmp_path: Path) -> None:
+    out = _prepare(tmp_path)
+    data = PreparedData.open(out)
+    data.verify()
+    splits = data.manifest["splits"]
+    assert splits["train"]["stories"] + splits["val"]["stories"] == 300
+    assert splits["val"]["stories"] == sum(is_val(i, 0.05) for i in range(300))
+    eot = data.manifest["tokenizer"]["eot_id"]
+    for split in ("train", "val"):
+        tokens = np.concatenate(data.shards(split))
+        assert tokens.dtype == np.uint16 and len(tokens) == splits[split]["tokens"]
+        assert (tokens == eot).sum() == splits[split]["stories"] and tokens[-1] == eot  # whole stories only
+    val_text = data.tokenizer().decode(np.concatenate(data.shards("val")).tolist())
+    assert corpus.story(0, next(i for i in range(300) if is_val(i, 0.05))) in val_text
+
+
+def test_prepared_folder_is_reused_and_never_mixes_tokenizers(tmp_path: Path) -> None:
+    out = _prepare(tmp_path)
+    stamp = (out / "train_000.bin").stat().st_mtime_ns
+    _prepare(tmp_path)  # same request: reused as is
+    assert (out / "train_000.bin").stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="different tokenizer"):
+        prepare(builtin_source(300), out, {"dataset": "builtin", "stories": 300}, tokenizer="gpt2")
+
+
+def test_prepare_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="too few to hold out"):
+        _prepare(tmp_path, stories=3)
+    assert not (tmp_path / "data" / "manifest.json").exists()
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        PreparedData.open(tmp_path / "data")
+    with pytest.raises(DataError, match="unknown tokenizer"):
+        load_tokenizer("llama")
+
+
+def test_truncated_shard_is_detected(tmp_path: Path) -> None:
+    out = _prepare(tmp_path)
+    shard = out / "train_000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated"):
+        PreparedData.open(out)
+
+
+def test_train_batches_are_pure_and_split_across_processes(tmp_path: Path) -> None:
+    shards = PreparedData.open(_prepare(tmp_path)).shards("train")
+    x, y = train_batch(shards, 32, seed=1, step=7, batch=8, rows=slice(0, 8))
+    x2, _ = train_batch(shards, 32, seed=1, step=7, batch=8, rows=slice(0, 8))
+    halves = [train_batch(shards, 32, 1, 7, 8, slice(i, i + 4))[0] for i in (0, 4)]
+    assert x.equal(x2) and x.equal(torch.cat(halves))
+    assert x[:, 1:].equal(y[:, :-1])
+    assert not x.equal(train_batch(shards, 32, seed=1, step=8, batch=8, rows=slice(0, 8))[0])
+
+
+@needs_shared
+def test_gpt2_tokenizer_and_tinystories_sample(tmp_path: Path) -> None:
+    tok = load_tokenizer(str(SHARED / "gpt2" / "tokenizer.json"))
+    assert tok.get_vocab_size() == 50257 and tok.encode("Once upon a time").ids == [7454, 2402, 257, 640]
+    source = file_source([SHARED / "tinystories-train-sample.txt"])
+    m = prepare(source, tmp_path / "ts", {"dataset": "text"}, tokenizer=str(SHARED / "gpt2" / "tokenizer.json"))
+    assert m["splits"]["train"]["stories"] + m["splits"]["val"]["stories"] == 1728
+    assert m["tokenizer"]["eot_id"] == 50256 and m["dtype"] == "uint16"

@@ -1,0 +1,198 @@
+import errno
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moemla.config import ConfigError, ModelConfig
+from moemla.data.shards import prepare
+from moemla.data.sources import DataError, builtin_source
+from moemla.evaluate import evaluate
+from moemla.model import Transformer
+from moemla.run import load_model, read_metrics
+from moemla.train import checkpoint
+from moemla.train.checkpoint import CheckpointError
+from moemla.train.config import TrainConfig, lr_at, param_groups
+from moemla.train.loop import TrainingDiverged, train
+from tests.conftest import ALL_VARIANTS
+
+TC = TrainConfig(
+    max_steps=6, batch_size=8, micro_batch_size=4, seq_len=32, lr=3e-3, eval_interval=3, ckpt_interval=3,
+    eval_tokens=1024, log_interval=1,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "builtin"
+    prepare(builtin_source(400), out, {"dataset": "builtin", "stories": 400}, vocab_size=300)
+    return out
+
+
+def cfg(variant: str = "moe-mla-rope", **kw: object) -> ModelConfig:
+    return ModelConfig.from_preset("debug", variant, vocab_size=300, **kw)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint.latest(run) / checkpoint.MODEL))
+
+
+def test_lr_schedule_warms_up_then_decays_to_min() -> None:
+    tc = TrainConfig(max_steps=100, lr=1e-3, min_lr=1e-5, warmup_frac=0.1)
+    lrs = [lr_at(s, tc) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lr_at(100, tc) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_weight_decay_groups_cover_every_parameter_once(variant: str) -> None:
+    model = Transformer(cfg(variant))
+    decay, no_decay = (g["params"] for g in param_groups(model, 0.1))
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 and not names[id(p)].startswith(("wte", "wpe")) for p in decay)
+    assert any(names[id(p)] == "wte.weight" for p in no_decay)
+
+
+def test_train_checkpoint_resume_eval(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = train(data, run, cfg(), TC.replace(max_steps=3), log=lambda _: None)
+    assert first["step"] == 3 and checkpoint.latest(run).name == "step_00000003"
+    last = train(data, run, cfg(), TC, resume=True, log=lambda _: None)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert last["val_loss"] < math.log(300)  # better than uniform over the vocabulary
+    model, tok, _ = load_model(run)
+    assert tok.get_vocab_size() == 300
+    from moemla.data.shards import PreparedData
+
+    ev = evaluate(model, PreparedData.open(data).shards("val"), 32, 4, 1024, torch.device("cpu"))
+    assert ev["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert len(ev["expert_load_cv"]) == 2 and ev["val_ppl_ci95"][0] < ev["val_ppl"] < ev["val_ppl_ci95"][1]
+
+
+def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train(data, tmp_path / "a", cfg(), TC, log=lambda _: None)
+    real = checkpoint.save
+
+    def save_then_die(*args: object, **kw: object) -> Path:
+        real(*args, **kw)
+        raise KeyboardInterrupt  # interrupted right after the step-3 checkpoint
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "b", cfg(), TC, log=lambda _: None)
+    monkeypatch.undo()
+    train(data, tmp_path / "b", cfg(), TC, resume=True, log=lambda _: None)
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bitwise, routing biases included
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moemla", *args]
+
+
+def test_sigkill_mid_training_then_resume_is_bitwise_equal(data: Path, tmp_path: Path) -> None:
+    flags = [
+        "--data", str(data), "--preset", "debug", "--max-steps", "400", "--batch-size", "8", "--micro-batch-size",
+        "4", "--seq-len", "32", "--ckpt-interval", "20", "--eval-interval", "1000", "--eval-tokens", "512",
+    ]  # fmt: skip
+    victim = subprocess.Popen(_cli("train", "--out", str(tmp_path / "killed"), *flags), stdout=subprocess.DEVNULL)
+    pointer = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not (pointer.exists() and pointer.read_text().strip() >= "step_00000040") and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = checkpoint.latest(tmp_path / "killed").name
+    subprocess.run(
+        _cli("train", "--out", str(tmp_path / "killed"), "--resume", *flags), check=True, capture_output=True
+    )
+    subprocess.run(_cli("train", "--out", str(tmp_path / "whole"), *flags), check=True, capture_output=True)
+    wa, wb = weights(tmp_path / "killed"), weights(tmp_path / "whole")
+    assert killed_at != "step_00000400", "the run finished before it could be killed"
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_processes_match_one(data: Path, tmp_path: Path) -> None:
+    flags = [
+        "--data", str(data), "--preset", "debug", "--max-steps", "4", "--batch-size", "8", "--micro-batch-size",
+        "4", "--seq-len", "32", "--dropout", "0", "--eval-interval", "1000", "--log-interval", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(_cli("train", "--out", str(tmp_path / "one"), *flags), env=env, capture_output=True)
+    assert one.returncode == 0, one.stderr.decode()
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+         "-m", "moemla", "train", "--out", str(tmp_path / "two"), *flags],
+        env=env, capture_output=True,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr.decode()[-3000:]
+    loss = [[r["loss"] for r in read_metrics(tmp_path / run) if r["split"] == "train"] for run in ("one", "two")]
+    assert loss[0] == pytest.approx(loss[1], rel=1e-4)
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+    bias = [k for k in w1 if k.endswith("router.bias")]
+    assert bias and all(torch.equal(w1[k], w2[k]) for k in bias)  # loads were all-reduced before the update
+
+
+def test_vocabulary_and_context_mismatches_are_refused(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="vocab_size is 256"):
+        train(data, tmp_path / "r", ModelConfig.from_preset("debug"), TC)
+    with pytest.raises(ConfigError, match="exceeds the model's context"):
+        train(data, tmp_path / "r", cfg(), TC.replace(seq_len=128))
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingDiverged, match=r"at step \d+.*last good checkpoint is .*step_"):
+        train(
+            data, tmp_path / "r", cfg(), TC.replace(max_steps=50, lr=1e30, min_lr=1e30, warmup_frac=0, ckpt_interval=1)
+        )
+    assert checkpoint.latest(tmp_path / "r") is not None
+
+
+def test_full_disk_never_leaves_a_half_checkpoint(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "r"
+    train(data, run, cfg(), TC.replace(max_steps=3), log=lambda _: None)
+    real = checkpoint.torch.save
+
+    def full(*args: object, **kw: object) -> None:
+        real(*args, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"disk is full.*step_00000003 is intact"):
+        train(data, run, cfg(), TC, resume=True, log=lambda _: None)
+    assert checkpoint.latest(run).name == "step_00000003"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_corrupt_or_incompatible_checkpoint(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    train(data, run, cfg(), TC.replace(max_steps=3), log=lambda _: None)
+    with pytest.raises(CheckpointError, match="does not fit this model configuration"):
+        checkpoint.load_weights(checkpoint.latest(run), Transformer(cfg(dim=64)))
+    (checkpoint.latest(run) / checkpoint.MODEL).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(run)
+
+
+def test_resume_refuses_other_tokenizer(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    train(data, run, cfg(), TC.replace(max_steps=3), log=lambda _: None)
+    other = tmp_path / "other"
+    prepare(builtin_source(400), other, {"dataset": "builtin", "stories": 400}, vocab_size=290)
+    with pytest.raises(DataError, match="different tokenizer"):
+        train(other, run, cfg(), TC, resume=True)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["data"]["vocab_size"] == 300
