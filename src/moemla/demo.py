@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,9 @@ DEMO_TRAIN = dict(
     batch_size=16, micro_batch_size=16, seq_len=256, lr=2e-3, min_lr=1e-4, eval_interval=50, eval_tokens=32_768,
     ckpt_interval=50, log_interval=10,
 )  # fmt: skip
+# Algorithm 1 at the paper's gamma = 1e-3 leaves the load CV near 0.7 after 150 such steps; the sign
+# rule at 1e-2 reaches 0.2 with the same loss (BENCHMARKS.md, "Balancing in training").
+BALANCE = dict(balance_rule="sign", balance_rate=1e-2)
 PROMPT = "Once upon a time, there was a little girl named Lily."
 
 
@@ -52,7 +56,7 @@ def expert_loads(model: Transformer, data: PreparedData, seq_len: int, tokens: i
 def run_demo(
     out: str | Path = "runs/demo", steps: int | None = None, stories: int | None = None, fresh: bool = False
 ) -> dict:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 110)  # pipes and CI get a readable table too
     out = Path(out)
     steps = steps or STEPS
     console.rule("[bold]moemla demo: MoE-MLA-RoPE vs MHA on the built-in story corpus")
@@ -62,14 +66,14 @@ def run_demo(
     rows, metrics = [], {}
     for variant in VARIANTS:
         run_dir = out / variant
-        cfg = ModelConfig.from_preset("tiny", variant, vocab_size=data.vocab_size)
+        cfg = ModelConfig.from_preset("tiny", variant, vocab_size=data.vocab_size, **BALANCE)
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         if _finished(run_dir, steps):
             console.print(f"{run_dir} is already trained ({steps} steps); --fresh retrains it")
         else:
             console.print(f"training [bold]{variant}[/] ({accounting.total_params(cfg) / 1e6:.2f}M parameters) ...")
-            train(data_dir, run_dir, cfg, tc, resume=True, log=console.print)
+            train(data_dir, run_dir, cfg, tc, resume=True, log=lambda line: console.print(line, soft_wrap=True))
         metrics[variant] = read_metrics(run_dir)
         model, tok, _ = load_model(run_dir)
         final = [r for r in metrics[variant] if r["split"] == "val"][-1]

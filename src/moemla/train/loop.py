@@ -177,8 +177,8 @@ def _train(
                 )
                 with ctx, autocast(d.device, dtype):
                     _, loss = fwd(x.to(d.device), y.to(d.device))
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(_diverged(run_dir, step + 1, f"the loss became {float(loss)}"))
+                if not torch.isfinite(loss.detach()):
+                    raise TrainingDiverged(_diverged(run_dir, step + 1, f"the loss became {loss.item()}"))
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += loss.detach()
