@@ -140,3 +140,15 @@ def test_gpt2_tokenizer_and_tinystories_sample(tmp_path: Path) -> None:
     m = prepare(source, tmp_path / "ts", {"dataset": "text"}, tokenizer=str(SHARED / "gpt2" / "tokenizer.json"))
     assert m["splits"]["train"]["stories"] + m["splits"]["val"]["stories"] == 1728
     assert m["tokenizer"]["eot_id"] == 50256 and m["dtype"] == "uint16"
+
+
+def test_tinystories_without_datasets_says_how_to_get_it() -> None:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        from moemla.data.sources import tinystories_source
+
+        with pytest.raises(DataError, match=r"pip install datasets.*--text"):
+            tinystories_source()
+    else:
+        pytest.skip("datasets is installed")

@@ -196,3 +196,9 @@ def test_resume_refuses_other_tokenizer(data: Path, tmp_path: Path) -> None:
         train(other, run, cfg(), TC, resume=True)
     meta = json.loads((run / "run.json").read_text())
     assert meta["data"]["vocab_size"] == 300
+
+
+@pytest.mark.slow
+def test_compiled_training_runs(data: Path, tmp_path: Path) -> None:
+    result = train(data, tmp_path / "r", cfg(), TC.replace(max_steps=2, compile=True), log=lambda _: None)
+    assert result["step"] == 2 and math.isfinite(result["val_loss"])

@@ -56,7 +56,9 @@ def grouped_mm_supported(key: tuple[str, torch.dtype, int, int]) -> bool:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (M, K) sorted by group, group g of counts[g] rows times w[g] (G, K, N) -> (M, N)."""
     key = (x.device.type, x.dtype, w.shape[1], w.shape[2])
-    if grouped_mm_supported(key):
+    # NOTE: under torch.compile the op's shape check wants bf16 on every device, so other dtypes fall back
+    traced_ok = x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    if traced_ok and grouped_mm_supported(key):
         offs = counts.cumsum(0).to(torch.int32)  # end offset of each group, no host sync
         try:
             # NOTE: its backward rejects stride-0 gradients (e.g. from .sum()); ours are dense
