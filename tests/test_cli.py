@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from moemla.cli import main
+from moemla.config import VARIANTS
 
 from .test_config import TABLE1
 
@@ -20,7 +21,7 @@ def test_info_json_matches_table1_for_dense_mha(size: str, capsys: pytest.Captur
 def test_info_overrides_and_all_variants(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--preset", "xs", "--all-variants", "--json", "--vocab-size", "4096"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 8 and {r["vocab_size"] for r in rows} == {4096}
+    assert len(rows) == len(VARIANTS) and {r["vocab_size"] for r in rows} == {4096}
     by_name = {r["variant"]: r for r in rows}
     assert by_name["moe-mla-rope"]["kv_cache_bytes_per_token"] * 2 == by_name["mha"]["kv_cache_bytes_per_token"]
     assert by_name["moe-mla-rope"]["active_params"] < by_name["moe-mla-rope"]["total_params"]

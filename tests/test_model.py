@@ -35,6 +35,37 @@ def test_cached_decode_equals_full_forward(variant: str) -> None:
     assert (cached - full).abs().max().item() <= 1e-4
 
 
+MLA_VARIANTS = [v for v in ALL_VARIANTS if ModelConfig.from_preset("debug", v).attention == "mla"]
+
+
+@pytest.mark.parametrize("variant", MLA_VARIANTS)
+def test_absorbed_decode_equals_naive_decode(variant: str) -> None:
+    # trained-looking weights: biases non-zero, so the absorbed bias terms are exercised too
+    model, t = build(variant), 30
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, model.cfg.vocab_size, (2, t))
+    logits = {}
+    for absorbed in (True, False):
+        model.set_absorbed_decode(absorbed)
+        cache = KVCache(model.cfg, batch_size=2, max_len=t)
+        with torch.no_grad():
+            out = [model(idx[:, :5], cache=cache)[0]]
+            out += [model(idx[:, i : i + 1], cache=cache)[0] for i in range(5, t)]
+        logits[absorbed] = torch.cat(out, dim=1)
+    assert (logits[True] - logits[False]).abs().max().item() <= 1e-4
+
+
+def test_decoupled_rope_caches_latents_plus_one_shared_key() -> None:
+    cfg = ModelConfig.from_preset("xs", "moe-mla-drope")
+    assert cfg.rope_dim == cfg.head_dim // 2
+    cache = KVCache(cfg, batch_size=1, max_len=8)
+    assert cache.bytes_per_token == cfg.n_layers * (2 * cfg.kv_lora_rank + cfg.rope_dim) * 4
+    with pytest.raises(ValueError, match="decoupled' needs attention='mla'"):
+        ModelConfig.from_preset("xs", "mha", rope_mode="decoupled")
+
+
 def test_rope_depends_only_on_relative_position() -> None:
     d = 16
     cos, sin = rope_tables(d, 64)

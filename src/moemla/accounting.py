@@ -8,6 +8,9 @@ from moemla.model.kv_cache import cache_numel_per_token
 
 def attention_params(cfg: ModelConfig) -> int:
     d, r = cfg.dim, cfg.kv_lora_rank
+    if cfg.decoupled:  # + RoPE query channels per head (H * Dr) and one shared RoPE key (Dr)
+        pe = cfg.n_heads * cfg.rope_dim + cfg.rope_dim
+        return 2 * d * d + 4 * d * r + d * pe + (4 * d + 2 * r + pe) * cfg.bias
     if cfg.attention == "mla":
         # W^Q, W^O (d x d); W^Kc, W^Vc (d x r, Eq. 13); W^Kr, W^Vr (r x d for all heads, Eq. 14)
         return 2 * d * d + 4 * d * r + (4 * d + 2 * r) * cfg.bias
@@ -58,6 +61,8 @@ def matmul_weights_per_token(cfg: ModelConfig) -> int:
     """Weights one token multiplies by in a forward pass (biases, norms and lookups excluded)."""
     d, r = cfg.dim, cfg.kv_lora_rank
     attn = 2 * d * d + 4 * d * r if cfg.attention == "mla" else 4 * d * d
+    if cfg.decoupled:
+        attn += d * (cfg.n_heads + 1) * cfg.rope_dim
     return cfg.n_layers * (attn + ffn_matmul_weights_per_token(cfg)) + cfg.vocab_size * d  # + LM head
 
 
@@ -70,6 +75,8 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> int:
     """
     context = cfg.max_seq_len if context is None else context
     attention = 4 * cfg.dim * context
+    if cfg.decoupled:  # the scores also dot the RoPE channels
+        attention += 2 * cfg.n_heads * cfg.rope_dim * context
     combine = 2 * cfg.n_activated_experts * cfg.dim if cfg.ffn == "moe" else 0  # Eq. 2's gate-weighted sum
     return 2 * matmul_weights_per_token(cfg) + cfg.n_layers * (attention + combine)
 
@@ -96,6 +103,7 @@ def summary(cfg: ModelConfig, context: int | None = None, dtype: str = "float32"
         "n_heads": cfg.n_heads,
         "vocab_size": cfg.vocab_size,
         "kv_lora_rank": cfg.kv_lora_rank if cfg.attention == "mla" else None,
+        "rope_mode": cfg.rope_mode if cfg.attention == "mla" and cfg.positions == "rope" else None,
         "total_params": total_params(cfg),
         "active_params": active_params(cfg),
         "flops_per_token": flops_per_token(cfg, context),

@@ -10,6 +10,7 @@ AttentionKind = Literal["mha", "mla"]
 PositionKind = Literal["learned", "rope"]
 FFNKind = Literal["dense", "moe"]
 BalanceRule = Literal["paper", "sign"]
+RopeMode = Literal["post", "decoupled"]
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,10 @@ class ModelConfig:
 
     # mla (§3.1, Eq. 13-14)
     kv_compression: float = 0.5  # rho = r / d; the latent rank r is `kv_lora_rank`
+    # post: RoPE after the up-projection (the paper, §3.1); decoupled: DeepSeek-V2's extra RoPE
+    # channels per query head and one shared RoPE key cached beside the latents (absorbable decode)
+    rope_mode: RopeMode = "post"
+    qk_rope_head_dim: int | None = None  # decoupled RoPE channels; None means head_dim / 2
 
     # rope (§2.3)
     rope_base: float = 10000.0
@@ -60,6 +65,17 @@ class ModelConfig:
     @property
     def kv_lora_rank(self) -> int:
         return max(1, round(self.kv_compression * self.dim))
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels RoPE rotates per head: all of head_dim (post) or the decoupled part."""
+        if self.rope_mode == "decoupled":
+            return self.qk_rope_head_dim or self.head_dim // 2
+        return self.head_dim
+
+    @property
+    def decoupled(self) -> bool:
+        return self.attention == "mla" and self.positions == "rope" and self.rope_mode == "decoupled"
 
     @property
     def dense_inter_dim(self) -> int:
@@ -109,7 +125,7 @@ SIZES: dict[str, dict[str, object]] = {
     "xl": dict(n_layers=12, dim=1024, n_heads=16, vocab_size=50257, max_seq_len=512),
 }  # fmt: skip
 
-# Table 2's rows, plus the RoPE baselines the paper leaves out (mha-rope, moe-mha-rope).
+# Table 2's rows, the RoPE baselines the paper leaves out (mha-rope, moe-mha-rope), and decoupled RoPE.
 VARIANTS: dict[str, dict[str, str]] = {
     "mha": dict(attention="mha", positions="learned", ffn="dense"),
     "mla": dict(attention="mla", positions="learned", ffn="dense"),
@@ -119,13 +135,15 @@ VARIANTS: dict[str, dict[str, str]] = {
     "moe-mla-rope": dict(attention="mla", positions="rope", ffn="moe"),
     "mha-rope": dict(attention="mha", positions="rope", ffn="dense"),
     "moe-mha-rope": dict(attention="mha", positions="rope", ffn="moe"),
+    "mla-drope": dict(attention="mla", positions="rope", ffn="dense", rope_mode="decoupled"),
+    "moe-mla-drope": dict(attention="mla", positions="rope", ffn="moe", rope_mode="decoupled"),
 }
 
 
 def variant_name(cfg: ModelConfig) -> str | None:
     """The preset name whose three choices equal cfg's, if any (for display only)."""
-    choice = dict(attention=cfg.attention, positions=cfg.positions, ffn=cfg.ffn)
-    return next((name for name, v in VARIANTS.items() if v == choice), None)
+    choice = dict(attention=cfg.attention, positions=cfg.positions, ffn=cfg.ffn, rope_mode=cfg.rope_mode)
+    return next((name for name, v in VARIANTS.items() if {"rope_mode": "post", **v} == choice), None)
 
 
 def _check_choice(cfg: ModelConfig, name: str, kind: object) -> None:
@@ -140,6 +158,11 @@ def validate(cfg: ModelConfig) -> None:
     _check_choice(cfg, "positions", PositionKind)
     _check_choice(cfg, "ffn", FFNKind)
     _check_choice(cfg, "balance_rule", BalanceRule)
+    _check_choice(cfg, "rope_mode", RopeMode)
+    if cfg.rope_mode == "decoupled" and not (cfg.attention == "mla" and cfg.positions == "rope"):
+        raise ConfigError("rope_mode='decoupled' needs attention='mla' and positions='rope'")
+    if cfg.decoupled and (cfg.rope_dim < 2 or cfg.rope_dim % 2):
+        raise ConfigError(f"qk_rope_head_dim must be a positive even number, got {cfg.rope_dim}")
     for name in ("vocab_size", "max_seq_len", "n_layers", "dim", "n_heads", "ffn_mult"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")

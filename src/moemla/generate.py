@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tokenizers import Tokenizer
 
@@ -44,13 +46,17 @@ def generate_ids(
     top_p: float | None = None,
     stop: int | None = None,
     seed: int = 0,
+    on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Continue one prompt until `stop`, `max_new_tokens`, or the model's context is full."""
     cfg = model.cfg
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
     if len(prompt) >= cfg.max_seq_len:
-        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {cfg.max_seq_len}")
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens but the model's context is {cfg.max_seq_len}; "
+            "shorten it or pass --truncate"
+        )
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     cache = KVCache(cfg, batch_size=1, max_len=min(cfg.max_seq_len, len(prompt) + max_new_tokens), device=device)
@@ -59,6 +65,8 @@ def generate_ids(
     while len(out) < max_new_tokens:
         token = sample(logits[:, -1], temperature, top_k, top_p, generator)
         out.append(int(token))
+        if on_token is not None:
+            on_token(out[-1])
         if out[-1] == stop or cache.length == cache.max_len:
             break
         logits, _ = model(token.view(1, 1), cache=cache)  # one decode step
@@ -74,12 +82,26 @@ def generate(
     top_k: int | None = 40,
     top_p: float | None = None,
     seed: int = 0,
+    truncate: bool = False,
+    stream: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Prompt text -> prompt plus continuation, stopping at <|endoftext|>."""
+    """Prompt text -> prompt plus continuation, stopping at <|endoftext|>; `stream` gets text as it comes."""
     stop = eot_id(tokenizer)
     texts = []
     for i, prompt in enumerate(prompts):
         ids = tokenizer.encode(prompt).ids
-        new = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, stop, seed + i)
-        texts.append(tokenizer.decode(ids + [t for t in new if t != stop]))
+        room = model.cfg.max_seq_len - min(max_new_tokens, model.cfg.max_seq_len // 2)
+        if truncate and len(ids) > room:
+            ids = ids[-room:]  # keep the end of the prompt, leave room for the continuation
+        new: list[int] = []
+
+        def emit(token: int, new: list[int] = new) -> None:
+            if stream is None or token == stop:
+                return
+            before = tokenizer.decode(new)
+            new.append(token)
+            stream(tokenizer.decode(new)[len(before) :])  # decoded as a whole: multi-byte characters stay intact
+
+        out = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, stop, seed + i, emit)
+        texts.append(tokenizer.decode(ids + [t for t in out if t != stop]))
     return texts

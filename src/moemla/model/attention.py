@@ -50,33 +50,51 @@ class MHA(nn.Module):
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention as the paper's Eq. 13-14; caches only the latents C^K and C^V."""
+    """Multi-head Latent Attention as the paper's Eq. 13-14; caches only the latents C^K and C^V.
+
+    With rope_mode="decoupled" (DeepSeek-V2 §2.1.3) each query head gets P extra RoPE channels and
+    one RoPE key of P channels, shared by all heads, is cached beside the latents.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
         self.rank = cfg.kv_lora_rank
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
-        # W^Kc and W^Vc (d -> r each, shared across heads) fused into one matmul
-        self.wkv_a = nn.Linear(cfg.dim, 2 * self.rank, bias=cfg.bias)
+        self.decoupled = cfg.decoupled
+        self.rope_dim = cfg.rope_dim if cfg.decoupled else 0  # P
+        h, p = cfg.n_heads, self.rope_dim
+        self.wq = nn.Linear(cfg.dim, h * (self.head_dim + p), bias=cfg.bias)
+        # W^Kc and W^Vc (d -> r each, shared across heads) and the shared RoPE key fused into one matmul
+        self.wkv_a = nn.Linear(cfg.dim, 2 * self.rank + p, bias=cfg.bias)
         # W_h^Kr and W_h^Vr for all heads at once (r -> H * D)
         self.wk_b = nn.Linear(self.rank, cfg.dim, bias=cfg.bias)
         self.wv_b = nn.Linear(self.rank, cfg.dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
+        self.absorb = True  # one-token decode steps attend over the latents (see decode_absorbed)
+        self._w_ov: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
-        c_k, c_v = self.wkv_a(x).split(self.rank, dim=-1)  # (B, T, R) each
-        start = 0
+        h, d, p = self.n_heads, self.head_dim, self.rope_dim
+        q, q_pe = self.wq(x).view(b, t, h, d + p).split([d, p], dim=-1)  # (B, T, H, D), (B, T, H, P)
+        c_k, c_v, k_pe = self.wkv_a(x).split([self.rank, self.rank, p], dim=-1)  # (B, T, R) x 2, (B, T, P)
+        start = 0 if cache is None else cache.length
+        if self.decoupled:
+            cos, sin = rope[0][start:], rope[1][start:]
+            q_pe = apply_rope(q_pe, cos, sin)
+            k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]  # one key for all heads, cached rotated
         if cache is not None:
-            start = cache.length
-            kv = cache.append(layer, c_k=c_k, c_v=c_v)
-            c_k, c_v = kv["c_k"], kv["c_v"]  # (B, S, R), S = start + T
+            kv = cache.append(layer, c_k=c_k, c_v=c_v, **({"k_pe": k_pe} if self.decoupled else {}))
+            c_k, c_v, k_pe = kv["c_k"], kv["c_v"], kv.get("k_pe")  # (B, S, R), S = start + T
+            if t == 1 and self.absorb and not self.training:
+                return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, start)
         s = c_k.shape[1]
-        k = self.wk_b(c_k).view(b, s, self.n_heads, self.head_dim)  # (B, S, H, D)
-        v = self.wv_b(c_v).view(b, s, self.n_heads, self.head_dim)
-        if rope is not None:
+        k = self.wk_b(c_k).view(b, s, h, d)  # (B, S, H, D)
+        v = self.wv_b(c_v).view(b, s, h, d)
+        if self.decoupled:
+            q = torch.cat([q, q_pe], dim=-1)  # (B, T, H, D + P)
+            k = torch.cat([k, k_pe[:, :, None].expand(b, s, h, p)], dim=-1)
+        elif rope is not None:
             # §3.1: RoPE after the head-specific up-projection, so every cached key is rotated
             # again when re-expanded (the DeepSeek-V2 report's reason to decouple RoPE).
             cos, sin = rope
@@ -85,3 +103,54 @@ class MLA(nn.Module):
         dropout = self.dropout if self.training else 0.0
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, dropout)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+    def decode_absorbed(
+        self,
+        q: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_k: torch.Tensor,
+        c_v: torch.Tensor,
+        k_pe: torch.Tensor | None,
+        rope: Rope,
+        start: int,
+    ) -> torch.Tensor:
+        """One new token (q (B, 1, H, D)) over S cached latents without expanding V (nor K when decoupled)."""
+        b, s = c_k.shape[0], c_k.shape[1]
+        h, d = self.n_heads, self.head_dim
+        if self.decoupled:
+            # W_h^Kr moves onto the query: q_h . (W_h^Kr c) = (W_h^Kr^T q_h) . c, scored against C^K directly.
+            # The bias of W^Kr adds q_h . b_h to every position alike, which the softmax ignores.
+            q_lat = torch.einsum("bhd,hdr->bhr", q[:, 0], self.wk_b.weight.view(h, d, self.rank))  # (B, H, R)
+            scores = q_lat @ c_k.transpose(1, 2) + q_pe[:, 0] @ k_pe.transpose(1, 2)  # (B, H, S)
+            scale = (d + self.rope_dim) ** -0.5
+        else:
+            # RoPE after the up-projection blocks absorbing W^Kr: re-expand the keys, one matmul per step
+            k = self.wk_b(c_k).view(b, s, h, d)  # (B, S, H, D)
+            if rope is not None:
+                k = apply_rope(k, *rope)
+                q = apply_rope(q, rope[0][start:], rope[1][start:])
+            scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1))[:, :, 0]  # (B, H, S)
+            scale = d**-0.5
+        probs = (scores * scale).softmax(dim=-1)  # (B, H, S)
+        o_lat = probs @ c_v  # (B, H, R): attention over the V latents, before W^Vr
+        w_ov, b_ov = self.absorbed_output()
+        y = torch.einsum("bhr,chr->bc", o_lat, w_ov)  # W^O W_h^Vr as one (C, H, R) weight
+        return (y if b_ov is None else y + b_ov)[:, None]  # (B, 1, C)
+
+    def absorbed_output(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W^O composed with each head's W_h^Vr (C, H, R), and the bias they add; rebuilt when weights change."""
+        key = (
+            self.wo.weight._version,
+            self.wv_b.weight._version,
+            self.wo.weight.data_ptr(),
+            self.wv_b.weight.data_ptr(),
+        )
+        if self._w_ov is None or self._w_ov[0] != key:
+            h, d = self.n_heads, self.head_dim
+            wo = self.wo.weight.view(-1, h, d)  # (C, H, D)
+            w_ov = torch.einsum("chd,hdr->chr", wo, self.wv_b.weight.view(h, d, self.rank)).detach()
+            b_ov = None
+            if self.wo.bias is not None:  # attention weights sum to 1, so W^Vr's bias passes through once
+                b_ov = (self.wo.weight @ self.wv_b.bias + self.wo.bias).detach()
+            self._w_ov = (key, w_ov, b_ov)
+        return self._w_ov[1], self._w_ov[2]

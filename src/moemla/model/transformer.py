@@ -42,7 +42,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim)
         if cfg.positions == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+            cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # (T_max, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -89,6 +89,12 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def set_absorbed_decode(self, enabled: bool) -> None:
+        """MLA decode steps over the latents (True, the default) or through re-expanded K and V (False)."""
+        for blk in self.blocks:
+            if isinstance(blk.attn, MLA):
+                blk.attn.absorb = enabled
 
     def moe_layers(self) -> list[MoE]:
         return [blk.ffn for blk in self.blocks if isinstance(blk.ffn, MoE)]

@@ -1,0 +1,117 @@
+"""`moemla bench`: KV-cache bytes, prefill and decode speed, per-token latency and memory per variant.
+
+Weights are random: speed and memory do not depend on training. Each variant prefills a prompt of
+`context - new_tokens` tokens, then decodes `new_tokens` tokens one at a time into the same
+preallocated cache, so the last step attends over `context` positions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moemla.config import ModelConfig, variant_name
+from moemla.model import KVCache, Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def bench_config(
+    cfg: ModelConfig,
+    batch: int,
+    context: int,
+    new_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    absorbed: bool = True,
+    repeats: int = 2,
+) -> dict[str, object]:
+    """One row: the best of `repeats` runs (the first one also warms up kernels and caches)."""
+    if not 0 < new_tokens < context <= cfg.max_seq_len:
+        raise ValueError(
+            f"need 0 < new_tokens ({new_tokens}) < context ({context}) <= the model's max_seq_len ({cfg.max_seq_len})"
+        )
+    torch.manual_seed(0)
+    model = Transformer(cfg.replace(dropout=0.0)).to(device=device, dtype=dtype).eval()
+    model.set_absorbed_decode(absorbed)
+    prompt = torch.randint(0, cfg.vocab_size, (batch, context - new_tokens), device=device)
+    step_ids = torch.randint(0, cfg.vocab_size, (batch, new_tokens), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    best: dict[str, object] | None = None
+    for _ in range(repeats + 1):
+        cache = KVCache(cfg, batch, max_len=context, dtype=dtype, device=device)
+        _sync(device)
+        t0 = time.perf_counter()
+        model(prompt, cache=cache)
+        _sync(device)
+        prefill = time.perf_counter() - t0
+        latencies = []
+        for i in range(new_tokens):
+            t0 = time.perf_counter()
+            logits, _ = model(step_ids[:, i : i + 1], cache=cache)
+            logits[:, -1].argmax(-1)  # what a sampler would do with the logits
+            _sync(device)
+            latencies.append(time.perf_counter() - t0)
+        decode = sum(latencies)
+        row = {
+            "prefill_tokens_per_s": batch * prompt.shape[1] / prefill,
+            "decode_tokens_per_s": batch * new_tokens / decode,
+            "latency_ms_p50": 1e3 * statistics.median(latencies),
+            "latency_ms_p95": 1e3 * statistics.quantiles(latencies, n=20)[-1],
+        }
+        if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
+            best = row
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else weights + cache.nbytes
+    return {
+        "variant": variant_name(cfg) or "custom",
+        "batch": batch,
+        "context": context,
+        "new_tokens": new_tokens,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "decode_path": "absorbed" if absorbed and cfg.attention == "mla" else "naive",
+        "kv_cache_bytes_per_token": cache.bytes_per_token,
+        **best,  # type: ignore[dict-item]
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "weights + cache",
+    }
+
+
+def add_relative(rows: list[dict[str, object]]) -> None:
+    """KV bytes and decode speed relative to the mha row of the same batch size."""
+    for row in rows:
+        base = next((r for r in rows if r["variant"] == "mha" and r["batch"] == row["batch"]), None)
+        if base is not None:
+            row["kv_vs_mha"] = row["kv_cache_bytes_per_token"] / base["kv_cache_bytes_per_token"]  # type: ignore[operator]
+            row["decode_speedup_vs_mha"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # type: ignore[operator]
+
+
+def plot(rows: list[dict[str, object]], path: str | Path) -> Path:
+    from moemla.plots import plt
+
+    batches = sorted({r["batch"] for r in rows})  # type: ignore[type-var]
+    fig, axes = plt.subplots(1, 1 + len(batches), figsize=(4.5 * (1 + len(batches)), 4))
+    first = [r for r in rows if r["batch"] == batches[0]]
+    axes[0].barh([str(r["variant"]) for r in first], [r["kv_cache_bytes_per_token"] for r in first])
+    axes[0].set_xlabel("KV-cache bytes per token")
+    for ax, b in zip(axes[1:], batches, strict=True):
+        sel = [r for r in rows if r["batch"] == b]
+        ax.barh([str(r["variant"]) for r in sel], [r["decode_tokens_per_s"] for r in sel], color="tab:orange")
+        ax.set_xlabel(f"decode tokens/s, batch {b}")
+        ax.set_yticklabels([])
+    fig.suptitle(f"{rows[0]['device']}, {rows[0]['dtype']}, context {rows[0]['context']}, random weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

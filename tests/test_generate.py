@@ -1,0 +1,81 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moemla.cli import main
+from moemla.generate import filter_logits, generate_ids, sample
+
+from .conftest import ALL_VARIANTS, build
+
+
+def test_top_k_keeps_exactly_the_k_largest() -> None:
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]])
+    kept = filter_logits(logits, top_k=2)
+    assert torch.isfinite(kept).tolist() == [[False, True, True, False, False]]
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+    shuffled = logits[:, [2, 0, 3, 1]]  # order of the vocabulary does not matter
+    assert torch.isfinite(filter_logits(shuffled, top_p=0.8)).tolist() == [[False, True, False, True]]
+
+
+def test_sampling_is_seeded_and_greedy_at_zero_temperature() -> None:
+    logits = torch.randn(4, 50)
+    draw = [sample(logits, 1.0, None, None, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(draw[0], draw[1])
+    assert torch.equal(sample(logits, 0.0, None, None, torch.Generator()), logits.argmax(-1))
+    filtered = [sample(logits, 1.0, 3, None, torch.Generator().manual_seed(s)) for s in range(20)]
+    top3 = logits.topk(3).indices
+    assert all((top3 == f[:, None]).any(-1).all() for f in filtered)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_greedy_with_cache_equals_greedy_without(variant: str) -> None:
+    model = build(variant)
+    prompt = torch.randint(0, model.cfg.vocab_size, (7,)).tolist()
+    cached = generate_ids(model, prompt, 20, temperature=0)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert cached == ids[len(prompt) :]
+
+
+def test_prompt_longer_than_context_is_a_clear_error() -> None:
+    model = build("mha")
+    with pytest.raises(ValueError, match="--truncate"):
+        generate_ids(model, [1] * model.cfg.max_seq_len, 5)
+
+
+def test_bench_json_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--preset", "debug", "--variants", "mha,moe-mla-rope,moe-mla-drope", "--batch", "1,2"]
+    assert main([*argv, "--context", "32", "--new-tokens", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 6
+    keys = {"variant", "batch", "kv_cache_bytes_per_token", "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert all(keys <= set(r) and r["decode_tokens_per_s"] > 0 for r in rows)
+    kv = {r["variant"]: r["kv_vs_mha"] for r in rows}
+    assert kv["moe-mla-rope"] == 0.5 and 0.5 < kv["moe-mla-drope"] < 1
+
+
+def test_generate_cli_streams_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", "--stories", "300", "--vocab-size", "300", "--out", str(data)]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "debug", "--max-steps", "1",
+                 "--batch-size", "2", "--micro-batch-size", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe cat\n")
+    assert main(["generate", str(run), "--prompts", str(prompts), "--max-new-tokens", "5", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "--- 2/2" in out and "The cat" in out
+    assert main(["generate", str(run), "--prompt", "a " * 100]) == 1
+    assert "--truncate" in capsys.readouterr().err
+    assert main(["generate", str(run), "--prompt", "a " * 100, "--truncate", "--max-new-tokens", "3"]) == 0
