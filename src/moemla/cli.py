@@ -223,10 +223,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  "p50 ms", "p95 ms", "memory"):  # fmt: skip
         table.add_column(name, justify="left" if name == "variant" else "right")
     for r in rows:
+        rel = "kv_vs_mha" in r
         table.add_row(
-            str(r["variant"]), str(r["batch"]), f"{r['kv_cache_bytes_per_token']:,}", f"{r.get('kv_vs_mha', 0):.0%}",
+            str(r["variant"]), str(r["batch"]), f"{r['kv_cache_bytes_per_token']:,}", f"{r['kv_vs_mha']:.0%}" if rel else "-",
             f"{r['prefill_tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.1f}",
-            f"{r.get('decode_speedup_vs_mha', 0):.2f}x", f"{r['latency_ms_p50']:.2f}", f"{r['latency_ms_p95']:.2f}",
+            f"{r['decode_speedup_vs_mha']:.2f}x" if rel else "-", f"{r['latency_ms_p50']:.2f}", f"{r['latency_ms_p95']:.2f}",
             f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
         )  # fmt: skip
     Console(width=None if sys.stdout.isatty() else 130).print(table)

@@ -114,21 +114,21 @@ class MLA(nn.Module):
         rope: Rope,
         start: int,
     ) -> torch.Tensor:
-        """One new token (q (B, 1, H, D)) over S cached latents without expanding V (nor K when decoupled)."""
+        """One new token (q (B, 1, H, D)) over S cached latents without expanding V (nor K, unless RoPE is post)."""
         b, s = c_k.shape[0], c_k.shape[1]
         h, d = self.n_heads, self.head_dim
-        if self.decoupled:
+        if self.decoupled or rope is None:
             # W_h^Kr moves onto the query: q_h . (W_h^Kr c) = (W_h^Kr^T q_h) . c, scored against C^K directly.
             # The bias of W^Kr adds q_h . b_h to every position alike, which the softmax ignores.
             q_lat = torch.einsum("bhd,hdr->bhr", q[:, 0], self.wk_b.weight.view(h, d, self.rank))  # (B, H, R)
-            scores = q_lat @ c_k.transpose(1, 2) + q_pe[:, 0] @ k_pe.transpose(1, 2)  # (B, H, S)
+            scores = q_lat @ c_k.transpose(1, 2)  # (B, H, S)
+            if k_pe is not None:
+                scores = scores + q_pe[:, 0] @ k_pe.transpose(1, 2)  # the decoupled RoPE channels
             scale = (d + self.rope_dim) ** -0.5
         else:
             # RoPE after the up-projection blocks absorbing W^Kr: re-expand the keys, one matmul per step
-            k = self.wk_b(c_k).view(b, s, h, d)  # (B, S, H, D)
-            if rope is not None:
-                k = apply_rope(k, *rope)
-                q = apply_rope(q, rope[0][start:], rope[1][start:])
+            k = apply_rope(self.wk_b(c_k).view(b, s, h, d), *rope)  # (B, S, H, D)
+            q = apply_rope(q, rope[0][start:], rope[1][start:])
             scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1))[:, :, 0]  # (B, H, S)
             scale = d**-0.5
         probs = (scores * scale).softmax(dim=-1)  # (B, H, S)
