@@ -225,9 +225,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for r in rows:
         rel = "kv_vs_mha" in r
         table.add_row(
-            str(r["variant"]), str(r["batch"]), f"{r['kv_cache_bytes_per_token']:,}", f"{r['kv_vs_mha']:.0%}" if rel else "-",
+            str(r["variant"]), str(r["batch"]), f"{r['kv_cache_bytes_per_token']:,}",
+            f"{r['kv_vs_mha']:.0%}" if rel else "-",
             f"{r['prefill_tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.1f}",
-            f"{r['decode_speedup_vs_mha']:.2f}x" if rel else "-", f"{r['latency_ms_p50']:.2f}", f"{r['latency_ms_p95']:.2f}",
+            f"{r['decode_speedup_vs_mha']:.2f}x" if rel else "-",
+            f"{r['latency_ms_p50']:.2f}", f"{r['latency_ms_p95']:.2f}",
             f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
         )  # fmt: skip
     Console(width=None if sys.stdout.isatty() else 130).print(table)
