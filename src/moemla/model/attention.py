@@ -120,7 +120,7 @@ class MLA(nn.Module):
         if self.decoupled or rope is None:
             # W_h^Kr moves onto the query: q_h . (W_h^Kr c) = (W_h^Kr^T q_h) . c, scored against C^K directly.
             # The bias of W^Kr adds q_h . b_h to every position alike, which the softmax ignores.
-            q_lat = torch.einsum("bhd,hdr->bhr", q[:, 0], self.wk_b.weight.view(h, d, self.rank))  # (B, H, R)
+            q_lat = (q[:, 0].transpose(0, 1) @ self.wk_b.weight.view(h, d, self.rank)).transpose(0, 1)  # (B, H, R)
             scores = q_lat @ c_k.transpose(1, 2)  # (B, H, S)
             if k_pe is not None:
                 scores = scores + q_pe[:, 0] @ k_pe.transpose(1, 2)  # the decoupled RoPE channels
@@ -134,11 +134,11 @@ class MLA(nn.Module):
         probs = (scores * scale).softmax(dim=-1)  # (B, H, S)
         o_lat = probs @ c_v  # (B, H, R): attention over the V latents, before W^Vr
         w_ov, b_ov = self.absorbed_output()
-        y = torch.einsum("bhr,chr->bc", o_lat, w_ov)  # W^O W_h^Vr as one (C, H, R) weight
+        y = o_lat.flatten(1) @ w_ov  # (B, H * R) @ (H * R, C): W^O and every W_h^Vr as one matrix
         return (y if b_ov is None else y + b_ov)[:, None]  # (B, 1, C)
 
     def absorbed_output(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W^O composed with each head's W_h^Vr (C, H, R), and the bias they add; rebuilt when weights change."""
+        """W^O composed with each head's W_h^Vr as (H * R, C), and the bias they add; rebuilt when weights change."""
         key = (
             self.wo.weight._version,
             self.wv_b.weight._version,
@@ -148,7 +148,8 @@ class MLA(nn.Module):
         if self._w_ov is None or self._w_ov[0] != key:
             h, d = self.n_heads, self.head_dim
             wo = self.wo.weight.view(-1, h, d)  # (C, H, D)
-            w_ov = torch.einsum("chd,hdr->chr", wo, self.wv_b.weight.view(h, d, self.rank)).detach()
+            w_ov = torch.einsum("chd,hdr->hrc", wo, self.wv_b.weight.view(h, d, self.rank)).flatten(0, 1)
+            w_ov = w_ov.detach().contiguous()  # an inference cache: H * R * C extra numbers per layer
             b_ov = None
             if self.wo.bias is not None:  # attention weights sum to 1, so W^Vr's bias passes through once
                 b_ov = (self.wo.weight @ self.wv_b.bias + self.wo.bias).detach()

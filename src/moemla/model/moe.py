@@ -55,6 +55,10 @@ def grouped_mm_supported(key: tuple[str, torch.dtype, int, int]) -> bool:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (M, K) sorted by group, group g of counts[g] rows times w[g] (G, K, N) -> (M, N)."""
+    if x.shape[0] < w.shape[0]:  # fewer rows than groups (decoding): run only the groups that have rows
+        sizes = counts.tolist()  # one host sync
+        pieces = x.split(sizes)
+        return torch.cat([pieces[g] @ w[g] for g, n in enumerate(sizes) if n])
     key = (x.device.type, x.dtype, w.shape[1], w.shape[2])
     # NOTE: under torch.compile the op's shape check wants bf16 on every device, so other dtypes fall back
     traced_ok = x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
