@@ -85,6 +85,12 @@ def _opening(rng: random.Random, c: Cast) -> list[str]:
     lines = [first, f"{h.name} had {_article(c.thing)} {c.thing}. {h.He} loved it more than anything."]
     if rng.random() < 0.6:
         lines.append(f"Every day {h.he} took the {c.thing} everywhere {h.he} went.")
+    if rng.random() < 0.5:
+        a, b = rng.sample(W.OBJECT_ADJECTIVES, 2)
+        giver = rng.choice(W.PEOPLE)
+        lines.append(f"The {c.thing} was {a} and {b}, a gift from {giver} on a {rng.choice(W.WEATHER)} birthday.")
+    if rng.random() < 0.3:
+        lines.append(f"{h.He} always wore {h.his} {rng.choice(W.COLORS)} {rng.choice(W.CLOTHES)} when it was chilly.")
     lines.append(f"{h.His} best friend was {c.friend.name}, {_article(c.friend.kind)} {c.friend.kind}.")
     return lines
 
@@ -99,6 +105,8 @@ def _outing(rng: random.Random, c: Cast) -> list[str]:
         f"At the {c.place} they saw {sights[0]} and {sights[1]}.",
         "They {} and {}.".format(*rng.sample(W.PLAY_VERBS, 2)),
     ]
+    if rng.random() < 0.5:
+        lines.append(f"The air smelled of {rng.choice(W.SMELLS)}, and they could hear {rng.choice(W.SOUNDS)}.")
     if rng.random() < 0.5:
         food = rng.choice(W.FOODS)
         lines.append(f"{c.grown_up.capitalize()} gave them some {food}, and they ate the {food} on a blanket.")
