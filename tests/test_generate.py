@@ -79,3 +79,11 @@ def test_generate_cli_streams_text(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["generate", str(run), "--prompt", "a " * 100]) == 1
     assert "--truncate" in capsys.readouterr().err
     assert main(["generate", str(run), "--prompt", "a " * 100, "--truncate", "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.slow
+def test_bench_compiled_decode(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--preset", "debug", "--variants", "mha,moe-mla-drope", "--context", "32", "--new-tokens", "4"]
+    assert main([*argv, "--compile", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert all(r["compiled"] and r["decode_tokens_per_s"] > 0 for r in rows)

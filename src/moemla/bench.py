@@ -34,6 +34,7 @@ def bench_config(
     dtype: torch.dtype = torch.float32,
     absorbed: bool = True,
     repeats: int = 2,
+    compile: bool = False,
 ) -> dict[str, object]:
     """One row: the best of `repeats` runs (the first one also warms up kernels and caches)."""
     if not 0 < new_tokens < context <= cfg.max_seq_len:
@@ -43,6 +44,9 @@ def bench_config(
     torch.manual_seed(0)
     model = Transformer(cfg.replace(dropout=0.0)).to(device=device, dtype=dtype).eval()
     model.set_absorbed_decode(absorbed)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if compile:  # the first (untimed) run compiles prefill and decode; dynamic shapes avoid one graph per length
+        model = torch.compile(model, dynamic=True)
     prompt = torch.randint(0, cfg.vocab_size, (batch, context - new_tokens), device=device)
     step_ids = torch.randint(0, cfg.vocab_size, (batch, new_tokens), device=device)
     if device.type == "cuda":
@@ -71,7 +75,6 @@ def bench_config(
         }
         if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
             best = row
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else weights + cache.nbytes
     return {
         "variant": variant_name(cfg) or "custom",
@@ -81,6 +84,7 @@ def bench_config(
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "decode_path": "absorbed" if absorbed and cfg.attention == "mla" else "naive",
+        "compiled": compile,
         "kv_cache_bytes_per_token": cache.bytes_per_token,
         **best,  # type: ignore[dict-item]
         "peak_memory_bytes": peak,

@@ -206,9 +206,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = ModelConfig.from_preset(args.preset, v, **overrides)
             if not args.json:
                 print(f"{v}, batch {batch} ...", file=sys.stderr, flush=True)
-            rows.append(
-                bench_config(cfg, batch, args.context, args.new_tokens, device, DTYPES[args.dtype], not args.naive)
+            dtype = DTYPES[args.dtype]
+            row = bench_config(
+                cfg, batch, args.context, args.new_tokens, device, dtype, not args.naive, 2, args.compile
             )
+            rows.append(row)
     add_relative(rows)
     if args.plot:
         plot(rows, args.plot)
@@ -271,6 +273,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and cache")
     p.add_argument("--naive", action="store_true", help="MLA decode through re-expanded K and V (no absorption)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (prefill and decode step)")
     p.add_argument("--plot", help="write a bar chart to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
     add_config_flags(p)
