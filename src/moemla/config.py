@@ -45,6 +45,7 @@ class ModelConfig:
 
     # dense feed-forward
     ffn_mult: int = 4  # dense hidden width d_ff = ffn_mult * d
+    ffn_inter_dim: int | None = None  # dense hidden width; None means ffn_mult * d (matching searches it)
 
     # moe (§3.1): 2 shared + 62 routed experts, top-6, each expert 1/4 of the dense FFN
     n_routed_experts: int = 62
@@ -79,7 +80,7 @@ class ModelConfig:
 
     @property
     def dense_inter_dim(self) -> int:
-        return self.ffn_mult * self.dim
+        return self.ffn_inter_dim or self.ffn_mult * self.dim
 
     @property
     def expert_inter_dim(self) -> int:
@@ -187,6 +188,8 @@ def validate(cfg: ModelConfig) -> None:
             f"n_activated_experts (top-k) = {cfg.n_activated_experts} must be between 1 and "
             f"n_routed_experts = {cfg.n_routed_experts}"
         )
+    if cfg.ffn_inter_dim is not None and cfg.ffn_inter_dim < 1:
+        raise ConfigError(f"ffn_inter_dim must be a positive integer or None, got {cfg.ffn_inter_dim}")
     if cfg.moe_inter_dim is not None and cfg.moe_inter_dim < 1:
         raise ConfigError(f"moe_inter_dim must be a positive integer or None, got {cfg.moe_inter_dim}")
     if cfg.ffn == "moe" and cfg.expert_inter_dim < 1:
