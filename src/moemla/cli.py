@@ -239,6 +239,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from moemla.experiments.reproduce import reproduce
+
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    result = reproduce(args.table, args.preset, args.steps, seeds, args.data, args.out)
+    print(result["markdown"])
+    return 0
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        help="re-run one of the paper's tables at an affordable scale and report it beside the paper's numbers",
+        description="Train every run of a table (finished runs are skipped, so an interrupted sweep resumes), then "
+        "write TABLE.md and results.json into --out.",
+    )
+    p.add_argument("table", choices=["table4", "table5"], help="table4: KV compression; table5: expert granularity")
+    p.add_argument("--preset", default="tiny", choices=list(SIZES), help="size preset")
+    p.add_argument("--steps", type=int, default=250, help="training steps per run")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--data", help="prepared folder (default: the built-in corpus in data/builtin)")
+    p.add_argument("--out", help="output folder (default results/TABLE-PRESET)")
+    p.set_defaults(func=cmd_reproduce)
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -387,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON (one object, or a list with --all-variants)")
     add_config_flags(info)
     info.set_defaults(func=cmd_info)
-    for add in (_add_prepare, _add_train, _add_eval, _add_demo, _add_generate, _add_bench):
+    for add in (_add_prepare, _add_train, _add_eval, _add_demo, _add_generate, _add_bench, _add_reproduce):
         add(sub)
     return parser
 

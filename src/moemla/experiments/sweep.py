@@ -1,0 +1,79 @@
+"""Sweeps of training runs for the paper's tables: resumable, one folder per (configuration, seed)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moemla import accounting
+from moemla.config import ModelConfig
+from moemla.run import read_metrics
+from moemla.train import checkpoint
+from moemla.train.config import TrainConfig
+from moemla.train.loop import train
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str  # row of the table, e.g. "2:1"
+    cfg: ModelConfig
+    seed: int
+    labels: dict[str, object] = field(default_factory=dict)  # extra columns, e.g. {"latent_dim": 256}
+
+    @property
+    def folder(self) -> str:
+        return f"{self.name.replace(':', '-').replace('/', '-')}-seed{self.seed}"
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    ckpt = checkpoint.latest(run_dir) if (run_dir / "checkpoints").exists() else None
+    return ckpt is not None and json.loads((ckpt / checkpoint.STATE).read_text())["step"] >= steps
+
+
+def run_sweep(
+    specs: list[RunSpec], data_dir: str | Path, out: str | Path, tc: TrainConfig, log: Callable[[str], None] = print
+) -> list[dict[str, object]]:
+    """Train every spec not yet finished (an interrupted sweep resumes), then collect each run's final metrics."""
+    out = Path(out)
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        run_dir = out / "runs" / spec.folder
+        if finished(run_dir, tc.steps):
+            log(f"run {i}/{len(specs)}: {spec.folder} already finished")
+        else:
+            log(f"run {i}/{len(specs)}: {spec.folder}")
+            train(data_dir, run_dir, spec.cfg, tc.replace(seed=spec.seed), resume=True, log=log)
+        val = [r for r in read_metrics(run_dir) if r["split"] == "val"]
+        rows.append(
+            {
+                "name": spec.name, "seed": spec.seed, **spec.labels, "val_loss": val[-1]["val_loss"],
+                "val_ppl": val[-1]["val_ppl"], "expert_load_cv": val[-1]["expert_load_cv"],
+                "total_params": accounting.total_params(spec.cfg), "active_params": accounting.active_params(spec.cfg),
+                "kv_cache_bytes_per_token": accounting.kv_cache_bytes_per_token(spec.cfg), "run": str(run_dir),
+            }
+        )  # fmt: skip
+    return rows
+
+
+def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """One row per name (in first-seen order): perplexity mean and std over seeds, the rest from the first seed."""
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    out = []
+    for name in names:
+        group = [r for r in rows if r["name"] == name]
+        ppl = [float(r["val_ppl"]) for r in group]  # type: ignore[arg-type]
+        cvs = [max(r["expert_load_cv"]) for r in group if r["expert_load_cv"]]  # type: ignore[type-var]
+        out.append(
+            {
+                **group[0],
+                "val_ppl_mean": statistics.mean(ppl),
+                "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
+                "seeds": len(group),
+                "max_load_cv": statistics.mean(cvs) if cvs else None,
+                "val_ppl_by_seed": ppl,
+            }
+        )
+    return out
