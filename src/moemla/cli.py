@@ -394,7 +394,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moemla", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="moemla",
+        description="Train, evaluate, compare and benchmark small MoE-MLA-RoPE language models "
+        "(arXiv 2508.01261). New here? Run `moemla demo`. Each command has its own --help.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser(
