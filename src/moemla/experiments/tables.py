@@ -37,6 +37,8 @@ def table5_specs(base: ModelConfig, seeds: list[int]) -> list[RunSpec]:
 
 
 def _ppl(row: dict[str, object]) -> str:
+    if row["seeds"] == 1:
+        return f"{row['val_ppl_mean']:.3f} (1 seed)"
     return f"{row['val_ppl_mean']:.3f} ± {row['val_ppl_std']:.3f}"
 
 
