@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from moemla.config import ModelConfig
+from moemla.config import VARIANTS, ModelConfig
 from moemla.data.shards import prepare
 from moemla.data.sources import builtin_source
 from moemla.experiments.reproduce import reproduce
@@ -42,3 +42,15 @@ def test_table5_holds_total_expert_parameters_and_8_active() -> None:
     assert all(s.cfg.n_activated_experts + s.cfg.n_shared_experts == 8 for s in specs)
     totals = {(s.cfg.n_routed_experts + s.cfg.n_shared_experts) * s.cfg.expert_inter_dim for s in specs}
     assert len(totals) == 1
+
+
+def test_table2_is_parameter_matched_with_paired_t_tests(data: Path, tmp_path: Path) -> None:
+    result = reproduce("table2", "debug", steps=2, seeds=(0, 1), data=data, out=tmp_path / "t2", log=lambda _: None)
+    rows = {r["name"]: r for r in result["summary"]}
+    assert set(rows) == set(VARIANTS)
+    assert all(abs(r["matched_ratio"] - 1) <= 0.02 for r in rows.values())
+    md = result["markdown"]
+    assert "(our addition)" in md and "8.542" in md
+    assert md.count("| mha |") == 1 and "| - | 8.542 | +0.0% |" in md  # no test of mha against itself
+    p_values = [line.split("|")[8].strip() for line in md.splitlines() if line.startswith("| moe-")]
+    assert p_values and all(p != "-" for p in p_values)

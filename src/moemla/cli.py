@@ -255,7 +255,11 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         description="Train every run of a table (finished runs are skipped, so an interrupted sweep resumes), then "
         "write TABLE.md and results.json into --out.",
     )
-    p.add_argument("table", choices=["table4", "table5"], help="table4: KV compression; table5: expert granularity")
+    p.add_argument(
+        "table",
+        choices=["table2", "table4", "table5"],
+        help="table2: parameter-matched variants; table4: KV compression; table5: expert granularity",
+    )
     p.add_argument("--preset", default="tiny", choices=list(SIZES), help="size preset")
     p.add_argument("--steps", type=int, default=250, help="training steps per run")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
