@@ -56,7 +56,7 @@ def test_tinystories_sample_prepare_train_resume_eval(tmp_path: Path, capsys: py
         (["train", "--data", "nowhere"], 1, "not a prepared data folder"),
         (["eval", "nowhere"], 1, "not a moemla run folder"),
         (["prepare", "--text", "missing.txt"], 1, "input file not found"),
-        (["train", "--config", "missing.json"], 1, "not a prepared data folder"),
+        (["train", "--data", "nowhere", "--config", "missing.json"], 2, "config file not found"),
     ],
 )
 def test_bad_input_exits_with_a_message(

@@ -108,8 +108,8 @@ def run_training(
     data_dir: str, out: str | None, resume: bool, preset: str | None, variant: str | None, config_file: str | None,
     model_flags: dict, train_flags: dict,
 ) -> dict:  # fmt: skip
-    data = PreparedData.open(data_dir)
     file = read_config_file(config_file)
+    data = PreparedData.open(data_dir)
     name = f"{preset or file.get('preset', 'tiny')}-{variant or file.get('variant', 'moe-mla-rope')}"
     run_dir = Path(out or f"runs/{name}")
     cfg, tc = resolve_configs(data, run_dir, resume, preset, variant, file, model_flags, train_flags)
