@@ -101,6 +101,30 @@ def add_relative(rows: list[dict[str, object]]) -> None:
             row["decode_speedup_vs_mha"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # type: ignore[operator]
 
 
+def print_table(rows: list[dict[str, object]], title: str) -> None:
+    """The rows as a table for people (wide enough to read in pipes and CI logs too)."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("variant", "batch", "KV B/token", "KV vs mha", "prefill tok/s", "decode tok/s", "vs mha",
+                 "p50 ms", "p95 ms", "memory"):  # fmt: skip
+        table.add_column(name, justify="left" if name == "variant" else "right")
+    for r in rows:
+        rel = "kv_vs_mha" in r
+        table.add_row(
+            str(r["variant"]), str(r["batch"]), f"{r['kv_cache_bytes_per_token']:,}",
+            f"{r['kv_vs_mha']:.0%}" if rel else "-",
+            f"{r['prefill_tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.1f}",
+            f"{r['decode_speedup_vs_mha']:.2f}x" if rel else "-",
+            f"{r['latency_ms_p50']:.2f}", f"{r['latency_ms_p95']:.2f}",
+            f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
+        )  # fmt: skip
+    Console(width=None if sys.stdout.isatty() else 130).print(table)
+
+
 def plot(rows: list[dict[str, object]], path: str | Path) -> Path:
     from moemla.plots import plt
 

@@ -191,14 +191,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from moemla.bench import DTYPES, add_relative, bench_config, plot
+    from moemla.bench import DTYPES, add_relative, bench_config, plot, print_table
     from moemla.train.distributed import resolve_device
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)} or 'all'")
-    device = resolve_device(args.device)
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     overrides = config_overrides(args)
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
@@ -206,35 +206,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = ModelConfig.from_preset(args.preset, v, **overrides)
             if not args.json:
                 print(f"{v}, batch {batch} ...", file=sys.stderr, flush=True)
-            dtype = DTYPES[args.dtype]
-            row = bench_config(
-                cfg, batch, args.context, args.new_tokens, device, dtype, not args.naive, 2, args.compile
+            rows.append(
+                bench_config(cfg, batch, args.context, args.new_tokens, device, dtype, not args.naive, 2, args.compile)
             )
-            rows.append(row)
     add_relative(rows)
     if args.plot:
         plot(rows, args.plot)
     if args.json:
         print(json.dumps(rows))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{args.preset}, {rows[0]['device']}, {args.dtype}, context {args.context}, random weights")
-    for name in ("variant", "batch", "KV B/token", "KV vs mha", "prefill tok/s", "decode tok/s", "vs mha",
-                 "p50 ms", "p95 ms", "memory"):  # fmt: skip
-        table.add_column(name, justify="left" if name == "variant" else "right")
-    for r in rows:
-        rel = "kv_vs_mha" in r
-        table.add_row(
-            str(r["variant"]), str(r["batch"]), f"{r['kv_cache_bytes_per_token']:,}",
-            f"{r['kv_vs_mha']:.0%}" if rel else "-",
-            f"{r['prefill_tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.1f}",
-            f"{r['decode_speedup_vs_mha']:.2f}x" if rel else "-",
-            f"{r['latency_ms_p50']:.2f}", f"{r['latency_ms_p95']:.2f}",
-            f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
-        )  # fmt: skip
-    Console(width=None if sys.stdout.isatty() else 130).print(table)
+    print_table(rows, f"{args.preset}, {rows[0]['device']}, {args.dtype}, context {args.context}, random weights")
     print(f"memory: {rows[0]['peak_memory_kind']}" + (f"; plot: {args.plot}" if args.plot else ""))
     return 0
 

@@ -20,8 +20,7 @@ from moemla.data.shards import PreparedData, eval_batches
 from moemla.generate import generate
 from moemla.model import Transformer
 from moemla.plots import expert_utilization, loss_curves
-from moemla.run import load_model, read_metrics
-from moemla.train import checkpoint
+from moemla.run import finished, load_model, read_metrics
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
 
@@ -37,11 +36,6 @@ DEMO_TRAIN = dict(
 # rule at 1e-2 reaches 0.2 with the same loss (BENCHMARKS.md, "Balancing in training").
 BALANCE = dict(balance_rule="sign", balance_rate=1e-2)
 PROMPT = "Once upon a time, there was a little girl named Lily."
-
-
-def _finished(run_dir: Path, steps: int) -> bool:
-    ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
-    return ckpt is not None and json.loads((ckpt / checkpoint.STATE).read_text())["step"] >= steps
 
 
 @torch.no_grad()
@@ -69,7 +63,7 @@ def run_demo(
         cfg = ModelConfig.from_preset("tiny", variant, vocab_size=data.vocab_size, **BALANCE)
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
-        if _finished(run_dir, steps):
+        if finished(run_dir, steps):
             console.print(f"{run_dir} is already trained ({steps} steps); --fresh retrains it")
         else:
             console.print(f"training [bold]{variant}[/] ({accounting.total_params(cfg) / 1e6:.2f}M parameters) ...")

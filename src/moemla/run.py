@@ -48,6 +48,12 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval(), tok, meta
 
 
+def finished(run_dir: str | Path, steps: int) -> bool:
+    """The run's newest checkpoint has reached `steps` (checkpoint.latest is None for a missing folder)."""
+    ckpt = checkpoint.latest(run_dir)
+    return ckpt is not None and json.loads((ckpt / checkpoint.STATE).read_text())["step"] >= steps
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

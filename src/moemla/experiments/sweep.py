@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,8 +9,7 @@ from pathlib import Path
 
 from moemla import accounting
 from moemla.config import ModelConfig
-from moemla.run import read_metrics
-from moemla.train import checkpoint
+from moemla.run import finished, read_metrics
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
 
@@ -26,11 +24,6 @@ class RunSpec:
     @property
     def folder(self) -> str:
         return f"{self.name.replace(':', '-').replace('/', '-')}-seed{self.seed}"
-
-
-def finished(run_dir: Path, steps: int) -> bool:
-    ckpt = checkpoint.latest(run_dir) if (run_dir / "checkpoints").exists() else None
-    return ckpt is not None and json.loads((ckpt / checkpoint.STATE).read_text())["step"] >= steps
 
 
 def run_sweep(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -173,7 +174,7 @@ def _train(
                 )
                 sync = m == accum - 1 or d.world == 1
                 ctx = (
-                    fwd.no_sync() if not sync and isinstance(fwd, DistributedDataParallel) else autocast(d.device, None)
+                    fwd.no_sync() if not sync and isinstance(fwd, DistributedDataParallel) else contextlib.nullcontext()
                 )
                 with ctx, autocast(d.device, dtype):
                     _, loss = fwd(x.to(d.device), y.to(d.device))
