@@ -3,11 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from moemla.config import VARIANTS, ModelConfig
+from moemla.config import VARIANTS, ConfigError, ModelConfig
 from moemla.data.shards import prepare
 from moemla.data.sources import builtin_source
-from moemla.experiments.reproduce import reproduce
-from moemla.experiments.tables import table5_specs
+from moemla.experiments.claims import _quality
+from moemla.experiments.reproduce import reproduce, summarize
+from moemla.experiments.tables import relative_improvement, table5_specs
 
 
 @pytest.fixture(scope="module")
@@ -24,20 +25,29 @@ def test_table4_sweep_runs_reports_and_resumes(data: Path, tmp_path: Path) -> No
     assert list(summary) == ["1:1", "2:1", "4:1", "8:1"] and all(r["seeds"] == 2 for r in summary.values())
     assert [summary[n]["latent_dim"] for n in summary] == [32, 16, 8, 4]
     md = (tmp_path / "t4" / "table4.md").read_text()
+    for figure in ("val_loss.png", "load_cv.png", "tradeoff.png"):
+        assert (tmp_path / "t4" / figure).stat().st_size > 10_000
+    claims = (tmp_path / "t4" / "summary.md").read_text()
+    assert "2:1 is the best compression" in claims and "CV below 0.1" in claims
+    assert "68%" not in claims  # table4 does not measure the variants against MHA
     assert "| 2:1 | 16 |" in md and "| 50.0% | 50.0% |" in md and "7.388" in md
     assert len(json.loads((tmp_path / "t4" / "results.json").read_text())["runs"]) == 8
     # a second call finds every run finished and trains nothing
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "t4" / "runs").glob("*/checkpoints/latest")}
     log.clear()
     again = reproduce("table4", "debug", steps=2, seeds=(0, 1), data=data, out=tmp_path / "t4", log=log.append)
-    assert all("already finished" in line for line in log) and len(log) == 8
+    runs = [line for line in log if line.startswith("run ")]
+    assert all("already finished" in line for line in runs) and len(runs) == 8
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     assert again["summary"] == result["summary"]
+    # finished runs with other settings are never silently reused
+    with pytest.raises(ConfigError, match=r"train.max_steps: 2 there, 3 now.*another --out"):
+        reproduce("table4", "debug", steps=3, seeds=(0,), data=data, out=tmp_path / "t4", log=log.append)
 
 
 def test_table5_holds_total_expert_parameters_and_8_active() -> None:
     base = ModelConfig.from_preset("tiny", "moe-mla-rope")
-    specs = table5_specs(base, [0])
+    specs = table5_specs({"tiny": base}, [0])
     assert [s.cfg.n_routed_experts + s.cfg.n_shared_experts for s in specs] == [8, 16, 64]
     assert all(s.cfg.n_activated_experts + s.cfg.n_shared_experts == 8 for s in specs)
     totals = {(s.cfg.n_routed_experts + s.cfg.n_shared_experts) * s.cfg.expert_inter_dim for s in specs}
@@ -54,3 +64,58 @@ def test_table2_is_parameter_matched_with_paired_t_tests(data: Path, tmp_path: P
     assert md.count("| mha |") == 1 and "| - | 8.542 | +0.0% |" in md  # no test of mha against itself
     p_values = [line.split("|")[8].strip() for line in md.splitlines() if line.startswith("| moe-")]
     assert p_values and all(p != "-" for p in p_values)
+
+
+def test_table3_is_flop_matched_and_measures_decode_speed(data: Path, tmp_path: Path) -> None:
+    result = reproduce("table3", "debug", steps=2, seeds=(0,), data=data, out=tmp_path / "t3", log=lambda _: None)
+    rows = {r["name"]: r for r in result["summary"]}
+    assert list(rows) == ["mha", "mla-rope", "moe-mha", "moe-mla-rope", "moe-mla-drope"]
+    assert all(abs(rows[n]["flops_ratio"] - 1) <= 0.02 for n in ("moe-mha", "moe-mla-rope", "moe-mla-drope"))
+    assert rows["mha"]["decode_speedup_vs_mha"] == 1.0
+    assert all(r["decode_tokens_per_s"] > 0 for r in rows.values())
+    assert "| moe-mla-rope |" in result["markdown"] and "7.012 | 0.99x | 3.2x" in result["markdown"]
+    verdicts = {c.text.split(" (")[0]: c.verdict for c in result["claims"]}
+    assert "MoE-MLA-RoPE decodes 3.2x faster than MHA" in verdicts
+
+
+def test_table7_over_two_sizes_with_intervals_and_summary(data: Path, tmp_path: Path) -> None:
+    result = reproduce("table7", "tiny", steps=2, seeds=(0,), data=data, out=tmp_path / "t7", log=lambda _: None)
+    assert [r["name"] for r in result["summary"]] == [
+        "debug/mha",
+        "debug/moe-mla-rope",
+        "tiny/mha",
+        "tiny/moe-mla-rope",
+    ]
+    md = result["markdown"]
+    assert "| debug |" in md and "| tiny |" in md and "1 seed: validation batches only" in md
+    assert (tmp_path / "t7" / "scaling.png").is_file()
+    (claim,) = [c for c in result["claims"] if "grows with model size" in c.text]
+    assert claim.verdict in {"holds", "does not hold"} and "debug" in claim.ours
+    # the summary over a results folder names every claim, measured or not, with what would measure it
+    text = summarize(tmp_path)
+    assert "grows with model size" in text and "run `moemla reproduce table2`" in text
+    assert (tmp_path / "summary.md").read_text() == text
+
+
+def test_relative_improvement_interval_over_seeds() -> None:
+    mha = {"val_ppl_mean": 10.0, "val_ppl_by_seed": [10.0, 10.2, 9.8]}
+    moe = {"val_ppl_mean": 9.0, "val_ppl_by_seed": [9.0, 9.18, 8.82]}  # exactly -10% on every seed
+    rel, half, how = relative_improvement(moe, mha)
+    assert rel == pytest.approx(-0.1) and half == pytest.approx(0, abs=1e-12) and "3 seeds" in how
+
+
+def test_claim_verdict_rules() -> None:
+    mha = {"val_ppl_mean": 10.0, "val_loss_mean": 2.30, "val_ppl_by_seed": [10.0], "seeds": 1}
+    better = {"val_ppl_mean": 8.7, "val_loss_mean": 2.16, "val_ppl_by_seed": [8.7], "seeds": 1}
+    slightly = {"val_ppl_mean": 9.9, "val_loss_mean": 2.29, "val_ppl_by_seed": [9.9], "seeds": 1}
+    worse = {"val_ppl_mean": 10.5, "val_loss_mean": 2.35, "val_ppl_by_seed": [10.5], "seeds": 1}
+    assert _quality("x", 0.135, better, mha, False).verdict == "holds"
+    assert _quality("x", 0.135, slightly, mha, False).verdict == "partly holds"
+    assert _quality("x", 0.135, worse, mha, False).verdict == "does not hold"
+
+
+def test_reproduce_rejects_bad_presets(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown size preset"):
+        reproduce("table2", "huge", steps=1, data=data, out=tmp_path)
+    with pytest.raises(ConfigError, match="only table7"):
+        reproduce("table2", "debug,tiny", steps=1, data=data, out=tmp_path)

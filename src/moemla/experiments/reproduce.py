@@ -1,4 +1,5 @@
-"""`moemla reproduce TABLE`: train a table's runs (skipping finished ones), then write its report."""
+"""`moemla reproduce TABLE`: train a table's runs (skipping finished ones), then write its report:
+TABLE.md beside the paper's numbers, results.json, figures and summary.md (the claims it tests)."""
 
 from __future__ import annotations
 
@@ -7,51 +8,139 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moemla.commands import prepare_data
-from moemla.config import ConfigError, ModelConfig
+from moemla.config import SIZES, ConfigError, ModelConfig
 from moemla.data.shards import PreparedData
+from moemla.experiments import claims, figures
 from moemla.experiments.sweep import aggregate, run_sweep
-from moemla.experiments.tables import TABLES, params_note
+from moemla.experiments.tables import PAPER_TABLE4, PAPER_TABLE7, TABLES, params_note, relative_improvement
+from moemla.run import configs, read_meta
 from moemla.train.config import TrainConfig
 
 # CPU-scale settings, as the demo: small batches want a larger learning rate than §3.3's, and the
 # sign balancing rule at 1e-2 reaches the paper's load CV in a short run (BENCHMARKS.md).
 REPRODUCE_TRAIN = dict(batch_size=16, micro_batch_size=16, lr=2e-3, min_lr=1e-4, eval_tokens=32_768, log_interval=10)
 BALANCE = dict(balance_rule="sign", balance_rate=1e-2)
+# table3's decode speed: batch 16 as the paper's Table 6; the last of up to 64 new tokens fills the context
+DECODE_BATCH, DECODE_NEW_TOKENS = 16, 64
+SEQ_LEN = 256
 
 
 def reproduce(
     table: str,
     preset: str = "tiny",
-    steps: int = 250,
+    steps: int | None = 250,
     seeds: tuple[int, ...] = (0,),
     data: str | Path | None = None,
     out: str | Path | None = None,
     log: Callable[[str], None] = print,
+    tokens: int | None = None,
+    device: str = "auto",
 ) -> dict[str, object]:
+    """`preset` is one size, or for table7 a comma-separated list (one size means every size up to it)."""
     if table not in TABLES:
         raise ConfigError(f"unknown table {table!r}; available: {', '.join(TABLES)}")
-    out = Path(out or f"results/{table}-{preset}")
+    spec = TABLES[table]
+    presets = _presets(preset, spec.multi_size)
+    out = Path(out or f"results/{table}-{presets[-1]}")
     if data is None:
         data, _ = prepare_data("builtin", None, "data/builtin", "bpe", 4096, 20_000, 0, 0.05, False)
     vocab = PreparedData.open(data).vocab_size
-    base = ModelConfig.from_preset(preset, "moe-mla-rope", vocab_size=vocab, **BALANCE)
-    interval = max(1, steps // 5)
-    tc = TrainConfig(
-        max_steps=steps, seq_len=min(256, base.max_seq_len), eval_interval=interval, ckpt_interval=interval,
-        **REPRODUCE_TRAIN,  # type: ignore[arg-type]
-    )  # fmt: skip
-    specs_for, markdown_for = TABLES[table]
-    rows = run_sweep(specs_for(base, list(seeds)), data, out, tc, log)
+    # every size trains on sequences of SEQ_LEN tokens (debug's 64-token context is raised to it)
+    bases = {
+        p: ModelConfig.from_preset(p, "moe-mla-rope", vocab_size=vocab, **BALANCE).replace(
+            max_seq_len=max(SEQ_LEN, int(SIZES[p]["max_seq_len"]))  # type: ignore[call-overload]
+        )
+        for p in presets
+    }
+    seq_len = SEQ_LEN
+    length = dict(max_steps=None, tokens=tokens) if tokens else dict(max_steps=steps, tokens=None)
+    tc = TrainConfig(seq_len=seq_len, device=device, **length, **REPRODUCE_TRAIN)  # type: ignore[arg-type]
+    interval = max(1, tc.steps // 5)
+    tc = tc.replace(eval_interval=interval, ckpt_interval=interval)
+    rows = run_sweep(spec.specs(bases, list(seeds)), data, out, tc, log)
     summary = aggregate(rows)
-    command = f"moemla reproduce {table} --preset {preset} --steps {steps} --seeds {','.join(map(str, seeds))}"
+    if spec.decode_speed:
+        _add_decode_speed(summary, seq_len, tc.device, log)
+    flag = f"--tokens {tokens}" if tokens else f"--steps {tc.steps}"
+    command = f"moemla reproduce {table} --preset {','.join(presets)} {flag} --seeds {','.join(map(str, seeds))}"
     report = "\n\n".join(
         [
-            f"# {table}: {preset}, {steps} steps of {tc.tokens_per_step:,} tokens, seeds {list(seeds)}",
+            f"# {table}: {', '.join(presets)}, {tc.steps} steps of {tc.tokens_per_step:,} tokens, seeds {list(seeds)}",
             f"Command: `{command}` (data: `{data}`)",
-            markdown_for(summary),
+            spec.markdown(summary),
             params_note(summary),
         ]
     )
     (out / f"{table}.md").write_text(report + "\n")
-    (out / "results.json").write_text(json.dumps({"train": tc.to_dict(), "runs": rows, "summary": summary}, indent=1))
-    return {"summary": summary, "markdown": report, "out": str(out)}
+    result = {"table": table, "presets": presets, "command": command, "data": str(data), "train": tc.to_dict()}
+    (out / "results.json").write_text(json.dumps({**result, "runs": rows, "summary": summary}, indent=1))
+    paths = _figures(table, rows, summary, out)
+    found = claims.check({table: {"summary": summary}})
+    tested = [c for c in found if c.verdict != "not measured"]
+    (out / "summary.md").write_text(claims.markdown(tested, f"{table}, {', '.join(presets)}"))
+    log(f"wrote {out / f'{table}.md'}, {out / 'summary.md'}, results.json and {', '.join(p.name for p in paths)}")
+    return {"summary": summary, "markdown": report, "out": str(out), "claims": tested}
+
+
+def _presets(preset: str, multi_size: bool) -> list[str]:
+    names = [p.strip() for p in preset.split(",") if p.strip()]
+    unknown = [p for p in names if p not in SIZES]
+    if unknown or not names:
+        raise ConfigError(f"unknown size preset {unknown or preset!r}; available: {', '.join(SIZES)}")
+    if not multi_size:
+        if len(names) > 1:
+            raise ConfigError("only table7 takes several presets; give one --preset")
+        return names
+    if len(names) == 1:  # every size up to the one given, in SIZES order
+        return list(SIZES)[: list(SIZES).index(names[0]) + 1]
+    return sorted(set(names), key=list(SIZES).index)
+
+
+def _add_decode_speed(summary: list[dict[str, object]], context: int, device: str, log: Callable[[str], None]) -> None:
+    """Decode tokens/s of each row's model shape (random weights, as `moemla bench`), relative to mha."""
+    from moemla.bench import bench_config
+    from moemla.train.distributed import resolve_device
+
+    dev = resolve_device(device)
+    for r in summary:
+        cfg, _ = configs(read_meta(str(r["run"])))
+        log(f"decode speed: {r['name']}")
+        bench = bench_config(cfg, DECODE_BATCH, context, min(DECODE_NEW_TOKENS, context // 4), dev)
+        r["decode_tokens_per_s"] = bench["decode_tokens_per_s"]
+        r["decode_setting"] = f"{dev.type} fp32, batch {DECODE_BATCH}, context {context}, random weights"
+    base = next(r for r in summary if r["name"] == "mha")
+    for r in summary:
+        r["decode_speedup_vs_mha"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # type: ignore[operator]
+
+
+def _figures(table: str, rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
+    paths = [figures.val_loss_curves(rows, out / "val_loss.png", f"{table}: validation loss")]
+    cv = figures.load_cv_curves(rows, out / "load_cv.png", f"{table}: expert-load CV over training")
+    paths += [cv] if cv else []
+    if table == "table4":
+        paths.append(figures.compression_tradeoff(summary, PAPER_TABLE4, out / "tradeoff.png"))
+    if table == "table7":
+        by = {str(r["name"]): r for r in summary}
+        points = []
+        for preset in dict.fromkeys(r["preset"] for r in summary):
+            mha, moe = by[f"{preset}/mha"], by[f"{preset}/moe-mla-rope"]
+            rel, half, _ = relative_improvement(moe, mha)
+            points.append((str(preset), float(mha["total_params"]), rel, half))  # type: ignore[arg-type]
+        paths.append(figures.scaling(points, PAPER_TABLE7, out / "scaling.png"))
+    return paths
+
+
+def summarize(results_dir: str | Path = "results") -> str:
+    """summary.md over every table found under results_dir (each folder's results.json)."""
+    results: dict[str, dict] = {}
+    for path in sorted(Path(results_dir).glob("*/results.json")):
+        res = json.loads(path.read_text())
+        if "table" not in res:
+            continue
+        if res["table"] in results and "builtin" not in res["data"]:  # two datasets: the built-in corpus's wins
+            continue
+        results[res["table"]] = {**res, "folder": path.parent.name}
+    where = "; ".join(f"{t} from {r['folder']}" for t, r in sorted(results.items())) or "no tables run yet"
+    text = claims.markdown(claims.check(results), where)
+    (Path(results_dir) / "summary.md").write_text(text)
+    return text

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moemla import accounting
-from moemla.config import ModelConfig
-from moemla.run import finished, read_metrics
+from moemla.config import ConfigError, ModelConfig
+from moemla.data.shards import PreparedData
+from moemla.run import finished, read_meta, read_metrics
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
 
@@ -34,21 +35,46 @@ def run_sweep(
     rows = []
     for i, spec in enumerate(specs, 1):
         run_dir = out / "runs" / spec.folder
+        run_tc = tc.replace(seed=spec.seed, seq_len=min(tc.seq_len, spec.cfg.max_seq_len))
+        if (run_dir / "run.json").exists():
+            _check_same_run(run_dir, spec.cfg, run_tc, PreparedData.open(data_dir))
         if finished(run_dir, tc.steps):
             log(f"run {i}/{len(specs)}: {spec.folder} already finished")
         else:
             log(f"run {i}/{len(specs)}: {spec.folder}")
-            train(data_dir, run_dir, spec.cfg, tc.replace(seed=spec.seed), resume=True, log=log)
+            train(data_dir, run_dir, spec.cfg, run_tc, resume=True, log=log)
         val = [r for r in read_metrics(run_dir) if r["split"] == "val"]
         rows.append(
             {
                 "name": spec.name, "seed": spec.seed, **spec.labels, "val_loss": val[-1]["val_loss"],
-                "val_ppl": val[-1]["val_ppl"], "expert_load_cv": val[-1]["expert_load_cv"],
+                "val_ppl": val[-1]["val_ppl"], "val_ppl_ci95": val[-1]["val_ppl_ci95"],
+                "expert_load_cv": val[-1]["expert_load_cv"],
                 "total_params": accounting.total_params(spec.cfg), "active_params": accounting.active_params(spec.cfg),
                 "kv_cache_bytes_per_token": accounting.kv_cache_bytes_per_token(spec.cfg), "run": str(run_dir),
             }
         )  # fmt: skip
     return rows
+
+
+def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData) -> None:
+    """A run found in the output folder must be this spec's run, or its numbers would be silently reused."""
+    meta = read_meta(run_dir)
+    wanted = {
+        **{f"model.{k}": v for k, v in cfg.to_dict().items()},
+        **{f"train.{k}": v for k, v in tc.to_dict().items()},
+    }
+    found = {
+        **{f"model.{k}": v for k, v in meta["model"].items()},
+        **{f"train.{k}": v for k, v in meta["train"].items()},
+    }
+    differ = [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v]
+    if meta["data"]["tokenizer_sha256"] != data.tokenizer_sha256:
+        differ.append(f"data: {meta['data']['path']} there, {data.root} now")
+    if differ:
+        raise ConfigError(
+            f"{run_dir} holds a run with other settings ({'; '.join(differ[:3])}); "
+            "choose another --out for these settings, or delete that folder to retrain it"
+        )
 
 
 def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -63,6 +89,7 @@ def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
             {
                 **group[0],
                 "val_ppl_mean": statistics.mean(ppl),
+                "val_loss_mean": statistics.mean(float(r["val_loss"]) for r in group),  # type: ignore[arg-type]
                 "val_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
                 "seeds": len(group),
                 "max_load_cv": statistics.mean(cvs) if cvs else None,

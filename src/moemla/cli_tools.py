@@ -1,0 +1,157 @@
+"""The inference and experiment commands: `moemla generate`, `moemla bench`, `moemla reproduce`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moemla.cli import add_config_flags, config_overrides
+from moemla.config import SIZES, VARIANTS, ConfigError, ModelConfig
+from moemla.data.sources import DataError
+from moemla.experiments.tables import TABLES
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moemla.generate import generate
+    from moemla.run import load_model
+    from moemla.train.distributed import resolve_device
+
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise DataError(f"prompts file not found: {path}")
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+    else:
+        prompts = [args.prompt]
+    model, tok, _ = load_model(args.run, resolve_device(args.device))
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"--- {i + 1}/{len(prompts)}")
+        print(prompt, end="", flush=True)
+        generate(
+            model, tok, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed + i,
+            truncate=args.truncate, stream=lambda text: print(text, end="", flush=True),
+        )  # fmt: skip
+        print()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from moemla.bench import DTYPES, add_relative, bench_config, plot, print_table
+    from moemla.train.distributed import resolve_device
+
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)} or 'all'")
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    overrides = config_overrides(args)
+    rows = []
+    for batch in [int(b) for b in args.batch.split(",")]:
+        for v in variants:
+            cfg = ModelConfig.from_preset(args.preset, v, **overrides)
+            if not args.json:
+                print(f"{v}, batch {batch} ...", file=sys.stderr, flush=True)
+            rows.append(
+                bench_config(cfg, batch, args.context, args.new_tokens, device, dtype, not args.naive, 2, args.compile)
+            )
+    add_relative(rows)
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print_table(rows, f"{args.preset}, {rows[0]['device']}, {args.dtype}, context {args.context}, random weights")
+    print(f"memory: {rows[0]['peak_memory_kind']}" + (f"; plot: {args.plot}" if args.plot else ""))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from moemla.experiments.reproduce import reproduce, summarize
+
+    if args.table == "summary":
+        print(summarize(args.out or "results"))
+        return 0
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    result = reproduce(
+        args.table, args.preset, None if args.tokens else args.steps, seeds, args.data, args.out, tokens=args.tokens,
+        device=args.device,
+    )  # fmt: skip
+    print(result["markdown"])
+    print()
+    for c in result["claims"]:
+        print(f"{c.verdict:>14}: {c.text} (paper {c.paper}, ours {c.ours})")
+    return 0
+
+
+def add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        help="re-run one of the paper's tables at an affordable scale and report it beside the paper's numbers",
+        description="Train every run of a table (finished runs are skipped, so an interrupted sweep resumes), then "
+        "write TABLE.md (beside the paper's numbers), results.json, figures and summary.md (the paper's claims "
+        "with our measurement and a verdict) into --out. `moemla reproduce summary` gathers every table under "
+        "results/ into results/summary.md.",
+    )
+    p.add_argument(
+        "table",
+        choices=[*TABLES, "summary"],
+        help="; ".join(f"{name}: {t.help}" for name, t in TABLES.items()) + "; summary: all claims from results/",
+    )
+    p.add_argument(
+        "--preset", default="tiny",
+        help=f"size preset ({', '.join(SIZES)}); table7 takes a list, or one size meaning every size up to it",
+    )  # fmt: skip
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps per run (16 x 256 tokens each)")
+    p.add_argument("--tokens", type=int, help="training tokens per run (instead of --steps)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--data", help="prepared folder (default: the built-in corpus in data/builtin)")
+    p.add_argument("--out", help="output folder (default results/TABLE-PRESET; for summary, the results folder)")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a trained run, streamed as it is produced",
+        description="Continue prompts with a run's latest checkpoint: KV-cached prefill, then one token per step "
+        "(MLA decodes over its latents). Stops at <|endoftext|>.",
+    )
+    p.add_argument("run", help="run folder")
+    p.add_argument("--prompt", default="Once upon a time", help="prompt text")
+    p.add_argument("--prompts", help="file with one prompt per line (overrides --prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample within the nucleus of probability p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context from the left")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.set_defaults(func=cmd_generate)
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="KV-cache bytes, prefill/decode speed, latency and memory per variant (random weights)",
+        description="Measure inference per variant with random weights (speed does not depend on training).",
+    )
+    p.add_argument("--preset", default="xs", choices=list(SIZES), help="size preset")
+    p.add_argument("--variants", default="mha,moe-mla-rope,moe-mla-drope", help="comma-separated, or all")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,16")
+    p.add_argument("--context", type=int, default=512, help="positions filled at the end of decoding")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps (the prompt is context - new tokens)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and cache")
+    p.add_argument("--naive", action="store_true", help="MLA decode through re-expanded K and V (no absorption)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (prefill and decode step)")
+    p.add_argument("--plot", help="write a bar chart to this PNG")
+    p.add_argument("--json", action="store_true", help="print one JSON list of rows")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_bench)
