@@ -32,13 +32,7 @@ def val_loss_curves(runs: list[Row], path: Path, title: str) -> Path:
                 [m["step"] * per_step for m in val], [m["val_loss"] for m in val], "o-", ms=3,
                 color=COLORS[i % len(COLORS)], label=name if j == 0 else None, alpha=0.9 if j == 0 else 0.5,
             )  # fmt: skip
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=2)
-    return _save(fig, path)
+    return _finish(fig, ax, "training tokens", "validation loss (nats/token)", title, path)
 
 
 def load_cv_curves(runs: list[Row], path: Path, title: str) -> Path | None:
@@ -58,13 +52,7 @@ def load_cv_curves(runs: list[Row], path: Path, title: str) -> Path | None:
         plt.close(fig)
         return None
     ax.axhline(0.1, color="k", ls="--", lw=1, label="paper: CV < 0.1")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("max over layers of expert-load CV (training batches)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, ncol=2)
-    return _save(fig, path)
+    return _finish(fig, ax, "optimizer step", "max over layers of expert-load CV (training batches)", title, path)
 
 
 def compression_tradeoff(summary: list[Row], paper: dict[str, tuple[float, float]], path: Path) -> Path:
@@ -105,6 +93,17 @@ def scaling(points: list[tuple[str, float, float, float]], paper: dict[str, tupl
     ax.set_title("scaling (Table 7)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    return _save(fig, path)
+
+
+def _finish(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Log-scale y (losses and CVs span decades early in training), labels, grid, legend; then save."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)
 
 

@@ -75,6 +75,12 @@ def paired_p_value(a: list[float], b: list[float]) -> float | None:
     return float(ttest_rel(a, b).pvalue)
 
 
+def _vs_mha(row: Row, mha: Row) -> tuple[float, str]:
+    """Perplexity relative to MHA's, and the paired t-test's p-value as text ("-" for MHA itself or 1 seed)."""
+    p = paired_p_value(row["val_ppl_by_seed"], mha["val_ppl_by_seed"]) if row is not mha else None  # type: ignore[arg-type]
+    return row["val_ppl_mean"] / mha["val_ppl_mean"] - 1, "-" if p is None else f"{p:.3g}"  # type: ignore[operator]
+
+
 def table2_markdown(rows: list[dict[str, object]]) -> str:
     base = next(r for r in rows if r["name"] == "mha")
     lines = [
@@ -84,13 +90,12 @@ def table2_markdown(rows: list[dict[str, object]]) -> str:
     ]
     for r in rows:
         name = str(r["name"])
-        p = paired_p_value(r["val_ppl_by_seed"], base["val_ppl_by_seed"]) if name != "mha" else None  # type: ignore[arg-type]
-        rel = r["val_ppl_mean"] / base["val_ppl_mean"] - 1  # type: ignore[operator]
+        rel, p = _vs_mha(r, base)
         paper = PAPER_TABLE2.get(name)
         paper_cols = f"{paper} | {paper / PAPER_TABLE2['mha'] - 1:+.1%}" if paper else "(our addition) | -"
         lines.append(
             f"| {name} | {r['dim']} | {r['ffn_width']} | {r['total_params'] / 1e6:.2f}M ({r['matched_ratio']:.3f}) "
-            f"| {r['active_params'] / 1e6:.2f}M | {_ppl(r)} | {rel:+.1%} | {'-' if p is None else f'{p:.3g}'} "
+            f"| {r['active_params'] / 1e6:.2f}M | {_ppl(r)} | {rel:+.1%} | {p} "
             f"| {paper_cols} |"
         )
     return "\n".join(lines)
@@ -132,15 +137,14 @@ def table3_markdown(rows: list[Row]) -> str:
     ]
     for r in rows:
         name = str(r["name"])
-        p = paired_p_value(r["val_ppl_by_seed"], base["val_ppl_by_seed"]) if name != "mha" else None  # type: ignore[arg-type]
-        rel = r["val_ppl_mean"] / base["val_ppl_mean"] - 1  # type: ignore[operator]
+        rel, p = _vs_mha(r, base)
         paper = PAPER_TABLE3.get(name)
         paper_cols = f"{paper[0]} | {paper[1]:.2f}x | {paper[2]:.1f}x" if paper else "(our addition) | - | -"
         speed = f"{r['decode_speedup_vs_mha']:.2f}x" if r.get("decode_speedup_vs_mha") is not None else "-"
         lines.append(
             f"| {name} | {r['dim']} | {r['ffn_width']} | {r['total_params'] / 1e6:.2f}M "
             f"| {r['active_params'] / 1e6:.2f}M "
-            f"| {r['flops_ratio']:.3f}x | {_ppl(r)} | {rel:+.1%} | {'-' if p is None else f'{p:.3g}'} | {speed} "
+            f"| {r['flops_ratio']:.3f}x | {_ppl(r)} | {rel:+.1%} | {p} | {speed} "
             f"| {paper_cols} |"
         )
     return "\n".join(lines)
