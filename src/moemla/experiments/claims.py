@@ -85,6 +85,11 @@ def check(results: Results) -> list[Claim]:
             "MLA -5.0%, MoE +5.3%, both +13.5%", f"MLA {mla:+.1%}, MoE {moe:+.1%}, both {both:+.1%}",
             "holds" if synergy else "does not hold", "gains are perplexity reductions vs MHA",
         ))  # fmt: skip
+        if "mha-rope" in t2:  # our control: is the gain more than what RoPE alone gives dense MHA?
+            claims.append(_quality(
+                "(our control, not a paper claim) MoE-MLA-RoPE beats dense MHA with the same RoPE (mha-rope)",
+                0.0, t2["moe-mla-rope"], t2["mha-rope"], False,
+            ))  # fmt: skip
         ratio = t2["moe-mla-rope"]["active_params"] / t2["mha"]["active_params"]  # type: ignore[operator]
         claims.append(_number(
             "MoE-MLA-RoPE uses 42% fewer active parameters at equal total parameters (Table 2)", 0.42, 1 - ratio, ".0%",
