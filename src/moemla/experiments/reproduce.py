@@ -12,7 +12,14 @@ from moemla.config import SIZES, ConfigError, ModelConfig
 from moemla.data.shards import PreparedData
 from moemla.experiments import claims, figures
 from moemla.experiments.sweep import aggregate, run_sweep
-from moemla.experiments.tables import PAPER_TABLE4, PAPER_TABLE7, TABLES, params_note, relative_improvement
+from moemla.experiments.tables import (
+    PAPER_TABLE4,
+    PAPER_TABLE7,
+    SEQ_LEN,
+    TABLES,
+    params_note,
+    relative_improvement,
+)
 from moemla.run import configs, read_meta
 from moemla.train.config import TrainConfig
 
@@ -22,7 +29,6 @@ REPRODUCE_TRAIN = dict(batch_size=16, micro_batch_size=16, lr=2e-3, min_lr=1e-4,
 BALANCE = dict(balance_rule="sign", balance_rate=1e-2)
 # table3's decode speed: batch 16 as the paper's Table 6; the last of up to 64 new tokens fills the context
 DECODE_BATCH, DECODE_NEW_TOKENS = 16, 64
-SEQ_LEN = 256
 
 
 def reproduce(

@@ -32,12 +32,13 @@ def run_sweep(
 ) -> list[dict[str, object]]:
     """Train every spec not yet finished (an interrupted sweep resumes), then collect each run's final metrics."""
     out = Path(out)
+    data = PreparedData.open(data_dir)
     rows = []
     for i, spec in enumerate(specs, 1):
         run_dir = out / "runs" / spec.folder
         run_tc = tc.replace(seed=spec.seed, seq_len=min(tc.seq_len, spec.cfg.max_seq_len))
         if (run_dir / "run.json").exists():
-            _check_same_run(run_dir, spec.cfg, run_tc, PreparedData.open(data_dir))
+            _check_same_run(run_dir, spec.cfg, run_tc, data)
         if finished(run_dir, tc.steps):
             log(f"run {i}/{len(specs)}: {spec.folder} already finished")
         else:

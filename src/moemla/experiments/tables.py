@@ -41,11 +41,18 @@ PAPER_TABLE7 = {
     "l": (123.3, 6.23, 5.51, -0.115, 0.002),
     "xl": (202.7, 5.12, 4.44, -0.133, 0.002),
 }
+# every table trains on sequences of SEQ_LEN tokens; table3 matches FLOPs at this context
+SEQ_LEN = 256
 COMPRESSIONS = {"1:1": 1.0, "2:1": 0.5, "4:1": 0.25, "8:1": 0.125}
 
 
 def _dense_mha(base: ModelConfig) -> ModelConfig:
     return base.replace(attention="mha", positions="learned", ffn="dense", rope_mode="post")
+
+
+def _ffn_width(cfg: ModelConfig) -> int:
+    """The width the matching search tunes: the MLP's for dense models, each expert's for MoE."""
+    return cfg.dense_inter_dim if cfg.ffn == "dense" else cfg.expert_inter_dim
 
 
 def table2_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpec]:
@@ -58,7 +65,7 @@ def table2_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpe
         labels = {
             "matched_ratio": m.ratio,
             "dim": m.cfg.dim,
-            "ffn_width": m.cfg.dense_inter_dim if m.cfg.ffn == "dense" else m.cfg.expert_inter_dim,
+            "ffn_width": _ffn_width(m.cfg),
         }
         specs += [RunSpec(name, m.cfg, s, labels) for s in seeds]
     return specs
@@ -107,7 +114,7 @@ def table3_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpe
     as in the paper (its 0.98x FLOPs is reported, not matched)."""
     (base,) = bases.values()
     reference = _dense_mha(base)
-    context = min(256, base.max_seq_len)
+    context = min(SEQ_LEN, base.max_seq_len)
     specs = []
     for name in ("mha", "mla-rope", "moe-mha", "moe-mla-rope", "moe-mla-drope"):
         cfg = base.replace(**{"rope_mode": "post", **VARIANTS[name]})
@@ -117,7 +124,7 @@ def table3_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpe
             cfg = reference
         labels = {
             "dim": cfg.dim,
-            "ffn_width": cfg.dense_inter_dim if cfg.ffn == "dense" else cfg.expert_inter_dim,
+            "ffn_width": _ffn_width(cfg),
             "flops_ratio": measure_ratio(cfg, reference, context),
         }
         specs += [RunSpec(name, cfg, s, labels) for s in seeds]
