@@ -25,6 +25,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, GPT2Config, GP
 from moemla import ModelConfig, Transformer
 from moemla.accounting import active_params
 from moemla.generate import generate_ids
+from moemla.numpy_decoder import NumpyDecoder
 
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -66,11 +67,17 @@ def decode_rates(cfg: ModelConfig, prompt_len: int, new: int, repeats: int) -> d
     def hf(n: int) -> None:
         theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
+    ours_np = NumpyDecoder.from_model(ours, max_len=prompt_len + new)
+
     def mine(n: int) -> None:
         generate_ids(ours, prompt[0].tolist(), n, temperature=0)
 
+    def mine_np(n: int) -> None:
+        generate_ids(ours_np, prompt[0].tolist(), n, temperature=0)
+
     rates = {}
-    for name, fn in (("moemla", mine), ("transformers", hf)):
+    for name, fn in (("numpy", mine_np), ("moemla", mine), ("transformers", hf)):
+        time.sleep(0.5)  # let the previous engine's idle BLAS / OpenMP threads stop spinning
         rates[name] = (new - 1) / (timed(lambda fn=fn: fn(new), repeats) - timed(lambda fn=fn: fn(1), repeats))
     return rates
 

@@ -79,6 +79,13 @@ def test_generate_cli_streams_text(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["generate", str(run), "--prompt", "a " * 100]) == 1
     assert "--truncate" in capsys.readouterr().err
     assert main(["generate", str(run), "--prompt", "a " * 100, "--truncate", "--max-new-tokens", "3"]) == 0
+    # the numpy engine draws the same tokens from the same seed
+    capsys.readouterr()
+    argv = ["generate", str(run), "--prompt", "The cat", "--max-new-tokens", "8", "--seed", "5", "--top-k", "20"]
+    assert main(argv) == 0
+    torch_text = capsys.readouterr().out
+    assert main([*argv, "--engine", "numpy"]) == 0
+    assert capsys.readouterr().out == torch_text
 
 
 @pytest.mark.slow

@@ -66,13 +66,7 @@ def bench_config(
             logits[:, -1].argmax(-1)  # what a sampler would do with the logits
             _sync(device)
             latencies.append(time.perf_counter() - t0)
-        decode = sum(latencies)
-        row = {
-            "prefill_tokens_per_s": batch * prompt.shape[1] / prefill,
-            "decode_tokens_per_s": batch * new_tokens / decode,
-            "latency_ms_p50": 1e3 * statistics.median(latencies),
-            "latency_ms_p95": 1e3 * statistics.quantiles(latencies, n=20)[-1],
-        }
+        row = _timings(batch, prompt.shape[1], prefill, latencies)
         if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
             best = row
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else weights + cache.nbytes
@@ -83,12 +77,66 @@ def bench_config(
         "new_tokens": new_tokens,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "engine": "torch",
         "decode_path": "absorbed" if absorbed and cfg.attention == "mla" else "naive",
         "compiled": compile,
         "kv_cache_bytes_per_token": cache.bytes_per_token,
         **best,  # type: ignore[dict-item]
         "peak_memory_bytes": peak,
         "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "weights + cache",
+    }
+
+
+def bench_numpy(cfg: ModelConfig, context: int, new_tokens: int, repeats: int = 2) -> dict[str, object]:
+    """One row for the torch-free NumpyDecoder (batch 1, CPU, float32), measured like bench_config."""
+    from moemla.numpy_decoder import NumpyDecoder
+
+    if not 0 < new_tokens < context <= cfg.max_seq_len:
+        raise ValueError(
+            f"need 0 < new_tokens ({new_tokens}) < context ({context}) <= the model's max_seq_len ({cfg.max_seq_len})"
+        )
+    torch.manual_seed(0)
+    dec = NumpyDecoder.from_model(Transformer(cfg.replace(dropout=0.0)), max_len=context)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (context - new_tokens,), generator=gen).tolist()
+    step_ids = torch.randint(0, cfg.vocab_size, (new_tokens,), generator=gen).tolist()
+    best: dict[str, object] | None = None
+    for _ in range(repeats + 1):
+        dec.reset()
+        t0 = time.perf_counter()
+        dec.forward(prompt)
+        prefill = time.perf_counter() - t0
+        latencies = []
+        for token in step_ids:
+            t0 = time.perf_counter()
+            dec.forward([token]).argmax()  # what a greedy sampler would do with the logits
+            latencies.append(time.perf_counter() - t0)
+        row = _timings(1, len(prompt), prefill, latencies)
+        if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
+            best = row
+    return {
+        "variant": variant_name(cfg) or "custom",
+        "batch": 1,
+        "context": context,
+        "new_tokens": new_tokens,
+        "device": "cpu",
+        "dtype": "float32",
+        "engine": "numpy",
+        "decode_path": "absorbed" if cfg.attention == "mla" else "naive",
+        "compiled": False,
+        "kv_cache_bytes_per_token": dec.cache_nbytes // context,
+        **best,  # type: ignore[dict-item]
+        "peak_memory_bytes": dec.weight_nbytes + dec.cache_nbytes,
+        "peak_memory_kind": "weights + cache",
+    }
+
+
+def _timings(batch: int, prompt_len: int, prefill: float, latencies: list[float]) -> dict[str, float]:
+    return {
+        "prefill_tokens_per_s": batch * prompt_len / prefill,
+        "decode_tokens_per_s": batch * len(latencies) / sum(latencies),
+        "latency_ms_p50": 1e3 * statistics.median(latencies),
+        "latency_ms_p95": 1e3 * statistics.quantiles(latencies, n=20)[-1],
     }
 
 

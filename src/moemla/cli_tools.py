@@ -12,6 +12,11 @@ from moemla.config import SIZES, VARIANTS, ConfigError, ModelConfig
 from moemla.data.sources import DataError
 from moemla.experiments.tables import TABLES
 
+ENGINE_HELP = (
+    "torch: the model itself (any device, dtype, batch); numpy: the torch-free NumpyDecoder, one sequence "
+    "in float32 on the CPU, the fastest at batch 1 there (BENCHMARKS.md)"
+)
+
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from moemla.generate import generate
@@ -26,6 +31,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompts = [args.prompt]
     model, tok, _ = load_model(args.run, resolve_device(args.device))
+    if args.engine == "numpy":
+        from moemla.numpy_decoder import NumpyDecoder
+
+        if model.wte.weight.device.type != "cpu":
+            raise ConfigError("--engine numpy runs on the CPU; drop --device or pass --device cpu")
+        model = NumpyDecoder.from_model(model)
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"--- {i + 1}/{len(prompts)}")
@@ -39,7 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from moemla.bench import DTYPES, add_relative, bench_config, plot, print_table
+    from moemla.bench import DTYPES, add_relative, bench_config, bench_numpy, plot, print_table
     from moemla.train.distributed import resolve_device
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
@@ -47,6 +58,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)} or 'all'")
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    numpy_engine = args.engine == "numpy"
+    if numpy_engine and (args.batch != "1" or device.type != "cpu" or args.dtype != "float32"):
+        raise ConfigError("--engine numpy decodes one sequence in float32 on the CPU: use --batch 1, --dtype float32")
+    if numpy_engine and (args.naive or args.compile):
+        raise ConfigError("--naive and --compile apply to the torch engine; drop them with --engine numpy")
     overrides = config_overrides(args)
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
@@ -54,16 +70,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = ModelConfig.from_preset(args.preset, v, **overrides)
             if not args.json:
                 print(f"{v}, batch {batch} ...", file=sys.stderr, flush=True)
-            rows.append(
-                bench_config(cfg, batch, args.context, args.new_tokens, device, dtype, not args.naive, 2, args.compile)
-            )
+            if numpy_engine:
+                rows.append(bench_numpy(cfg, args.context, args.new_tokens))
+            else:
+                rows.append(
+                    bench_config(
+                        cfg, batch, args.context, args.new_tokens, device, dtype, not args.naive, 2, args.compile
+                    )
+                )
     add_relative(rows)
     if args.plot:
         plot(rows, args.plot)
     if args.json:
         print(json.dumps(rows))
         return 0
-    print_table(rows, f"{args.preset}, {rows[0]['device']}, {args.dtype}, context {args.context}, random weights")
+    title = f"{args.preset}, {args.engine} engine, {rows[0]['device']}, {args.dtype}, context {args.context}"
+    print_table(rows, title + ", random weights")
     print(f"memory: {rows[0]['peak_memory_kind']}" + (f"; plot: {args.plot}" if args.plot else ""))
     return 0
 
@@ -133,6 +155,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context from the left")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--engine", default="torch", choices=["torch", "numpy"], help=ENGINE_HELP)
     p.set_defaults(func=cmd_generate)
 
 
@@ -151,6 +174,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and cache")
     p.add_argument("--naive", action="store_true", help="MLA decode through re-expanded K and V (no absorption)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (prefill and decode step)")
+    p.add_argument("--engine", default="torch", choices=["torch", "numpy"], help=ENGINE_HELP)
     p.add_argument("--plot", help="write a bar chart to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
     add_config_flags(p)

@@ -9,6 +9,7 @@ from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
 from moemla.model import KVCache, Transformer
+from moemla.numpy_decoder import NumpyDecoder
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -38,7 +39,7 @@ def sample(
 
 @torch.no_grad()
 def generate_ids(
-    model: Transformer,
+    model: Transformer | NumpyDecoder,
     prompt: list[int],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -48,7 +49,10 @@ def generate_ids(
     seed: int = 0,
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
-    """Continue one prompt until `stop`, `max_new_tokens`, or the model's context is full."""
+    """Continue one prompt until `stop`, `max_new_tokens`, or the model's context is full.
+
+    `model` is a torch Transformer or a NumpyDecoder; with the same logits and seed both draw the same tokens.
+    """
     cfg = model.cfg
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
@@ -57,24 +61,46 @@ def generate_ids(
             f"the prompt has {len(prompt)} tokens but the model's context is {cfg.max_seq_len}; "
             "shorten it or pass --truncate"
         )
-    device = next(model.parameters()).device
+    max_len = min(cfg.max_seq_len, len(prompt) + max_new_tokens)
+    if isinstance(model, NumpyDecoder):
+        device = torch.device("cpu")
+        model.reset()
+        if model.max_len < max_len:
+            raise ValueError(f"the decoder's cache holds {model.max_len} tokens; {max_len} are needed")
+
+        def run(ids: list[int]) -> torch.Tensor:
+            return torch.from_numpy(model.forward(ids))[None]  # (1, V), shares memory
+
+        def full() -> bool:
+            return model.length == max_len
+    else:
+        device = next(model.parameters()).device
+        cache = KVCache(cfg, batch_size=1, max_len=max_len, device=device)
+
+        def run(ids: list[int]) -> torch.Tensor:
+            return model(torch.tensor([ids], device=device), cache=cache)[0][:, -1]
+
+        def full() -> bool:
+            return cache.length == cache.max_len
+
     generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(cfg, batch_size=1, max_len=min(cfg.max_seq_len, len(prompt) + max_new_tokens), device=device)
-    logits, _ = model(torch.tensor([prompt], device=device), cache=cache)  # prefill
+    logits = run(prompt)  # prefill
     out: list[int] = []
     while len(out) < max_new_tokens:
-        token = sample(logits[:, -1], temperature, top_k, top_p, generator)
-        out.append(int(token))
+        if temperature == 0:  # greedy: no sampler, and no torch kernel that wakes its thread pool
+            out.append(int(logits.float().numpy().argmax()) if logits.device.type == "cpu" else int(logits.argmax()))
+        else:
+            out.append(int(sample(logits, temperature, top_k, top_p, generator)))
         if on_token is not None:
             on_token(out[-1])
-        if out[-1] == stop or cache.length == cache.max_len:
+        if out[-1] == stop or full():
             break
-        logits, _ = model(token.view(1, 1), cache=cache)  # one decode step
+        logits = run([out[-1]])  # one decode step
     return out
 
 
 def generate(
-    model: Transformer,
+    model: Transformer | NumpyDecoder,
     tokenizer: Tokenizer,
     prompts: list[str],
     max_new_tokens: int = 200,

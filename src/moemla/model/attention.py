@@ -71,7 +71,6 @@ class MLA(nn.Module):
         self.wv_b = nn.Linear(self.rank, cfg.dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.absorb = True  # one-token decode steps attend over the latents (see decode_absorbed)
-        self._w_ov: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -133,25 +132,11 @@ class MLA(nn.Module):
             scale = d**-0.5
         probs = (scores * scale).softmax(dim=-1)  # (B, H, S)
         o_lat = probs @ c_v  # (B, H, R): attention over the V latents, before W^Vr
-        w_ov, b_ov = self.absorbed_output()
-        y = o_lat.flatten(1) @ w_ov  # (B, H * R) @ (H * R, C): W^O and every W_h^Vr as one matrix
-        return (y if b_ov is None else y + b_ov)[:, None]  # (B, 1, C)
-
-    def absorbed_output(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W^O composed with each head's W_h^Vr as (H * R, C), and the bias they add; rebuilt when weights change."""
-        key = (
-            self.wo.weight._version,
-            self.wv_b.weight._version,
-            self.wo.weight.data_ptr(),
-            self.wv_b.weight.data_ptr(),
-        )
-        if self._w_ov is None or self._w_ov[0] != key:
-            h, d = self.n_heads, self.head_dim
-            wo = self.wo.weight.view(-1, h, d)  # (C, H, D)
-            w_ov = torch.einsum("chd,hdr->hrc", wo, self.wv_b.weight.view(h, d, self.rank)).flatten(0, 1)
-            w_ov = w_ov.detach().contiguous()  # an inference cache: H * R * C extra numbers per layer
-            b_ov = None
-            if self.wo.bias is not None:  # attention weights sum to 1, so W^Vr's bias passes through once
-                b_ov = (self.wo.weight @ self.wv_b.bias + self.wo.bias).detach()
-            self._w_ov = (key, w_ov, b_ov)
-        return self._w_ov[1], self._w_ov[2]
+        # W_h^Vr applied once to the attended latent, not to every cached position (softmax rows sum to 1,
+        # so its bias passes through once). NOTE: folding W^Vr into W^O as one (H * R, C) matrix would read
+        # H * R * C weights per step instead of H * D * R + C * C: more bytes whenever R > D H / (H - 1), as here.
+        w_v = self.wv_b.weight.view(h, d, self.rank)  # (H, D, R)
+        o = (w_v @ o_lat.permute(1, 2, 0)).permute(2, 0, 1)  # (H, D, R) @ (H, R, B) -> (B, H, D)
+        if self.wv_b.bias is not None:
+            o = o + self.wv_b.bias.view(h, d)
+        return self.wo(o.reshape(b, 1, h * d))  # (B, 1, C)

@@ -1,0 +1,262 @@
+"""A torch-free decoder for CPU inference: the model's weights as numpy arrays, one sequence at a time.
+
+Why it exists: at batch 1 a decode step is a chain of matrix-vector products whose weights come
+from DRAM. Measured on our CPU machine (BENCHMARKS.md), PyTorch's eager kernels read them at
+~8-25 GB/s and add ~5-10 us per op; numpy's OpenBLAS reads the LM head at ~49 GB/s and calls cost
+~1 us. Same math as `Transformer` (a test holds every variant's logits to it within 1e-4); the
+weights are stored in the layout numpy streams fastest, (in, out), which costs one extra copy of
+them while the decoder lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from scipy.special import erf
+
+from moemla.config import ModelConfig
+
+Weights = Mapping[str, np.ndarray]
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = np.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + erf(x * np.float32(0.7071067811865476)))  # exact (erf) GELU, as F.gelu
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def rope_tables(dim: int, max_len: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (max_len, dim/2), computed in float64 like moemla.model.rope."""
+    inv_freq = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x (T, H, D) at positions with angle tables (T, D/2): the half-split rotation of model.rope."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def causal_mask(t: int, start: int) -> np.ndarray | None:
+    """Additive mask (T, start + T) for queries at start..start+T-1; None for one query."""
+    if t == 1:
+        return None
+    allowed = np.arange(start + t)[None, :] <= np.arange(start, start + t)[:, None]
+    return np.where(allowed, np.float32(0), np.float32(-np.inf))
+
+
+class Linear:
+    """y = x W^T + b with W stored transposed and contiguous, (in, out)."""
+
+    def __init__(self, w: Weights, name: str) -> None:
+        self.wt = np.ascontiguousarray(w[f"{name}.weight"].T)
+        self.b = w.get(f"{name}.bias")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.wt
+        return y if self.b is None else y + self.b
+
+
+class Block:
+    """One decoder block's weights and its slice of the cache."""
+
+    def __init__(self, cfg: ModelConfig, w: Weights, i: int, max_len: int) -> None:
+        p = f"blocks.{i}."
+        self.cfg = cfg
+        self.ln1 = (w[p + "ln1.weight"], w[p + "ln1.bias"])
+        self.ln2 = (w[p + "ln2.weight"], w[p + "ln2.bias"])
+        h, d, r = cfg.n_heads, cfg.head_dim, cfg.kv_lora_rank
+        self.wo = Linear(w, p + "attn.wo")
+        if cfg.attention == "mha":
+            self.wqkv = Linear(w, p + "attn.wqkv")
+            self.k = np.zeros((h, max_len, d), np.float32)  # per head, so each head's keys are contiguous
+            self.v = np.zeros((h, max_len, d), np.float32)
+        else:
+            self.wq, self.wkv_a = Linear(w, p + "attn.wq"), Linear(w, p + "attn.wkv_a")
+            self.wk = w[p + "attn.wk_b.weight"].reshape(h, d, r)  # W_h^Kr (H, D, R)
+            self.wv = w[p + "attn.wv_b.weight"].reshape(h, d, r)  # W_h^Vr (H, D, R)
+            self.wk_b, self.bv = Linear(w, p + "attn.wk_b"), w.get(p + "attn.wv_b.bias")
+            p_dim = cfg.rope_dim if cfg.decoupled else 0
+            self.cache = {"c_k": np.zeros((max_len, r), np.float32), "c_v": np.zeros((max_len, r), np.float32)}
+            self.cache["k_pe"] = np.zeros((max_len, p_dim), np.float32)
+        if cfg.ffn == "dense":
+            self.w1, self.w2 = Linear(w, p + "ffn.w1"), Linear(w, p + "ffn.w2")
+        else:
+            self.router = np.ascontiguousarray(w[p + "ffn.router.weight"].T)  # (C, E)
+            self.router_bias = w[p + "ffn.router.bias"]
+            self.e1, self.e2 = w[p + "ffn.experts.w1"], w[p + "ffn.experts.w2"]  # (E, C, h), (E, h, C)
+            self.shared = None
+            if cfg.n_shared_experts:
+                self.shared = (Linear(w, p + "ffn.shared.w1"), Linear(w, p + "ffn.shared.w2"))
+
+    def __call__(self, x: np.ndarray, start: int, rope: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """x (T, C) at positions start..start+T-1 -> (T, C); writes this block's cache."""
+        attend = self.mha if self.cfg.attention == "mha" else self.mla
+        x = x + attend(layer_norm(x, *self.ln1), start, rope)
+        h = layer_norm(x, *self.ln2)
+        return x + (self.w2(gelu(self.w1(h))) if self.cfg.ffn == "dense" else self.moe(h))
+
+    def mha(self, x: np.ndarray, start: int, rope: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        t, (h, d) = x.shape[0], (self.cfg.n_heads, self.cfg.head_dim)
+        q, k, v = np.split(self.wqkv(x).reshape(t, 3, h, d), 3, axis=1)  # (T, 1, H, D) each
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        if rope is not None:
+            cos, sin = rope[0][start : start + t], rope[1][start : start + t]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        end = start + t
+        self.k[:, start:end], self.v[:, start:end] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+        scores = q.transpose(1, 0, 2) @ self.k[:, :end].transpose(0, 2, 1) * np.float32(d**-0.5)  # (H, T, S)
+        o = softmax(_masked(scores, t, start)) @ self.v[:, :end]  # (H, T, D)
+        return self.wo(o.transpose(1, 0, 2).reshape(t, h * d))
+
+    def mla(self, x: np.ndarray, start: int, rope: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """Eq. 13-14 over the cached latents: W^Kr moves onto the query where RoPE allows, W^Vr after attention."""
+        cfg, t, end = self.cfg, x.shape[0], start + x.shape[0]
+        h, d, r = cfg.n_heads, cfg.head_dim, cfg.kv_lora_rank
+        p = cfg.rope_dim if cfg.decoupled else 0
+        q = self.wq(x).reshape(t, h, d + p)
+        kv = self.wkv_a(x)
+        c = self.cache
+        c["c_k"][start:end], c["c_v"][start:end] = kv[:, :r], kv[:, r : 2 * r]
+        q_nope = q[..., :d]
+        if cfg.positions == "rope" and not cfg.decoupled:
+            # the paper's post-projection RoPE: keys re-expanded from C^K and rotated at every step
+            cos, sin = rope
+            k = apply_rope(self.wk_b(c["c_k"][:end]).reshape(end, h, d), cos[:end], sin[:end])
+            q_rot = apply_rope(q_nope, cos[start:end], sin[start:end])
+            scores = q_rot.transpose(1, 0, 2) @ k.transpose(1, 2, 0) * np.float32(d**-0.5)  # (H, T, S)
+        else:
+            q_lat = q_nope.transpose(1, 0, 2) @ self.wk  # (H, T, D) @ (H, D, R) -> (H, T, R)
+            scores = q_lat @ c["c_k"][:end].T  # (H, T, S); W^Kr's bias shifts a row alike: softmax ignores it
+            if cfg.decoupled:
+                cos, sin = rope[0][start:end], rope[1][start:end]
+                c["k_pe"][start:end] = apply_rope(kv[:, None, 2 * r :], cos, sin)[:, 0]
+                q_pe = apply_rope(q[..., d:], cos, sin)  # (T, H, P)
+                scores = scores + q_pe.transpose(1, 0, 2) @ c["k_pe"][:end].T
+            scores = scores * np.float32((d + p) ** -0.5)
+        o_lat = softmax(_masked(scores, t, start)) @ c["c_v"][:end]  # (H, T, R)
+        o = o_lat @ self.wv.transpose(0, 2, 1)  # (H, T, D): W_h^Vr once per query, not per position
+        if self.bv is not None:
+            o = o + self.bv.reshape(h, 1, d)
+        return self.wo(o.transpose(1, 0, 2).reshape(t, h * d))
+
+    def moe(self, x: np.ndarray) -> np.ndarray:
+        """Eq. 12: shared experts plus the top-k routed experts of each token, gate-weighted."""
+        cfg = self.cfg
+        logits = x @ self.router  # (T, E)
+        k = cfg.n_activated_experts
+        if cfg.bias_in_gate:
+            scores = softmax(logits + self.router_bias)
+            idx = np.argpartition(-scores, k - 1, axis=-1)[:, :k]  # (T, K), any order
+            gates = np.take_along_axis(scores, idx, -1)
+        else:  # DeepSeek-V3: the bias picks the experts, the unbiased scores weight them
+            scores = softmax(logits)
+            idx = np.argpartition(-(scores + self.router_bias), k - 1, axis=-1)[:, :k]
+            gates = np.take_along_axis(scores, idx, -1)
+        gates = gates / gates.sum(-1, keepdims=True)
+        y = self.shared[1](gelu(self.shared[0](x))) if self.shared is not None else np.zeros_like(x)
+        if x.shape[0] == 1:  # decode: K matrix-vector products, no grouping
+            for e, g in zip(idx[0].tolist(), gates[0].tolist(), strict=True):
+                y += np.float32(g) * (gelu(x @ self.e1[e]) @ self.e2[e])
+            return y
+        for e in np.unique(idx).tolist():  # prefill: each chosen expert once, over all its tokens
+            tokens, slot = np.nonzero(idx == e)
+            y[tokens] += gates[tokens, slot, None] * (gelu(x[tokens] @ self.e1[e]) @ self.e2[e])
+        return y
+
+
+def _arrays(obj: object) -> list[np.ndarray]:
+    """Every distinct numpy array reachable from obj's attributes (blocks, Linear layers, tuples, dicts)."""
+    found: dict[int, np.ndarray] = {}
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, np.ndarray):
+            found.setdefault(id(item), item)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, Block | Linear | NumpyDecoder):
+            stack.extend(vars(item).values())
+    return list(found.values())
+
+
+def _masked(scores: np.ndarray, t: int, start: int) -> np.ndarray:
+    mask = causal_mask(t, start)
+    return scores if mask is None else scores + mask
+
+
+class NumpyDecoder:
+    """Prefill and decode one sequence with numpy; `forward` appends to the cache like Transformer's."""
+
+    def __init__(self, cfg: ModelConfig, weights: Weights, max_len: int | None = None) -> None:
+        self.cfg, self.max_len = cfg, max_len or cfg.max_seq_len
+        if self.max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        w = {name: np.asarray(a, dtype=np.float32) for name, a in weights.items()}
+        self.wte_t = np.ascontiguousarray(w["wte.weight"].T)  # (C, V): the LM head's fast layout, and the lookup
+        self.wpe = w.get("wpe.weight")
+        self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
+        self.rope = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_base) if cfg.positions == "rope" else None
+        self.blocks = [Block(cfg, w, i, self.max_len) for i in range(cfg.n_layers)]
+        self.length = 0
+
+    @classmethod
+    def from_model(cls, model: object, max_len: int | None = None) -> NumpyDecoder:
+        """From a torch `Transformer` (its current weights, copied)."""
+        state = {name: t.detach().float().cpu().numpy() for name, t in model.state_dict().items()}
+        return cls(model.cfg, state, max_len)
+
+    @classmethod
+    def from_safetensors(cls, cfg: ModelConfig, path: str, max_len: int | None = None) -> NumpyDecoder:
+        """From a checkpoint's model.safetensors, without torch."""
+        from safetensors.numpy import load_file
+
+        return cls(cfg, load_file(path), max_len)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of the KV cache for all `max_len` positions (what Transformer's KVCache holds too)."""
+        arrays = [a for b in self.blocks for a in ([b.k, b.v] if self.cfg.attention == "mha" else b.cache.values())]
+        return sum(a.nbytes for a in arrays)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the weights this decoder holds (its own float32 copy, in its layout)."""
+        return sum(a.nbytes for a in _arrays(self)) - self.cache_nbytes
+
+    def forward(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Token ids (T,) after the cached ones -> logits of the last token (V,), or of all (T, V)."""
+        t, start = len(tokens), self.length
+        if t == 0:
+            raise ValueError("no tokens to run; give at least one")
+        if start + t > self.max_len:
+            raise ValueError(f"{start + t} tokens exceed the decoder's cache of {self.max_len}; reset() or shorten")
+        ids = np.asarray(tokens)
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got {ids.min()}..{ids.max()}")
+        x = self.wte_t[:, ids].T  # (T, C)
+        if self.wpe is not None:
+            x = x + self.wpe[start : start + t]
+        for block in self.blocks:
+            x = block(x, start, self.rope)
+        self.length += t
+        h = layer_norm(x if all_logits else x[-1:], *self.ln_f)
+        logits = h @ self.wte_t  # (T or 1, V); tied embedding
+        return logits if all_logits else logits[0]

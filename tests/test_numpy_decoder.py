@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moemla.cli import main
+from moemla.generate import generate_ids
+from moemla.model import KVCache
+from moemla.numpy_decoder import NumpyDecoder
+from moemla.train.checkpoint import save_file
+
+from .conftest import ALL_VARIANTS, build
+
+
+def perturbed(variant: str, **overrides: object) -> torch.nn.Module:
+    """A debug model whose biases and routing biases are not zero, so every term of the math is exercised."""
+    model = build(variant, **overrides)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if name.endswith("bias"):
+                t.normal_(std=0.1)
+        for moe in model.moe_layers():
+            moe.router.bias.normal_(std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("overrides", [{}, {"bias": False, "bias_in_gate": False}], ids=["bias", "nobias"])
+def test_numpy_logits_equal_torch_for_prefill_decode_and_chunks(variant: str, overrides: dict) -> None:
+    model = perturbed(variant, **overrides)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        expected = model(ids)[0][0].numpy()  # (20, V), no cache
+    dec = NumpyDecoder.from_model(model)
+    got = [dec.forward(ids[0, :9].tolist(), all_logits=True)]  # prefill
+    got += [dec.forward([int(t)], all_logits=True) for t in ids[0, 9:15]]  # one token per step
+    got.append(dec.forward(ids[0, 15:].tolist(), all_logits=True))  # a chunk after a cached prefix
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4, rtol=1e-4)
+    assert dec.length == 20
+
+
+@pytest.mark.parametrize("variant", ["mha", "moe-mla-rope", "moe-mla-drope"])
+def test_greedy_numpy_equals_greedy_torch(variant: str) -> None:
+    model = perturbed(variant)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    want = generate_ids(model, prompt, 12, temperature=0)
+    got = generate_ids(NumpyDecoder.from_model(model), prompt, 12, temperature=0)
+    assert got == want
+
+
+def test_from_safetensors_needs_no_torch_model(tmp_path) -> None:
+    model = perturbed("moe-mla-drope")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    dec = NumpyDecoder.from_safetensors(model.cfg, str(tmp_path / "model.safetensors"))
+    np.testing.assert_allclose(dec.forward([1, 2, 3]), NumpyDecoder.from_model(model).forward([1, 2, 3]), atol=0)
+
+
+def test_bad_input_is_refused_clearly() -> None:
+    dec = NumpyDecoder.from_model(build("mla"), max_len=8)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        dec.forward([dec.cfg.vocab_size])
+    with pytest.raises(ValueError, match="exceed the decoder's cache of 8"):
+        dec.forward(list(range(9)))
+    with pytest.raises(ValueError, match="at least one"):
+        dec.forward([])
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
+        NumpyDecoder.from_model(build("mla"), max_len=10_000)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_numpy_cache_holds_the_same_bytes_as_the_torch_cache(variant: str) -> None:
+    model = build(variant)
+    dec = NumpyDecoder.from_model(model, max_len=16)
+    assert dec.cache_nbytes == KVCache(model.cfg, 1, max_len=16).nbytes
+    assert dec.weight_nbytes >= sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_bench_numpy_engine_json(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--preset", "debug", "--variants", "mha,moe-mla-drope", "--context", "32", "--new-tokens", "4"]
+    assert main([*argv, "--engine", "numpy", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["engine"] for r in rows] == ["numpy", "numpy"]
+    assert rows[1]["kv_vs_mha"] == rows[1]["kv_cache_bytes_per_token"] / rows[0]["kv_cache_bytes_per_token"]
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
+    assert main([*argv, "--engine", "numpy", "--batch", "1,16"]) == 2
+    assert "--batch 1" in capsys.readouterr().err
