@@ -62,11 +62,30 @@ class Linear:
 
     def __init__(self, w: Weights, name: str) -> None:
         self.wt = np.ascontiguousarray(w[f"{name}.weight"].T)
-        self.b = w.get(f"{name}.bias")
+        # NOTE: the router's "bias" is the balancing bias b of Algorithm 1, not an affine term
+        self.b = None if name.endswith("router") else w.get(f"{name}.bias")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = x @ self.wt
         return y if self.b is None else y + self.b
+
+
+class Fused:
+    """Projections of one input as one matrix product, split after: one weight stream instead of several."""
+
+    def __init__(self, w: Weights, names: list[str]) -> None:
+        parts = [Linear(w, name) for name in names]
+        self.wt = np.concatenate([part.wt for part in parts], axis=1)  # (in, sum of outs)
+        self.b = None
+        if any(part.b is not None for part in parts):
+            self.b = np.concatenate(
+                [np.zeros(part.wt.shape[1], np.float32) if part.b is None else part.b for part in parts]
+            )
+        self.ends = np.cumsum([part.wt.shape[1] for part in parts])[:-1]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        y = x @ self.wt
+        return np.split(y if self.b is None else y + self.b, self.ends, axis=-1)
 
 
 class Block:
@@ -84,7 +103,7 @@ class Block:
             self.k = np.zeros((h, max_len, d), np.float32)  # per head, so each head's keys are contiguous
             self.v = np.zeros((h, max_len, d), np.float32)
         else:
-            self.wq, self.wkv_a = Linear(w, p + "attn.wq"), Linear(w, p + "attn.wkv_a")
+            self.wq_kv_a = Fused(w, [p + "attn.wq", p + "attn.wkv_a"])  # both read ln1(x)
             self.wk = w[p + "attn.wk_b.weight"].reshape(h, d, r)  # W_h^Kr (H, D, R)
             self.wv = w[p + "attn.wv_b.weight"].reshape(h, d, r)  # W_h^Vr (H, D, R)
             self.wk_b, self.bv = Linear(w, p + "attn.wk_b"), w.get(p + "attn.wv_b.bias")
@@ -94,12 +113,13 @@ class Block:
         if cfg.ffn == "dense":
             self.w1, self.w2 = Linear(w, p + "ffn.w1"), Linear(w, p + "ffn.w2")
         else:
-            self.router = np.ascontiguousarray(w[p + "ffn.router.weight"].T)  # (C, E)
+            # the router and the shared experts' first projection both read ln2(x): one product
+            self.router_shared = Fused(w, [p + "ffn.router"] + ([p + "ffn.shared.w1"] if cfg.n_shared_experts else []))
             self.router_bias = w[p + "ffn.router.bias"]
             self.e1, self.e2 = w[p + "ffn.experts.w1"], w[p + "ffn.experts.w2"]  # (E, C, h), (E, h, C)
             self.shared = None
             if cfg.n_shared_experts:
-                self.shared = (Linear(w, p + "ffn.shared.w1"), Linear(w, p + "ffn.shared.w2"))
+                self.shared = Linear(w, p + "ffn.shared.w2")
 
     def __call__(self, x: np.ndarray, start: int, rope: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """x (T, C) at positions start..start+T-1 -> (T, C); writes this block's cache."""
@@ -126,13 +146,16 @@ class Block:
         cfg, t, end = self.cfg, x.shape[0], start + x.shape[0]
         h, d, r = cfg.n_heads, cfg.head_dim, cfg.kv_lora_rank
         p = cfg.rope_dim if cfg.decoupled else 0
-        q = self.wq(x).reshape(t, h, d + p)
-        kv = self.wkv_a(x)
+        q, kv = self.wq_kv_a(x)
+        q = q.reshape(t, h, d + p)
         c = self.cache
         c["c_k"][start:end], c["c_v"][start:end] = kv[:, :r], kv[:, r : 2 * r]
         q_nope = q[..., :d]
-        if cfg.positions == "rope" and not cfg.decoupled:
-            # the paper's post-projection RoPE: keys re-expanded from C^K and rotated at every step
+        if cfg.positions == "rope" and not cfg.decoupled and t == 1:
+            scores = self.post_rope_scores(apply_rope(q_nope, rope[0][start:end], rope[1][start:end])[0], end, rope)
+            scores = scores[:, None] * np.float32(d**-0.5)  # (H, 1, S)
+        elif cfg.positions == "rope" and not cfg.decoupled:
+            # the paper's post-projection RoPE: keys re-expanded from C^K and rotated (prefill chunks)
             cos, sin = rope
             k = apply_rope(self.wk_b(c["c_k"][:end]).reshape(end, h, d), cos[:end], sin[:end])
             q_rot = apply_rope(q_nope, cos[start:end], sin[start:end])
@@ -152,10 +175,28 @@ class Block:
             o = o + self.bv.reshape(h, 1, d)
         return self.wo(o.transpose(1, 0, 2).reshape(t, h * d))
 
+    def post_rope_scores(self, q: np.ndarray, end: int, rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Scores (H, S) of one rotated query q (H, D): moemla.model.attention.post_rope_scores for one sequence.
+
+        The rotation moves onto W^Kr, so the keys are never materialized nor rotated (derivation there).
+        """
+        h, half = q.shape[0], q.shape[1] // 2
+        qa, qb = q[:, :half, None], q[:, half:, None]  # (H, D/2, 1)
+        w1, w2 = self.wk[:, :half], self.wk[:, half:]  # (H, D/2, R) each
+        uv = np.concatenate([qa * w1 + qb * w2, qb * w1 - qa * w2], axis=1)  # (H, D, R)
+        ab = (self.cache["c_k"][:end] @ uv.reshape(h * 2 * half, -1).T).reshape(end, h, 2 * half)  # (S, H, D)
+        cos_sin = np.concatenate([rope[0][:end], rope[1][:end]], axis=1)  # (S, D): [cos | sin]
+        scores = np.einsum("shd,sd->hs", ab, cos_sin)
+        if self.wk_b.b is not None:  # the bias of W^Kr turns with the position too
+            b1, b2 = self.wk_b.b.reshape(h, 2, half, 1)[:, 0], self.wk_b.b.reshape(h, 2, half, 1)[:, 1]
+            ab0 = np.concatenate([qa * b1 + qb * b2, qb * b1 - qa * b2], axis=1)[..., 0]  # (H, D)
+            scores = scores + ab0 @ cos_sin.T
+        return scores
+
     def moe(self, x: np.ndarray) -> np.ndarray:
         """Eq. 12: shared experts plus the top-k routed experts of each token, gate-weighted."""
         cfg = self.cfg
-        logits = x @ self.router  # (T, E)
+        logits, *shared = self.router_shared(x)  # (T, E), and the shared experts' hidden (T, N_s h)
         k = cfg.n_activated_experts
         if cfg.bias_in_gate:
             scores = softmax(logits + self.router_bias)
@@ -166,10 +207,12 @@ class Block:
             idx = np.argpartition(-(scores + self.router_bias), k - 1, axis=-1)[:, :k]
             gates = np.take_along_axis(scores, idx, -1)
         gates = gates / gates.sum(-1, keepdims=True)
-        y = self.shared[1](gelu(self.shared[0](x))) if self.shared is not None else np.zeros_like(x)
+        y = self.shared(gelu(shared[0])) if self.shared is not None else np.zeros_like(x)
         if x.shape[0] == 1:  # decode: K matrix-vector products, no grouping
-            for e, g in zip(idx[0].tolist(), gates[0].tolist(), strict=True):
-                y += np.float32(g) * (gelu(x @ self.e1[e]) @ self.e2[e])
+            experts = idx[0].tolist()
+            hidden = gelu(np.concatenate([x @ self.e1[e] for e in experts])) * gates[0, :, None]  # (K, h)
+            for k, e in enumerate(experts):
+                y += hidden[k : k + 1] @ self.e2[e]
             return y
         for e in np.unique(idx).tolist():  # prefill: each chosen expert once, over all its tokens
             tokens, slot = np.nonzero(idx == e)
@@ -189,7 +232,7 @@ def _arrays(obj: object) -> list[np.ndarray]:
             stack.extend(item)
         elif isinstance(item, dict):
             stack.extend(item.values())
-        elif isinstance(item, Block | Linear | NumpyDecoder):
+        elif isinstance(item, Block | Linear | Fused | NumpyDecoder):
             stack.extend(vars(item).values())
     return list(found.values())
 

@@ -25,6 +25,31 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
+def post_rope_scores(
+    q: torch.Tensor, c_k: torch.Tensor, w_k: torch.Tensor, b_k: torch.Tensor | None, rope: Rope
+) -> torch.Tensor:
+    """Scores (B, H, S) of rotated queries q (B, H, D) against keys k_s = R_s (W_h^Kr c_s + b_h), c_k (B, S, R).
+
+    RoPE after the up-projection blocks absorbing W^Kr into the query (DeepSeek-V2 §2.1.3), but the
+    rotation can move onto the weights: with pairs (i, i + D/2), q . R_s k_s = sum_i cos_si A_si + sin_si B_si,
+    where A_i = qa_i k1_i + qb_i k2_i and B_i = qb_i k1_i - qa_i k2_i are linear in c_s. One matmul of C^K
+    gives every A and B: the FLOPs of re-expanding K, without materializing and rotating S x H x D keys.
+    """
+    b, h, d = q.shape
+    s, half = c_k.shape[1], d // 2
+    qa, qb = q[..., :half, None], q[..., half:, None]  # (B, H, D/2, 1)
+    w1, w2 = w_k[:, :half], w_k[:, half:]  # (H, D/2, R) each
+    uv = torch.cat([qa * w1 + qb * w2, qb * w1 - qa * w2], dim=2)  # (B, H, D, R)
+    ab = (c_k @ uv.flatten(1, 2).transpose(1, 2)).view(b, s, h, d)  # (B, S, H, D): every A and B
+    cos_sin = torch.cat([rope[0][:s], rope[1][:s]], dim=-1)  # (S, D): [cos | sin]
+    scores = torch.einsum("bshd,sd->bhs", ab, cos_sin)
+    if b_k is not None:  # the bias of W^Kr turns with the position too
+        b1, b2 = b_k.view(h, 2, half, 1).unbind(1)
+        ab0 = torch.cat([qa * b1 + qb * b2, qb * b1 - qa * b2], dim=2)[..., 0]  # (B, H, D)
+        scores = scores + ab0 @ cos_sin.T
+    return scores
+
+
 class MHA(nn.Module):
     """Standard multi-head attention; caches K and V for every head."""
 
@@ -113,8 +138,8 @@ class MLA(nn.Module):
         rope: Rope,
         start: int,
     ) -> torch.Tensor:
-        """One new token (q (B, 1, H, D)) over S cached latents without expanding V (nor K, unless RoPE is post)."""
-        b, s = c_k.shape[0], c_k.shape[1]
+        """One new token (q (B, 1, H, D)) over S cached latents without expanding V or K."""
+        b = c_k.shape[0]
         h, d = self.n_heads, self.head_dim
         if self.decoupled or rope is None:
             # W_h^Kr moves onto the query: q_h . (W_h^Kr c) = (W_h^Kr^T q_h) . c, scored against C^K directly.
@@ -125,10 +150,9 @@ class MLA(nn.Module):
                 scores = scores + q_pe[:, 0] @ k_pe.transpose(1, 2)  # the decoupled RoPE channels
             scale = (d + self.rope_dim) ** -0.5
         else:
-            # RoPE after the up-projection blocks absorbing W^Kr: re-expand the keys, one matmul per step
-            k = apply_rope(self.wk_b(c_k).view(b, s, h, d), *rope)  # (B, S, H, D)
-            q = apply_rope(q, rope[0][start:], rope[1][start:])
-            scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1))[:, :, 0]  # (B, H, S)
+            # RoPE after the up-projection blocks absorbing W^Kr (see post_rope_scores)
+            q = apply_rope(q, rope[0][start:], rope[1][start:])[:, 0]  # (B, H, D)
+            scores = post_rope_scores(q, c_k, self.wk_b.weight.view(h, d, self.rank), self.wk_b.bias, rope)
             scale = d**-0.5
         probs = (scores * scale).softmax(dim=-1)  # (B, H, S)
         o_lat = probs @ c_v  # (B, H, R): attention over the V latents, before W^Vr
