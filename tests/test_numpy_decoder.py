@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,3 +87,21 @@ def test_bench_numpy_engine_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
     assert main([*argv, "--engine", "numpy", "--batch", "1,16"]) == 2
     assert "--batch 1" in capsys.readouterr().err
+
+
+def test_numpy_decoder_runs_without_torch(tmp_path) -> None:
+    model = perturbed("moe-mla-rope")
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    (tmp_path / "cfg.json").write_text(json.dumps(model.cfg.to_dict()))
+    want = NumpyDecoder.from_model(model).forward([5, 6, 7]).argmax()
+    code = (
+        "import json, sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+        "from moemla.config import ModelConfig\n"
+        "from moemla.numpy_decoder import NumpyDecoder\n"
+        f"cfg = ModelConfig.from_dict(json.load(open({str(tmp_path / 'cfg.json')!r})))\n"
+        f"print(NumpyDecoder.from_safetensors(cfg, {str(path)!r}).forward([5, 6, 7]).argmax())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == want
