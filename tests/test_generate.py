@@ -86,6 +86,8 @@ def test_generate_cli_streams_text(tmp_path: Path, capsys: pytest.CaptureFixture
     torch_text = capsys.readouterr().out
     assert main([*argv, "--engine", "numpy"]) == 0
     assert capsys.readouterr().out == torch_text
+    assert main([*argv, "--engine", "numpy", "--device", "cuda"]) == 2
+    assert "--engine numpy runs on the CPU" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -30,12 +30,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
     else:
         prompts = [args.prompt]
-    model, tok, _ = load_model(args.run, resolve_device(args.device))
+    if args.engine == "numpy" and args.device not in ("auto", "cpu"):
+        raise ConfigError(f"--engine numpy runs on the CPU; drop --device {args.device} or use --engine torch")
+    model, tok, _ = load_model(args.run, resolve_device("cpu" if args.engine == "numpy" else args.device))
     if args.engine == "numpy":
         from moemla.numpy_decoder import NumpyDecoder
 
-        if model.wte.weight.device.type != "cpu":
-            raise ConfigError("--engine numpy runs on the CPU; drop --device or pass --device cpu")
         model = NumpyDecoder.from_model(model)
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
@@ -59,8 +59,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)} or 'all'")
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     numpy_engine = args.engine == "numpy"
-    if numpy_engine and (args.batch != "1" or device.type != "cpu" or args.dtype != "float32"):
-        raise ConfigError("--engine numpy decodes one sequence in float32 on the CPU: use --batch 1, --dtype float32")
+    if numpy_engine and (args.batch != "1" or args.device not in ("auto", "cpu") or args.dtype != "float32"):
+        raise ConfigError(
+            "--engine numpy decodes one sequence in float32 on the CPU: use --batch 1, --dtype float32, no --device"
+        )
     if numpy_engine and (args.naive or args.compile):
         raise ConfigError("--naive and --compile apply to the torch engine; drop them with --engine numpy")
     overrides = config_overrides(args)
