@@ -77,7 +77,7 @@ def decode_rates(cfg: ModelConfig, prompt_len: int, new: int, repeats: int) -> d
         generate_ids(ours_np, prompt[0].tolist(), n, temperature=0)
 
     rates = {}
-    for name, fn in (("numpy", mine_np), ("moemla", mine), ("transformers", hf)):
+    for name, fn in (("numpy", mine_np), ("torch", mine), ("transformers", hf)):
         time.sleep(0.5)  # let the previous engine's idle BLAS / OpenMP threads stop spinning
         rates[name] = (new - 1) / (timed(lambda fn=fn: fn(new), repeats) - timed(lambda fn=fn: fn(1), repeats))
     return rates
@@ -107,10 +107,10 @@ def main() -> None:
         bound = bandwidth / (active_params(cfg) * 4 + kv)
         rows.append(
             {
-                "variant": v, "numpy_tokens_per_s": rates["numpy"], "torch_tokens_per_s": rates["moemla"],
+                "variant": v, "numpy_tokens_per_s": rates["numpy"], "torch_tokens_per_s": rates["torch"],
                 "hf_tokens_per_s": rates["transformers"], "numpy_vs_hf": rates["numpy"] / rates["transformers"],
-                "torch_vs_hf": rates["moemla"] / rates["transformers"], "bandwidth_bound_tokens_per_s": bound,
-                "numpy_of_bound": rates["numpy"] / bound, "torch_of_bound": rates["moemla"] / bound,
+                "torch_vs_hf": rates["torch"] / rates["transformers"], "bandwidth_bound_tokens_per_s": bound,
+                "numpy_of_bound": rates["numpy"] / bound, "torch_of_bound": rates["torch"] / bound,
             }
         )  # fmt: skip
     print(f"batch-1 greedy decode, {args.preset}, fp32, prompt {args.prompt} + {args.new} new tokens")

@@ -37,10 +37,7 @@ def bench_config(
     compile: bool = False,
 ) -> dict[str, object]:
     """One row: the best of `repeats` runs (the first one also warms up kernels and caches)."""
-    if not 0 < new_tokens < context <= cfg.max_seq_len:
-        raise ValueError(
-            f"need 0 < new_tokens ({new_tokens}) < context ({context}) <= the model's max_seq_len ({cfg.max_seq_len})"
-        )
+    _check_lengths(cfg, context, new_tokens)
     torch.manual_seed(0)
     model = Transformer(cfg.replace(dropout=0.0)).to(device=device, dtype=dtype).eval()
     model.set_absorbed_decode(absorbed)
@@ -91,10 +88,7 @@ def bench_numpy(cfg: ModelConfig, context: int, new_tokens: int, repeats: int = 
     """One row for the torch-free NumpyDecoder (batch 1, CPU, float32), measured like bench_config."""
     from moemla.numpy_decoder import NumpyDecoder
 
-    if not 0 < new_tokens < context <= cfg.max_seq_len:
-        raise ValueError(
-            f"need 0 < new_tokens ({new_tokens}) < context ({context}) <= the model's max_seq_len ({cfg.max_seq_len})"
-        )
+    _check_lengths(cfg, context, new_tokens)
     torch.manual_seed(0)
     dec = NumpyDecoder.from_model(Transformer(cfg.replace(dropout=0.0)), max_len=context)
     gen = torch.Generator().manual_seed(0)
@@ -129,6 +123,13 @@ def bench_numpy(cfg: ModelConfig, context: int, new_tokens: int, repeats: int = 
         "peak_memory_bytes": dec.weight_nbytes + dec.cache_nbytes,
         "peak_memory_kind": "weights + cache",
     }
+
+
+def _check_lengths(cfg: ModelConfig, context: int, new_tokens: int) -> None:
+    if not 0 < new_tokens < context <= cfg.max_seq_len:
+        raise ValueError(
+            f"need 0 < new_tokens ({new_tokens}) < context ({context}) <= the model's max_seq_len ({cfg.max_seq_len})"
+        )
 
 
 def _timings(batch: int, prompt_len: int, prefill: float, latencies: list[float]) -> dict[str, float]:

@@ -32,6 +32,8 @@ def sample(
 ) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V); temperature 0 is greedy."""
     if temperature == 0:
+        if logits.device.type == "cpu":  # NOTE: numpy's argmax over 50K logits takes ~4 us, torch's ~45 us here
+            return torch.from_numpy(logits.float().numpy().argmax(-1))
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -87,10 +89,7 @@ def generate_ids(
     logits = run(prompt)  # prefill
     out: list[int] = []
     while len(out) < max_new_tokens:
-        if temperature == 0:  # greedy: no sampler, and no torch kernel that wakes its thread pool
-            out.append(int(logits.float().numpy().argmax()) if logits.device.type == "cpu" else int(logits.argmax()))
-        else:
-            out.append(int(sample(logits, temperature, top_k, top_p, generator)))
+        out.append(int(sample(logits, temperature, top_k, top_p, generator)))
         if on_token is not None:
             on_token(out[-1])
         if out[-1] == stop or full():

@@ -60,10 +60,9 @@ def causal_mask(t: int, start: int) -> np.ndarray | None:
 class Linear:
     """y = x W^T + b with W stored transposed and contiguous, (in, out)."""
 
-    def __init__(self, w: Weights, name: str) -> None:
+    def __init__(self, w: Weights, name: str, bias: bool = True) -> None:
         self.wt = np.ascontiguousarray(w[f"{name}.weight"].T)
-        # NOTE: the router's "bias" is the balancing bias b of Algorithm 1, not an affine term
-        self.b = None if name.endswith("router") else w.get(f"{name}.bias")
+        self.b = w.get(f"{name}.bias") if bias else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = x @ self.wt
@@ -73,8 +72,7 @@ class Linear:
 class Fused:
     """Projections of one input as one matrix product, split after: one weight stream instead of several."""
 
-    def __init__(self, w: Weights, names: list[str]) -> None:
-        parts = [Linear(w, name) for name in names]
+    def __init__(self, parts: list[Linear]) -> None:
         self.wt = np.concatenate([part.wt for part in parts], axis=1)  # (in, sum of outs)
         self.b = None
         if any(part.b is not None for part in parts):
@@ -103,18 +101,20 @@ class Block:
             self.k = np.zeros((h, max_len, d), np.float32)  # per head, so each head's keys are contiguous
             self.v = np.zeros((h, max_len, d), np.float32)
         else:
-            self.wq_kv_a = Fused(w, [p + "attn.wq", p + "attn.wkv_a"])  # both read ln1(x)
+            self.wq_kv_a = Fused([Linear(w, p + "attn.wq"), Linear(w, p + "attn.wkv_a")])  # both read ln1(x)
             self.wk = w[p + "attn.wk_b.weight"].reshape(h, d, r)  # W_h^Kr (H, D, R)
             self.wv = w[p + "attn.wv_b.weight"].reshape(h, d, r)  # W_h^Vr (H, D, R)
-            self.wk_b, self.bv = Linear(w, p + "attn.wk_b"), w.get(p + "attn.wv_b.bias")
+            self.bk, self.bv = w.get(p + "attn.wk_b.bias"), w.get(p + "attn.wv_b.bias")
             p_dim = cfg.rope_dim if cfg.decoupled else 0
             self.cache = {"c_k": np.zeros((max_len, r), np.float32), "c_v": np.zeros((max_len, r), np.float32)}
             self.cache["k_pe"] = np.zeros((max_len, p_dim), np.float32)
         if cfg.ffn == "dense":
             self.w1, self.w2 = Linear(w, p + "ffn.w1"), Linear(w, p + "ffn.w2")
         else:
-            # the router and the shared experts' first projection both read ln2(x): one product
-            self.router_shared = Fused(w, [p + "ffn.router"] + ([p + "ffn.shared.w1"] if cfg.n_shared_experts else []))
+            # the router and the shared experts' first projection both read ln2(x): one product.
+            # The router's "bias" is Algorithm 1's balancing bias b, not an affine term.
+            parts = [Linear(w, p + "ffn.router", bias=False)]
+            self.router_shared = Fused(parts + ([Linear(w, p + "ffn.shared.w1")] if cfg.n_shared_experts else []))
             self.router_bias = w[p + "ffn.router.bias"]
             self.e1, self.e2 = w[p + "ffn.experts.w1"], w[p + "ffn.experts.w2"]  # (E, C, h), (E, h, C)
             self.shared = None
@@ -157,7 +157,8 @@ class Block:
         elif cfg.positions == "rope" and not cfg.decoupled:
             # the paper's post-projection RoPE: keys re-expanded from C^K and rotated (prefill chunks)
             cos, sin = rope
-            k = apply_rope(self.wk_b(c["c_k"][:end]).reshape(end, h, d), cos[:end], sin[:end])
+            k = (self.wk @ c["c_k"][:end].T).transpose(2, 0, 1)  # (H, D, R) @ (R, S) -> (S, H, D)
+            k = apply_rope(k if self.bk is None else k + self.bk.reshape(h, d), cos[:end], sin[:end])
             q_rot = apply_rope(q_nope, cos[start:end], sin[start:end])
             scores = q_rot.transpose(1, 0, 2) @ k.transpose(1, 2, 0) * np.float32(d**-0.5)  # (H, T, S)
         else:
@@ -187,8 +188,8 @@ class Block:
         ab = (self.cache["c_k"][:end] @ uv.reshape(h * 2 * half, -1).T).reshape(end, h, 2 * half)  # (S, H, D)
         cos_sin = np.concatenate([rope[0][:end], rope[1][:end]], axis=1)  # (S, D): [cos | sin]
         scores = np.einsum("shd,sd->hs", ab, cos_sin)
-        if self.wk_b.b is not None:  # the bias of W^Kr turns with the position too
-            b1, b2 = self.wk_b.b.reshape(h, 2, half, 1)[:, 0], self.wk_b.b.reshape(h, 2, half, 1)[:, 1]
+        if self.bk is not None:  # the bias of W^Kr turns with the position too
+            b1, b2 = self.bk.reshape(h, 2, half, 1).transpose(1, 0, 2, 3)  # (H, D/2, 1) each
             ab0 = np.concatenate([qa * b1 + qb * b2, qb * b1 - qa * b2], axis=1)[..., 0]  # (H, D)
             scores = scores + ab0 @ cos_sin.T
         return scores
@@ -198,14 +199,11 @@ class Block:
         cfg = self.cfg
         logits, *shared = self.router_shared(x)  # (T, E), and the shared experts' hidden (T, N_s h)
         k = cfg.n_activated_experts
-        if cfg.bias_in_gate:
-            scores = softmax(logits + self.router_bias)
-            idx = np.argpartition(-scores, k - 1, axis=-1)[:, :k]  # (T, K), any order
-            gates = np.take_along_axis(scores, idx, -1)
-        else:  # DeepSeek-V3: the bias picks the experts, the unbiased scores weight them
-            scores = softmax(logits)
-            idx = np.argpartition(-(scores + self.router_bias), k - 1, axis=-1)[:, :k]
-            gates = np.take_along_axis(scores, idx, -1)
+        # paper: gates from softmax(l + b); DeepSeek-V3: b only picks the experts, softmax(l) weights them
+        scores = softmax(logits + self.router_bias if cfg.bias_in_gate else logits)
+        pick = scores if cfg.bias_in_gate else scores + self.router_bias
+        idx = np.argpartition(-pick, k - 1, axis=-1)[:, :k]  # (T, K), any order
+        gates = np.take_along_axis(scores, idx, -1)
         gates = gates / gates.sum(-1, keepdims=True)
         y = self.shared(gelu(shared[0])) if self.shared is not None else np.zeros_like(x)
         if x.shape[0] == 1:  # decode: K matrix-vector products, no grouping
