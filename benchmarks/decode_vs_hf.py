@@ -1,11 +1,12 @@
-"""Batch-1 greedy decode speed: moemla (numpy and torch engines) vs Hugging Face transformers' generate().
+"""Batch-1 greedy decode speed: moemla (numba, numpy and torch engines) vs Hugging Face transformers' generate().
 
-    pip install transformers    # an optional benchmark dependency, not needed by moemla
+    pip install transformers numba   # optional: the benchmark extra, and moemla[fast] for the numba engine
     python benchmarks/decode_vs_hf.py [--preset xs] [--prompt 448] [--new 64] [--repeats 3]
 
 Decode tokens/s = (new - 1) / (time(prompt + new tokens) - time(prompt + 1 token)), so prefill is
-excluded for all. Engines: `numpy` is moemla's NumpyDecoder, `torch` is moemla's Transformer, both
-through `moemla.generate.generate_ids` with the same random weights. The equivalents: `mha` vs
+excluded for all. Engines: `numba` is moemla's NumpyDecoder with its compiled one-token kernels,
+`numpy` the same decoder without them, `torch` is moemla's Transformer, all through
+`moemla.generate.generate_ids` with the same random weights. The equivalents: `mha` vs
 GPT2LMHeadModel (learned positions, GELU MLP, tied head); `moe-mla-drope` and `moe-mla-rope` vs
 DeepseekV3ForCausalLM with the same width, heads, experts (2 shared + 62 routed, top-6, expert
 width d) and KV cache size (its one joint latent has rank 2r, our two latents r each; decoupled
@@ -27,6 +28,8 @@ from moemla import ModelConfig, Transformer
 from moemla.accounting import active_params
 from moemla.generate import generate_ids
 from moemla.numpy_decoder import NumpyDecoder
+
+ENGINES = ("numba", "numpy", "torch")
 
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -68,16 +71,18 @@ def decode_rates(cfg: ModelConfig, prompt_len: int, new: int, repeats: int) -> d
     def hf(n: int) -> None:
         theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    ours_np = NumpyDecoder.from_model(ours, max_len=prompt_len + new)
+    engines = {
+        "numba": NumpyDecoder.from_model(ours, max_len=prompt_len + new, compiled=True),
+        "numpy": NumpyDecoder.from_model(ours, max_len=prompt_len + new),
+        "torch": ours,
+    }
 
-    def mine(n: int) -> None:
-        generate_ids(ours, prompt[0].tolist(), n, temperature=0)
-
-    def mine_np(n: int) -> None:
-        generate_ids(ours_np, prompt[0].tolist(), n, temperature=0)
+    def mine(n: int, engine: str) -> None:
+        generate_ids(engines[engine], prompt[0].tolist(), n, temperature=0)
 
     rates = {}
-    for name, fn in (("numpy", mine_np), ("torch", mine), ("transformers", hf)):
+    runs = [(name, lambda n, name=name: mine(n, name)) for name in engines] + [("transformers", hf)]
+    for name, fn in runs:
         time.sleep(0.5)  # let the previous engine's idle BLAS / OpenMP threads stop spinning
         rates[name] = (new - 1) / (timed(lambda fn=fn: fn(new), repeats) - timed(lambda fn=fn: fn(1), repeats))
     return rates
@@ -105,24 +110,22 @@ def main() -> None:
         ctx = args.prompt + args.new / 2  # average positions read per step
         kv = ctx * (2 * cfg.kv_lora_rank if cfg.attention == "mla" else 2 * cfg.dim) * cfg.n_layers * 4
         bound = bandwidth / (active_params(cfg) * 4 + kv)
-        rows.append(
-            {
-                "variant": v, "numpy_tokens_per_s": rates["numpy"], "torch_tokens_per_s": rates["torch"],
-                "hf_tokens_per_s": rates["transformers"], "numpy_vs_hf": rates["numpy"] / rates["transformers"],
-                "torch_vs_hf": rates["torch"] / rates["transformers"], "bandwidth_bound_tokens_per_s": bound,
-                "numpy_of_bound": rates["numpy"] / bound, "torch_of_bound": rates["torch"] / bound,
-            }
-        )  # fmt: skip
+        row: dict[str, object] = {"variant": v, "hf_tokens_per_s": rates["transformers"]}
+        row["bandwidth_bound_tokens_per_s"] = bound
+        for e in ENGINES:
+            row[f"{e}_tokens_per_s"] = rates[e]
+            row[f"{e}_vs_hf"] = rates[e] / rates["transformers"]
+            row[f"{e}_of_bound"] = rates[e] / bound
+        rows.append(row)
     print(f"batch-1 greedy decode, {args.preset}, fp32, prompt {args.prompt} + {args.new} new tokens")
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {torch.get_num_threads()} threads, torch {torch.__version__}")
-    head = ("variant", "numpy", "torch", "HF", "numpy/HF", "torch/HF", "bound", "numpy/bound", "torch/bound")
-    print(f"{head[0]:<15}" + "".join(f"{h:>12}" for h in head[1:]) + "   (tokens/s)")
+    print(f"{'tokens/s':<15}" + "".join(f"{h:>9}" for h in (*ENGINES, "HF", "bound")), end="")
+    print("".join(f"{e + '/HF':>11}" for e in ENGINES) + "".join(f"{e + '/bound':>13}" for e in ENGINES))
     for r in rows:
-        print(
-            f"{r['variant']:<15}{r['numpy_tokens_per_s']:>12.1f}{r['torch_tokens_per_s']:>12.1f}"
-            f"{r['hf_tokens_per_s']:>12.1f}{r['numpy_vs_hf']:>11.2f}x{r['torch_vs_hf']:>11.2f}x"
-            f"{r['bandwidth_bound_tokens_per_s']:>12.0f}{r['numpy_of_bound']:>12.0%}{r['torch_of_bound']:>12.0%}"
-        )
+        print(f"{r['variant']:<15}" + "".join(f"{r[f'{e}_tokens_per_s']:>9.1f}" for e in ENGINES), end="")
+        print(f"{r['hf_tokens_per_s']:>9.1f}{r['bandwidth_bound_tokens_per_s']:>9.0f}", end="")
+        print("".join(f"{r[f'{e}_vs_hf']:>10.2f}x" for e in ENGINES), end="")
+        print("".join(f"{r[f'{e}_of_bound']:>13.0%}" for e in ENGINES))
     print(json.dumps({"benchmark": "decode_vs_hf", "copy_bandwidth": bandwidth, "rows": rows}))
 
 

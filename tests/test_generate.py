@@ -1,3 +1,4 @@
+import importlib.util
 import json
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def test_generate_cli_streams_text(tmp_path: Path, capsys: pytest.CaptureFixture
     torch_text = capsys.readouterr().out
     assert main([*argv, "--engine", "numpy"]) == 0
     assert capsys.readouterr().out == torch_text
+    if importlib.util.find_spec("numba") is not None:
+        assert main([*argv, "--engine", "numba"]) == 0
+        assert capsys.readouterr().out == torch_text
     assert main([*argv, "--engine", "numpy", "--device", "cuda"]) == 2
     assert "--engine numpy runs on the CPU" in capsys.readouterr().err
 

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import subprocess
 import sys
@@ -27,14 +28,21 @@ def perturbed(variant: str, **overrides: object) -> torch.nn.Module:
     return model
 
 
+def needs_numba(compiled: bool) -> None:
+    if compiled:
+        pytest.importorskip("numba", reason="the compiled kernels need numba (pip install 'moemla[fast]')")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "numba"])
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 @pytest.mark.parametrize("overrides", [{}, {"bias": False, "bias_in_gate": False}], ids=["bias", "nobias"])
-def test_numpy_logits_equal_torch_for_prefill_decode_and_chunks(variant: str, overrides: dict) -> None:
+def test_numpy_logits_equal_torch_for_prefill_decode_and_chunks(variant: str, overrides: dict, compiled: bool) -> None:
+    needs_numba(compiled)
     model = perturbed(variant, **overrides)
     ids = torch.randint(0, model.cfg.vocab_size, (1, 20))
     with torch.no_grad():
         expected = model(ids)[0][0].numpy()  # (20, V), no cache
-    dec = NumpyDecoder.from_model(model)
+    dec = NumpyDecoder.from_model(model, compiled=compiled)
     got = [dec.forward(ids[0, :9].tolist(), all_logits=True)]  # prefill
     got += [dec.forward([int(t)], all_logits=True) for t in ids[0, 9:15]]  # one token per step
     got.append(dec.forward(ids[0, 15:].tolist(), all_logits=True))  # a chunk after a cached prefix
@@ -42,13 +50,37 @@ def test_numpy_logits_equal_torch_for_prefill_decode_and_chunks(variant: str, ov
     assert dec.length == 20
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "numba"])
 @pytest.mark.parametrize("variant", ["mha", "moe-mla-rope", "moe-mla-drope"])
-def test_greedy_numpy_equals_greedy_torch(variant: str) -> None:
+def test_greedy_numpy_equals_greedy_torch(variant: str, compiled: bool) -> None:
+    needs_numba(compiled)
     model = perturbed(variant)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     want = generate_ids(model, prompt, 12, temperature=0)
-    got = generate_ids(NumpyDecoder.from_model(model), prompt, 12, temperature=0)
+    got = generate_ids(NumpyDecoder.from_model(model, compiled=compiled), prompt, 12, temperature=0)
     assert got == want
+
+
+def test_compiled_kernels_equal_numpy_on_long_contexts() -> None:
+    """Every one-token kernel against the numpy path at many positions (the debug preset's whole context)."""
+    needs_numba(True)
+    model = perturbed("moe-mla-rope")
+    plain, fast = NumpyDecoder.from_model(model), NumpyDecoder.from_model(model, compiled=True)
+    plain.forward([1, 2]), fast.forward([1, 2])
+    for t in range(model.cfg.max_seq_len - 2):
+        np.testing.assert_allclose(fast.forward([t % 50]), plain.forward([t % 50]), atol=1e-4, rtol=1e-4)
+
+
+def test_missing_numba_is_a_clear_error(tmp_path) -> None:
+    code = (
+        "import sys; sys.modules['numba'] = None\n"  # any import of numba now fails
+        "from moemla.cli import main\n"
+        "sys.exit(main(['bench', '--preset', 'debug', '--variants', 'mha', '--context', '16', '--new-tokens', '2',"
+        " '--engine', 'numba']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'moemla[fast]'" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_from_safetensors_needs_no_torch_model(tmp_path) -> None:
@@ -87,6 +119,10 @@ def test_bench_numpy_engine_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
     assert main([*argv, "--engine", "numpy", "--batch", "1,16"]) == 2
     assert "--batch 1" in capsys.readouterr().err
+    if importlib.util.find_spec("numba") is not None:
+        assert main([*argv, "--engine", "numba", "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert [(r["engine"], r["compiled"]) for r in rows] == [("numba", True)] * 2
 
 
 def test_numpy_decoder_runs_without_torch(tmp_path) -> None:

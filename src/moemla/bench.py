@@ -84,13 +84,18 @@ def bench_config(
     }
 
 
-def bench_numpy(cfg: ModelConfig, context: int, new_tokens: int, repeats: int = 2) -> dict[str, object]:
-    """One row for the torch-free NumpyDecoder (batch 1, CPU, float32), measured like bench_config."""
+def bench_numpy(
+    cfg: ModelConfig, context: int, new_tokens: int, repeats: int = 2, compiled: bool = False
+) -> dict[str, object]:
+    """One row for the torch-free NumpyDecoder (batch 1, CPU, float32), measured like bench_config.
+
+    compiled=True: its numba kernels (engine "numba"); the first of the repeats + 1 runs compiles them.
+    """
     from moemla.numpy_decoder import NumpyDecoder
 
     _check_lengths(cfg, context, new_tokens)
     torch.manual_seed(0)
-    dec = NumpyDecoder.from_model(Transformer(cfg.replace(dropout=0.0)), max_len=context)
+    dec = NumpyDecoder.from_model(Transformer(cfg.replace(dropout=0.0)), max_len=context, compiled=compiled)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size, (context - new_tokens,), generator=gen).tolist()
     step_ids = torch.randint(0, cfg.vocab_size, (new_tokens,), generator=gen).tolist()
@@ -115,9 +120,9 @@ def bench_numpy(cfg: ModelConfig, context: int, new_tokens: int, repeats: int = 
         "new_tokens": new_tokens,
         "device": "cpu",
         "dtype": "float32",
-        "engine": "numpy",
+        "engine": "numba" if compiled else "numpy",
         "decode_path": "absorbed" if cfg.attention == "mla" else "naive",
-        "compiled": False,
+        "compiled": compiled,
         "kv_cache_bytes_per_token": dec.cache_nbytes // context,
         **best,  # type: ignore[dict-item]
         "peak_memory_bytes": dec.weight_nbytes + dec.cache_nbytes,

@@ -14,8 +14,10 @@ from moemla.experiments.tables import TABLES
 
 ENGINE_HELP = (
     "torch: the model itself (any device, dtype, batch); numpy: the torch-free NumpyDecoder, one sequence "
-    "in float32 on the CPU, the fastest at batch 1 there (BENCHMARKS.md)"
+    "in float32 on the CPU; numba: the same with compiled one-token steps, the fastest at batch 1 on a CPU "
+    "(needs pip install 'moemla[fast]'; BENCHMARKS.md)"
 )
+ENGINES = ["torch", "numpy", "numba"]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -30,13 +32,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
     else:
         prompts = [args.prompt]
-    if args.engine == "numpy" and args.device not in ("auto", "cpu"):
-        raise ConfigError(f"--engine numpy runs on the CPU; drop --device {args.device} or use --engine torch")
-    model, tok, _ = load_model(args.run, resolve_device("cpu" if args.engine == "numpy" else args.device))
-    if args.engine == "numpy":
+    cpu_engine = args.engine != "torch"
+    if cpu_engine and args.device not in ("auto", "cpu"):
+        raise ConfigError(f"--engine {args.engine} runs on the CPU; drop --device {args.device} or use --engine torch")
+    model, tok, _ = load_model(args.run, resolve_device("cpu" if cpu_engine else args.device))
+    if cpu_engine:
         from moemla.numpy_decoder import NumpyDecoder
 
-        model = NumpyDecoder.from_model(model)
+        model = NumpyDecoder.from_model(model, compiled=args.engine == "numba")
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"--- {i + 1}/{len(prompts)}")
@@ -58,13 +61,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)} or 'all'")
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    numpy_engine = args.engine == "numpy"
+    numpy_engine = args.engine != "torch"
     if numpy_engine and (args.batch != "1" or args.device not in ("auto", "cpu") or args.dtype != "float32"):
         raise ConfigError(
-            "--engine numpy decodes one sequence in float32 on the CPU: use --batch 1, --dtype float32, no --device"
+            f"--engine {args.engine} decodes one sequence in float32 on the CPU: use --batch 1, --dtype float32, "
+            "no --device"
         )
     if numpy_engine and (args.naive or args.compile):
-        raise ConfigError("--naive and --compile apply to the torch engine; drop them with --engine numpy")
+        raise ConfigError(f"--naive and --compile apply to the torch engine; drop them with --engine {args.engine}")
     overrides = config_overrides(args)
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
@@ -73,7 +77,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"{v}, batch {batch} ...", file=sys.stderr, flush=True)
             if numpy_engine:
-                rows.append(bench_numpy(cfg, args.context, args.new_tokens))
+                rows.append(bench_numpy(cfg, args.context, args.new_tokens, compiled=args.engine == "numba"))
             else:
                 rows.append(
                     bench_config(
@@ -157,7 +161,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context from the left")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--engine", default="torch", choices=["torch", "numpy"], help=ENGINE_HELP)
+    p.add_argument("--engine", default="torch", choices=ENGINES, help=ENGINE_HELP)
     p.set_defaults(func=cmd_generate)
 
 
@@ -176,7 +180,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and cache")
     p.add_argument("--naive", action="store_true", help="MLA decode through re-expanded K and V (no absorption)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (prefill and decode step)")
-    p.add_argument("--engine", default="torch", choices=["torch", "numpy"], help=ENGINE_HELP)
+    p.add_argument("--engine", default="torch", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--plot", help="write a bar chart to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
     add_config_flags(p)

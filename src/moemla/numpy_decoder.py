@@ -11,11 +11,13 @@ them while the decoder lives.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import erf
 
-from moemla.config import ModelConfig
+from moemla.config import ConfigError, ModelConfig
 
 Weights = Mapping[str, np.ndarray]
 
@@ -35,11 +37,18 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def rope_tables(dim: int, max_len: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (max_len, dim/2), computed in float64 like moemla.model.rope."""
+class Rope(NamedTuple):
+    cos: np.ndarray  # (max_len, D/2)
+    sin: np.ndarray  # (max_len, D/2)
+    cos_sin: np.ndarray  # (max_len, D): [cos | sin], what post-RoPE scores weigh their terms with
+
+
+def rope_tables(dim: int, max_len: int, base: float) -> Rope:
+    """The angle tables, computed in float64 like moemla.model.rope."""
     inv_freq = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
     angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return Rope(cos, sin, np.concatenate([cos, sin], axis=1))
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -63,6 +72,7 @@ class Linear:
     def __init__(self, w: Weights, name: str, bias: bool = True) -> None:
         self.wt = np.ascontiguousarray(w[f"{name}.weight"].T)
         self.b = w.get(f"{name}.bias") if bias else None
+        self.b0 = np.zeros(self.wt.shape[1], np.float32) if self.b is None else self.b  # for the kernels
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = x @ self.wt
@@ -80,6 +90,7 @@ class Fused:
                 [np.zeros(part.wt.shape[1], np.float32) if part.b is None else part.b for part in parts]
             )
         self.ends = np.cumsum([part.wt.shape[1] for part in parts])[:-1]
+        self.b0 = np.zeros(self.wt.shape[1], np.float32) if self.b is None else self.b
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         y = x @ self.wt
@@ -89,9 +100,9 @@ class Fused:
 class Block:
     """One decoder block's weights and its slice of the cache."""
 
-    def __init__(self, cfg: ModelConfig, w: Weights, i: int, max_len: int) -> None:
+    def __init__(self, cfg: ModelConfig, w: Weights, i: int, max_len: int, kernels: ModuleType | None) -> None:
         p = f"blocks.{i}."
-        self.cfg = cfg
+        self.cfg, self.kernels = cfg, kernels  # kernels: moemla.kernels for one-token steps, or None
         self.ln1 = (w[p + "ln1.weight"], w[p + "ln1.bias"])
         self.ln2 = (w[p + "ln2.weight"], w[p + "ln2.bias"])
         h, d, r = cfg.n_heads, cfg.head_dim, cfg.kv_lora_rank
@@ -116,24 +127,72 @@ class Block:
             parts = [Linear(w, p + "ffn.router", bias=False)]
             self.router_shared = Fused(parts + ([Linear(w, p + "ffn.shared.w1")] if cfg.n_shared_experts else []))
             self.router_bias = w[p + "ffn.router.bias"]
-            self.e1, self.e2 = w[p + "ffn.experts.w1"], w[p + "ffn.experts.w2"]  # (E, C, h), (E, h, C)
+            self.e1 = np.ascontiguousarray(w[p + "ffn.experts.w1"])  # (E, C, h)
+            self.e2 = np.ascontiguousarray(w[p + "ffn.experts.w2"])  # (E, h, C)
             self.shared = None
             if cfg.n_shared_experts:
                 self.shared = Linear(w, p + "ffn.shared.w2")
 
-    def __call__(self, x: np.ndarray, start: int, rope: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    def __call__(self, x: np.ndarray, start: int, rope: Rope | None) -> np.ndarray:
         """x (T, C) at positions start..start+T-1 -> (T, C); writes this block's cache."""
+        if self.kernels is not None and x.shape[0] == 1:
+            return self.step(x[0], start, rope)[None]
         attend = self.mha if self.cfg.attention == "mha" else self.mla
         x = x + attend(layer_norm(x, *self.ln1), start, rope)
         h = layer_norm(x, *self.ln2)
         return x + (self.w2(gelu(self.w1(h))) if self.cfg.ffn == "dense" else self.moe(h))
 
-    def mha(self, x: np.ndarray, start: int, rope: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    def step(self, x: np.ndarray, pos: int, rope: Rope | None) -> np.ndarray:
+        """One token x (C,) at position pos through the compiled kernels: the same math as __call__."""
+        cfg, kern, end = self.cfg, self.kernels, pos + 1
+        h, d = cfg.n_heads, cfg.head_dim
+        cos_sin = (rope.cos[pos], rope.sin[pos]) if rope is not None else None
+        a = kern.layer_norm(x, *self.ln1, 1e-5)
+        if cfg.attention == "mha":
+            q, k, v = kern.gemv(a, self.wqkv.wt, self.wqkv.b0).reshape(3, h, d)
+            if cos_sin is not None:
+                q, k = kern.rope_rows(q, *cos_sin), kern.rope_rows(k, *cos_sin)
+            self.k[:, pos], self.v[:, pos] = k, v
+            o = kern.mha_attend(q, self.k, self.v, end, d**-0.5)
+        else:
+            r, p = cfg.kv_lora_rank, (cfg.rope_dim if cfg.decoupled else 0)
+            qkv = kern.gemv(a, self.wq_kv_a.wt, self.wq_kv_a.b0)
+            q, kv = qkv[: h * (d + p)].reshape(h, d + p), qkv[h * (d + p) :]
+            c = self.cache
+            c["c_k"][pos], c["c_v"][pos] = kv[:r], kv[r : 2 * r]
+            if cfg.positions == "rope" and not cfg.decoupled:  # post-RoPE, as post_rope_scores
+                q_rot = kern.rope_rows(np.ascontiguousarray(q), *cos_sin)
+                uv = kern.rotate_onto_keys(q_rot, self.wk)  # (H D, R)
+                ab = c["c_k"][:end] @ uv.T  # (S, H D): the one product that grows with S (numpy's BLAS)
+                ab0 = np.zeros((h, d), np.float32)
+                if self.bk is not None:
+                    ab0 = kern.rotate_onto_keys(q_rot, self.bk.reshape(h, d, 1)).reshape(h, d)
+                scores = kern.post_rope_combine(ab, rope.cos_sin, ab0, d**-0.5)
+            else:
+                q_pe = np.zeros((h, 0), np.float32)
+                if p:
+                    c["k_pe"][pos] = kern.rope_rows(kv[None, 2 * r :], *cos_sin)[0]
+                    q_pe = kern.rope_rows(np.ascontiguousarray(q[:, d:]), *cos_sin)
+                scores = kern.absorbed_scores(q[:, :d], q_pe, self.wk, c["c_k"], c["k_pe"], end, (d + p) ** -0.5)
+            bv = self.bv if self.bv is not None else np.zeros(h * d, np.float32)
+            o = kern.latent_values(scores, c["c_v"], self.wv, bv)
+        x = x + kern.gemv(o, self.wo.wt, self.wo.b0)
+        a = kern.layer_norm(x, *self.ln2, 1e-5)
+        if cfg.ffn == "dense":
+            return x + kern.gemv(kern.gelu(kern.gemv(a, self.w1.wt, self.w1.b0)), self.w2.wt, self.w2.b0)
+        both = kern.gemv(a, self.router_shared.wt, self.router_shared.b0)
+        logits, shared = both[: cfg.n_routed_experts], both[cfg.n_routed_experts :]
+        y = np.zeros_like(x) if self.shared is None else kern.gemv(kern.gelu(shared), self.shared.wt, self.shared.b0)
+        idx, gates = kern.route(logits, self.router_bias, cfg.n_activated_experts, cfg.bias_in_gate)
+        kern.routed_experts(a, self.e1, self.e2, idx, gates, y)
+        return x + y
+
+    def mha(self, x: np.ndarray, start: int, rope: Rope | None) -> np.ndarray:
         t, (h, d) = x.shape[0], (self.cfg.n_heads, self.cfg.head_dim)
         q, k, v = np.split(self.wqkv(x).reshape(t, 3, h, d), 3, axis=1)  # (T, 1, H, D) each
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         if rope is not None:
-            cos, sin = rope[0][start : start + t], rope[1][start : start + t]
+            cos, sin = rope.cos[start : start + t], rope.sin[start : start + t]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         end = start + t
         self.k[:, start:end], self.v[:, start:end] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
@@ -141,7 +200,7 @@ class Block:
         o = softmax(_masked(scores, t, start)) @ self.v[:, :end]  # (H, T, D)
         return self.wo(o.transpose(1, 0, 2).reshape(t, h * d))
 
-    def mla(self, x: np.ndarray, start: int, rope: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    def mla(self, x: np.ndarray, start: int, rope: Rope | None) -> np.ndarray:
         """Eq. 13-14 over the cached latents: W^Kr moves onto the query where RoPE allows, W^Vr after attention."""
         cfg, t, end = self.cfg, x.shape[0], start + x.shape[0]
         h, d, r = cfg.n_heads, cfg.head_dim, cfg.kv_lora_rank
@@ -152,11 +211,11 @@ class Block:
         c["c_k"][start:end], c["c_v"][start:end] = kv[:, :r], kv[:, r : 2 * r]
         q_nope = q[..., :d]
         if cfg.positions == "rope" and not cfg.decoupled and t == 1:
-            scores = self.post_rope_scores(apply_rope(q_nope, rope[0][start:end], rope[1][start:end])[0], end, rope)
+            scores = self.post_rope_scores(apply_rope(q_nope, rope.cos[start:end], rope.sin[start:end])[0], end, rope)
             scores = scores[:, None] * np.float32(d**-0.5)  # (H, 1, S)
         elif cfg.positions == "rope" and not cfg.decoupled:
             # the paper's post-projection RoPE: keys re-expanded from C^K and rotated (prefill chunks)
-            cos, sin = rope
+            cos, sin = rope.cos, rope.sin
             k = (self.wk @ c["c_k"][:end].T).transpose(2, 0, 1)  # (H, D, R) @ (R, S) -> (S, H, D)
             k = apply_rope(k if self.bk is None else k + self.bk.reshape(h, d), cos[:end], sin[:end])
             q_rot = apply_rope(q_nope, cos[start:end], sin[start:end])
@@ -165,7 +224,7 @@ class Block:
             q_lat = q_nope.transpose(1, 0, 2) @ self.wk  # (H, T, D) @ (H, D, R) -> (H, T, R)
             scores = q_lat @ c["c_k"][:end].T  # (H, T, S); W^Kr's bias shifts a row alike: softmax ignores it
             if cfg.decoupled:
-                cos, sin = rope[0][start:end], rope[1][start:end]
+                cos, sin = rope.cos[start:end], rope.sin[start:end]
                 c["k_pe"][start:end] = apply_rope(kv[:, None, 2 * r :], cos, sin)[:, 0]
                 q_pe = apply_rope(q[..., d:], cos, sin)  # (T, H, P)
                 scores = scores + q_pe.transpose(1, 0, 2) @ c["k_pe"][:end].T
@@ -176,7 +235,7 @@ class Block:
             o = o + self.bv.reshape(h, 1, d)
         return self.wo(o.transpose(1, 0, 2).reshape(t, h * d))
 
-    def post_rope_scores(self, q: np.ndarray, end: int, rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    def post_rope_scores(self, q: np.ndarray, end: int, rope: Rope) -> np.ndarray:
         """Scores (H, S) of one rotated query q (H, D): moemla.model.attention.post_rope_scores for one sequence.
 
         The rotation moves onto W^Kr, so the keys are never materialized nor rotated (derivation there).
@@ -186,7 +245,7 @@ class Block:
         w1, w2 = self.wk[:, :half], self.wk[:, half:]  # (H, D/2, R) each
         uv = np.concatenate([qa * w1 + qb * w2, qb * w1 - qa * w2], axis=1)  # (H, D, R)
         ab = (self.cache["c_k"][:end] @ uv.reshape(h * 2 * half, -1).T).reshape(end, h, 2 * half)  # (S, H, D)
-        cos_sin = np.concatenate([rope[0][:end], rope[1][:end]], axis=1)  # (S, D): [cos | sin]
+        cos_sin = rope.cos_sin[:end]  # (S, D)
         scores = np.einsum("shd,sd->hs", ab, cos_sin)
         if self.bk is not None:  # the bias of W^Kr turns with the position too
             b1, b2 = self.bk.reshape(h, 2, half, 1).transpose(1, 0, 2, 3)  # (H, D/2, 1) each
@@ -218,6 +277,18 @@ class Block:
         return y
 
 
+def load_kernels() -> ModuleType:
+    """moemla.kernels, or a ConfigError saying how to get numba."""
+    try:
+        from moemla import kernels
+    except ImportError as err:
+        raise ConfigError(
+            f"the compiled decoder needs numba ({err}); install it with: pip install 'moemla[fast]' "
+            "(or pip install numba), or use the plain numpy engine"
+        ) from err
+    return kernels
+
+
 def _arrays(obj: object) -> list[np.ndarray]:
     """Every distinct numpy array reachable from obj's attributes (blocks, Linear layers, tuples, dicts)."""
     found: dict[int, np.ndarray] = {}
@@ -243,8 +314,10 @@ def _masked(scores: np.ndarray, t: int, start: int) -> np.ndarray:
 class NumpyDecoder:
     """Prefill and decode one sequence with numpy; `forward` appends to the cache like Transformer's."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, max_len: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, weights: Weights, max_len: int | None = None, compiled: bool = False) -> None:
+        """compiled=True runs one-token steps through moemla.kernels (needs numba: pip install "moemla[fast]")."""
         self.cfg, self.max_len = cfg, max_len or cfg.max_seq_len
+        self.compiled = compiled
         if self.max_len > cfg.max_seq_len:
             raise ValueError(f"max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         w = {name: np.asarray(a, dtype=np.float32) for name, a in weights.items()}
@@ -252,21 +325,24 @@ class NumpyDecoder:
         self.wpe = w.get("wpe.weight")
         self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
         self.rope = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_base) if cfg.positions == "rope" else None
-        self.blocks = [Block(cfg, w, i, self.max_len) for i in range(cfg.n_layers)]
+        kernels = load_kernels() if compiled else None
+        self.blocks = [Block(cfg, w, i, self.max_len, kernels) for i in range(cfg.n_layers)]
         self.length = 0
 
     @classmethod
-    def from_model(cls, model: object, max_len: int | None = None) -> NumpyDecoder:
+    def from_model(cls, model: object, max_len: int | None = None, compiled: bool = False) -> NumpyDecoder:
         """From a torch `Transformer` (its current weights, copied)."""
         state = {name: t.detach().float().cpu().numpy() for name, t in model.state_dict().items()}
-        return cls(model.cfg, state, max_len)
+        return cls(model.cfg, state, max_len, compiled)
 
     @classmethod
-    def from_safetensors(cls, cfg: ModelConfig, path: str, max_len: int | None = None) -> NumpyDecoder:
+    def from_safetensors(
+        cls, cfg: ModelConfig, path: str, max_len: int | None = None, compiled: bool = False
+    ) -> NumpyDecoder:
         """From a checkpoint's model.safetensors, without torch."""
         from safetensors.numpy import load_file
 
-        return cls(cfg, load_file(path), max_len)
+        return cls(cfg, load_file(path), max_len, compiled)
 
     def reset(self) -> None:
         self.length = 0
