@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -32,14 +33,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
     else:
         prompts = [args.prompt]
-    cpu_engine = args.engine != "torch"
-    if cpu_engine and args.device not in ("auto", "cpu"):
-        raise ConfigError(f"--engine {args.engine} runs on the CPU; drop --device {args.device} or use --engine torch")
-    model, tok, _ = load_model(args.run, resolve_device("cpu" if cpu_engine else args.device))
-    if cpu_engine:
+    engine = args.engine
+    if engine == "auto":  # one sequence at a time: on a CPU the numpy decoders beat the torch model
+        on_cpu = resolve_device(args.device).type == "cpu"
+        engine = "torch" if not on_cpu else "numba" if importlib.util.find_spec("numba") else "numpy"
+    if engine != "torch" and args.device not in ("auto", "cpu"):
+        raise ConfigError(f"--engine {engine} runs on the CPU; drop --device {args.device} or use --engine torch")
+    model, tok, _ = load_model(args.run, resolve_device("cpu" if engine != "torch" else args.device))
+    if engine != "torch":
         from moemla.numpy_decoder import NumpyDecoder
 
-        model = NumpyDecoder.from_model(model, compiled=args.engine == "numba")
+        model = NumpyDecoder.from_model(model, compiled=engine == "numba")
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"--- {i + 1}/{len(prompts)}")
@@ -161,7 +165,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context from the left")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--engine", default="torch", choices=ENGINES, help=ENGINE_HELP)
+    p.add_argument(
+        "--engine", default="auto", choices=["auto", *ENGINES],
+        help=ENGINE_HELP + "; auto (default): numba on a CPU when installed, else numpy there, torch on a GPU",
+    )  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
 
