@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moemla.cli import main
-from moemla.generate import filter_logits, generate_ids, sample
+from moemla.generate import filter_logits, generate_ids, generate_ids_batch, sample
+from moemla.model import KVCache
 
 from .conftest import ALL_VARIANTS, build
 
@@ -66,6 +67,40 @@ def test_bench_json_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert kv["moe-mla-rope"] == 0.5 and 0.5 < kv["moe-mla-drope"] < 1
 
 
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_left_padded_batch_gives_each_prompt_its_own_logits(variant: str) -> None:
+    model = build(variant)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [1, 2, 3, 4, 5]]
+    cache = KVCache(model.cfg, 3, max_len=12, pad=[0, 5, 2])
+    ids = torch.tensor([prompts[0], [0] * 5 + prompts[1], [0] * 2 + prompts[2]])
+    with torch.no_grad():
+        batch = [model(ids, cache=cache)[0][:, -1]]  # prefill
+        batch += [model(torch.tensor([[t], [t + 1], [t + 2]]), cache=cache)[0][:, -1] for t in (20, 30)]  # steps
+        for i, p in enumerate(prompts):
+            alone = model(torch.tensor([[*p, 20 + i, 30 + i]]))[0][0, -3:]  # no cache, no padding
+            torch.testing.assert_close(torch.stack([b[i] for b in batch]), alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["mha", "moe-mla-rope", "moe-mla-drope"])
+def test_batched_generation_draws_what_each_prompt_draws_alone(variant: str) -> None:
+    model = build(variant)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [1, 2, 3, 4, 5]]
+    for temperature in (0.0, 1.0):
+        got = generate_ids_batch(model, prompts, 8, temperature, seeds=[7, 8, 9], stop=17)
+        want = [generate_ids(model, p, 8, temperature, seed=7 + i, stop=17) for i, p in enumerate(prompts)]
+        assert got == want
+
+
+def test_batched_generation_refuses_bad_input() -> None:
+    model = build("mla")
+    with pytest.raises(ValueError, match="non-empty"):
+        generate_ids_batch(model, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="context is 64"):
+        generate_ids_batch(model, [[1] * 64], 4)
+    with pytest.raises(ValueError, match="pad needs 2 counts"):
+        KVCache(model.cfg, 2, max_len=8, pad=[1, 9])
+
+
 def test_generate_cli_streams_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, run = tmp_path / "data", tmp_path / "run"
     assert main(["prepare", "--stories", "300", "--vocab-size", "300", "--out", str(data)]) == 0
@@ -90,6 +125,14 @@ def test_generate_cli_streams_text(tmp_path: Path, capsys: pytest.CaptureFixture
         assert capsys.readouterr().out == torch_text, engine
     assert main([*argv, "--engine", "numpy", "--device", "cuda"]) == 2
     assert "--engine numpy runs on the CPU" in capsys.readouterr().err
+    # a batch of prompts, left-padded, prints what the prompts print one by one
+    argv = ["generate", str(run), "--prompts", str(prompts), "--max-new-tokens", "6", "--seed", "2", "--top-k", "9"]
+    assert main([*argv, "--engine", "torch"]) == 0
+    one_by_one = capsys.readouterr().out
+    assert main([*argv, "--batch-size", "2"]) == 0
+    assert capsys.readouterr().out == one_by_one
+    assert main([*argv, "--batch-size", "2", "--engine", "numpy"]) == 2
+    assert "use --engine torch for --batch-size" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -33,10 +33,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
     else:
         prompts = [args.prompt]
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     engine = args.engine
     if engine == "auto":  # one sequence at a time: on a CPU the numpy decoders beat the torch model
         on_cpu = resolve_device(args.device).type == "cpu"
-        engine = "torch" if not on_cpu else "numba" if importlib.util.find_spec("numba") else "numpy"
+        one = on_cpu and args.batch_size == 1
+        engine = "torch" if not one else "numba" if importlib.util.find_spec("numba") else "numpy"
+    if engine != "torch" and args.batch_size > 1:
+        raise ConfigError(f"--engine {engine} decodes one sequence at a time; use --engine torch for --batch-size")
     if engine != "torch" and args.device not in ("auto", "cpu"):
         raise ConfigError(f"--engine {engine} runs on the CPU; drop --device {args.device} or use --engine torch")
     model, tok, _ = load_model(args.run, resolve_device("cpu" if engine != "torch" else args.device))
@@ -44,6 +49,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from moemla.numpy_decoder import NumpyDecoder
 
         model = NumpyDecoder.from_model(model, compiled=engine == "numba")
+    if args.batch_size > 1:  # whole texts, printed as each batch finishes
+        for lo in range(0, len(prompts), args.batch_size):
+            group = prompts[lo : lo + args.batch_size]
+            texts = generate(
+                model, tok, group, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed + lo,
+                truncate=args.truncate, batch_size=args.batch_size,
+            )  # fmt: skip
+            for i, text in enumerate(texts, start=lo):
+                print(f"--- {i + 1}/{len(prompts)}\n{text}", flush=True)
+        return 0
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"--- {i + 1}/{len(prompts)}")
@@ -164,6 +179,11 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, help="sample within the nucleus of probability p")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context from the left")
+    p.add_argument(
+        "--batch-size", type=int, default=1,
+        help="decode this many prompts of --prompts together (torch engine, left-padded; printed per batch, "
+        "not streamed); each prompt draws the tokens it draws alone",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument(
         "--engine", default="auto", choices=["auto", *ENGINES],

@@ -98,6 +98,53 @@ def generate_ids(
     return out
 
 
+@torch.no_grad()
+def generate_ids_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop: int | None = None,
+    seeds: list[int] | None = None,
+) -> list[list[int]]:
+    """Continue several prompts in one batch: left-padded to the longest, the padding masked (KVCache.pad).
+
+    Prompt i samples with its own generator seeded seeds[i] (default i), so it draws the tokens that
+    `generate_ids(..., seed=seeds[i])` draws alone, up to float rounding in near-ties. A sequence that
+    reaches `stop` is done; the batch runs until all are, or the longest prompt fills the context.
+    """
+    if isinstance(model, NumpyDecoder):
+        raise ValueError("the numpy decoders run one sequence at a time; batch with the torch model")
+    cfg, seeds = model.cfg, seeds or list(range(len(prompts)))
+    if not prompts or any(not p for p in prompts) or len(seeds) != len(prompts):
+        raise ValueError("give one or more non-empty prompts, and one seed per prompt")
+    longest = max(len(p) for p in prompts)
+    if longest >= cfg.max_seq_len:
+        raise ValueError(
+            f"a prompt has {longest} tokens but the model's context is {cfg.max_seq_len}; shorten it or pass --truncate"
+        )
+    device = next(model.parameters()).device
+    pad = [longest - len(p) for p in prompts]
+    cache = KVCache(cfg, len(prompts), max_len=min(cfg.max_seq_len, longest + max_new_tokens), device=device, pad=pad)
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=device)  # (B, longest)
+    logits = model(ids, cache=cache)[0][:, -1]  # (B, V): prefill
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        step = [int(sample(logits[i : i + 1], temperature, top_k, top_p, g)) for i, g in enumerate(generators)]
+        for i, token in enumerate(step):
+            if not done[i]:
+                out[i].append(token)
+                done[i] = token == stop
+        if all(done) or cache.length == cache.max_len:
+            break
+        logits = model(torch.tensor(step, device=device)[:, None], cache=cache)[0][:, -1]  # one decode step
+    return out
+
+
 def generate(
     model: Transformer | NumpyDecoder,
     tokenizer: Tokenizer,
@@ -109,15 +156,32 @@ def generate(
     seed: int = 0,
     truncate: bool = False,
     stream: Callable[[str], None] | None = None,
+    batch_size: int = 1,
 ) -> list[str]:
-    """Prompt text -> prompt plus continuation, stopping at <|endoftext|>; `stream` gets text as it comes."""
+    """Prompt text -> prompt plus continuation, stopping at <|endoftext|>; `stream` gets text as it comes.
+
+    batch_size > 1 decodes that many prompts together (torch model; no streaming). Prompt i samples
+    with seed + i either way.
+    """
     stop = eot_id(tokenizer)
+    room = model.cfg.max_seq_len - min(max_new_tokens, model.cfg.max_seq_len // 2)
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    if truncate:
+        encoded = [ids[-room:] if len(ids) > room else ids for ids in encoded]  # keep the end, leave room
+    if batch_size > 1:
+        if stream is not None:
+            raise ValueError("streaming shows one sequence as it grows; use batch_size=1 with stream")
+        texts = []
+        for lo in range(0, len(encoded), batch_size):
+            group = encoded[lo : lo + batch_size]
+            seeds = [seed + lo + j for j in range(len(group))]
+            outs = generate_ids_batch(model, group, max_new_tokens, temperature, top_k, top_p, stop, seeds)
+            texts += [
+                tokenizer.decode(ids + [t for t in out if t != stop]) for ids, out in zip(group, outs, strict=True)
+            ]
+        return texts
     texts = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt).ids
-        room = model.cfg.max_seq_len - min(max_new_tokens, model.cfg.max_seq_len // 2)
-        if truncate and len(ids) > room:
-            ids = ids[-room:]  # keep the end of the prompt, leave room for the continuation
+    for i, ids in enumerate(encoded):
         new: list[int] = []
 
         def emit(token: int, new: list[int] = new) -> None:

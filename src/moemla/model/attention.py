@@ -13,9 +13,20 @@ from moemla.model.rope import apply_rope
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # cos, sin of positions 0..S-1, (S, D/2) each
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout: float) -> torch.Tensor:
-    """q (B, H, T, D) at positions start..start+T-1 attends to k, v (B, H, start+T, D); out (B, H, T, D)."""
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout: float, key_ok: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q (B, H, T, D) at positions start..start+T-1 attends to k, v (B, H, start+T, D); out (B, H, T, D).
+
+    key_ok (B, start+T): False at left-padding slots, which no query reads (see KVCache.pad).
+    """
     t, s = q.shape[2], k.shape[2]
+    if key_ok is not None:
+        q_pos, k_pos = torch.arange(start, start + t, device=q.device), torch.arange(s, device=q.device)
+        # a padding query attends to itself alone: its row stays finite (never read), so no NaN enters the cache
+        own = k_pos[None, :] == q_pos[:, None]  # (T, S)
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (key_ok[:, None, :] | own)  # (B, T, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout)
     if t == 1:  # one new token sees the whole prefix: no mask needed
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     if start == 0:
@@ -66,11 +77,13 @@ class MHA(nn.Module):
         if rope is not None:
             cos, sin = rope[0][start:], rope[1][start:]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cached keys are stored rotated
+        key_ok = None
         if cache is not None:
             kv = cache.append(layer, k=k, v=v)
             k, v = kv["k"], kv["v"]  # (B, S, H, D), S = start + T
+            key_ok = cache.key_mask(start + t)
         dropout = self.dropout if self.training else 0.0
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, dropout)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, dropout, key_ok)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -107,11 +120,13 @@ class MLA(nn.Module):
             cos, sin = rope[0][start:], rope[1][start:]
             q_pe = apply_rope(q_pe, cos, sin)
             k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]  # one key for all heads, cached rotated
+        key_ok = None
         if cache is not None:
             kv = cache.append(layer, c_k=c_k, c_v=c_v, **({"k_pe": k_pe} if self.decoupled else {}))
             c_k, c_v, k_pe = kv["c_k"], kv["c_v"], kv.get("k_pe")  # (B, S, R), S = start + T
+            key_ok = cache.key_mask(start + t)
             if t == 1 and self.absorb and not self.training:
-                return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, start)
+                return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, start, key_ok)
         s = c_k.shape[1]
         k = self.wk_b(c_k).view(b, s, h, d)  # (B, S, H, D)
         v = self.wv_b(c_v).view(b, s, h, d)
@@ -125,7 +140,7 @@ class MLA(nn.Module):
             q = apply_rope(q, cos[start:], sin[start:])
             k = apply_rope(k, cos, sin)
         dropout = self.dropout if self.training else 0.0
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, dropout)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, dropout, key_ok)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
     def decode_absorbed(
@@ -137,8 +152,9 @@ class MLA(nn.Module):
         k_pe: torch.Tensor | None,
         rope: Rope,
         start: int,
+        key_ok: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One new token (q (B, 1, H, D)) over S cached latents without expanding V or K."""
+        """One new token (q (B, 1, H, D)) over S cached latents without expanding V or K; key_ok (B, S): real slots."""
         b = c_k.shape[0]
         h, d = self.n_heads, self.head_dim
         if self.decoupled or rope is None:
@@ -154,6 +170,8 @@ class MLA(nn.Module):
             q = apply_rope(q, rope[0][start:], rope[1][start:])[:, 0]  # (B, H, D)
             scores = post_rope_scores(q, c_k, self.wk_b.weight.view(h, d, self.rank), self.wk_b.bias, rope)
             scale = d**-0.5
+        if key_ok is not None:
+            scores = scores.masked_fill(~key_ok[:, None, :], float("-inf"))
         probs = (scores * scale).softmax(dim=-1)  # (B, H, S)
         o_lat = probs @ c_v  # (B, H, R): attention over the V latents, before W^Vr
         # W_h^Vr applied once to the attended latent, not to every cached position (softmax rows sum to 1,

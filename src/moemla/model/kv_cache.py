@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -19,7 +20,12 @@ def cache_spec(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class KVCache:
-    """Per-layer buffers (B, max_len, *spec) written in place; `length` tokens are filled."""
+    """Per-layer buffers (B, max_len, *spec) written in place; `length` tokens are filled.
+
+    `pad` (one count per sequence) marks each sequence's first slots as left padding: prompts of
+    different lengths share one batch, the attention never reads those slots, and learned positions
+    count from each sequence's first real token (RoPE scores depend only on distances already).
+    """
 
     def __init__(
         self,
@@ -28,12 +34,18 @@ class KVCache:
         max_len: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        pad: Sequence[int] | None = None,
     ) -> None:
         self.max_len = max_len or cfg.max_seq_len
         if self.max_len > cfg.max_seq_len:
             raise ValueError(f"cache max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         self.batch_size = batch_size
         self.length = 0
+        self.pad = None
+        if pad is not None and any(pad):
+            if len(pad) != batch_size or not all(0 <= n < self.max_len for n in pad):
+                raise ValueError(f"pad needs {batch_size} counts in [0, {self.max_len}); got {list(pad)}")
+            self.pad = torch.tensor(list(pad), device=device)  # (B,)
         spec = cache_spec(cfg)
         self.layers: list[dict[str, torch.Tensor]] = [
             {
@@ -53,6 +65,17 @@ class KVCache:
             buf[:, start:end] = value
             out[name] = buf[:, :end]
         return out
+
+    def key_mask(self, end: int) -> torch.Tensor | None:
+        """(B, end): True at the slots that hold real tokens; None when nothing is padded."""
+        if self.pad is None:
+            return None
+        return torch.arange(end, device=self.pad.device)[None, :] >= self.pad[:, None]
+
+    def positions(self, start: int, end: int, device: torch.device) -> torch.Tensor:
+        """Position ids of slots start..end-1: (T,), or (B, T) counted from each sequence's first real token."""
+        slots = torch.arange(start, end, device=device)
+        return slots if self.pad is None else (slots[None, :] - self.pad[:, None]).clamp(min=0)
 
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens

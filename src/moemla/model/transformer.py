@@ -89,7 +89,11 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {end} requested")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, end, device=idx.device))
+            if cache is None:
+                pos = torch.arange(start, end, device=idx.device)
+            else:
+                pos = cache.positions(start, end, idx.device)  # (B, T) with left padding
+            x = x + self.wpe(pos)
         x = self.drop(x)
         rope = (self.rope_cos[:end], self.rope_sin[:end]) if self.cfg.positions == "rope" else None
         for block in self.blocks:
