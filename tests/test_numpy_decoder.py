@@ -71,6 +71,21 @@ def test_compiled_kernels_equal_numpy_on_long_contexts() -> None:
         np.testing.assert_allclose(fast.forward([t % 50]), plain.forward([t % 50]), atol=1e-4, rtol=1e-4)
 
 
+def test_numba_without_a_cache_folder_is_a_clear_error() -> None:
+    needs_numba(True)
+    from numba.core import caching
+
+    if not hasattr(caching.CacheImpl, "_locator_classes"):
+        pytest.skip("this numba finds its cache folders differently")
+    code = (
+        "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"  # as if no folder were writable
+        "from moemla.numpy_decoder import load_kernels\n"
+        "load_kernels()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert "ConfigError" in out.stderr and "set NUMBA_CACHE_DIR" in out.stderr
+
+
 def test_missing_numba_is_a_clear_error(tmp_path) -> None:
     code = (
         "import sys; sys.modules['numba'] = None\n"  # any import of numba now fails

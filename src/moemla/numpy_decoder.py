@@ -286,6 +286,10 @@ def load_kernels() -> ModuleType:
             f"the compiled decoder needs numba ({err}); install it with: pip install 'moemla[fast]' "
             "(or pip install numba), or use the plain numpy engine"
         ) from err
+    except RuntimeError as err:  # numba found no writable folder for its on-disk cache of the kernels
+        raise ConfigError(
+            f"numba cannot cache the compiled kernels ({err}); set NUMBA_CACHE_DIR to a writable folder"
+        ) from err
     return kernels
 
 
