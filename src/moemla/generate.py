@@ -39,6 +39,13 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _check_fits(context: int, prompt_len: int) -> None:
+    if prompt_len >= context:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens but the model's context is {context}; shorten it or pass --truncate"
+        )
+
+
 @torch.no_grad()
 def generate_ids(
     model: Transformer | NumpyDecoder,
@@ -58,11 +65,7 @@ def generate_ids(
     cfg = model.cfg
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
-    if len(prompt) >= cfg.max_seq_len:
-        raise ValueError(
-            f"the prompt has {len(prompt)} tokens but the model's context is {cfg.max_seq_len}; "
-            "shorten it or pass --truncate"
-        )
+    _check_fits(cfg.max_seq_len, len(prompt))
     max_len = min(cfg.max_seq_len, len(prompt) + max_new_tokens)
     if isinstance(model, NumpyDecoder):
         device = torch.device("cpu")
@@ -121,10 +124,7 @@ def generate_ids_batch(
     if not prompts or any(not p for p in prompts) or len(seeds) != len(prompts):
         raise ValueError("give one or more non-empty prompts, and one seed per prompt")
     longest = max(len(p) for p in prompts)
-    if longest >= cfg.max_seq_len:
-        raise ValueError(
-            f"a prompt has {longest} tokens but the model's context is {cfg.max_seq_len}; shorten it or pass --truncate"
-        )
+    _check_fits(cfg.max_seq_len, longest)
     device = next(model.parameters()).device
     pad = [longest - len(p) for p in prompts]
     cache = KVCache(cfg, len(prompts), max_len=min(cfg.max_seq_len, longest + max_new_tokens), device=device, pad=pad)

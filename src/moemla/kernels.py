@@ -17,6 +17,11 @@ from numba import njit
 _SQRT_HALF = np.float32(0.7071067811865476)
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _gelu(v: np.float32) -> np.float32:
+    return np.float32(0.5) * v * (np.float32(1.0) + math.erf(v * _SQRT_HALF))  # exact (erf) GELU, as F.gelu
+
+
 @njit(fastmath=True, cache=True)
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     """x (C,) -> (C,), as torch's LayerNorm (biased variance)."""
@@ -69,10 +74,8 @@ def routed_experts(
             xc = x[c]
             for j in range(hidden):
                 h[j] += xc * w1[e, c, j]
-        g = gates[k]
         for j in range(hidden):
-            v = h[j]
-            h[j] = np.float32(0.5) * v * (np.float32(1.0) + math.erf(v * _SQRT_HALF)) * g  # exact GELU
+            h[j] = _gelu(h[j]) * gates[k]
         for i in range(hidden):
             hi = h[i]
             for c in range(y.shape[0]):
@@ -94,7 +97,7 @@ def gemv(x: np.ndarray, wt: np.ndarray, bias: np.ndarray) -> np.ndarray:
 def gelu(x: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
     for j in range(x.shape[0]):
-        out[j] = np.float32(0.5) * x[j] * (np.float32(1.0) + math.erf(x[j] * _SQRT_HALF))
+        out[j] = _gelu(x[j])
     return out
 
 

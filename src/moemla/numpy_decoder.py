@@ -116,6 +116,8 @@ class Block:
             self.wk = w[p + "attn.wk_b.weight"].reshape(h, d, r)  # W_h^Kr (H, D, R)
             self.wv = w[p + "attn.wv_b.weight"].reshape(h, d, r)  # W_h^Vr (H, D, R)
             self.bk, self.bv = w.get(p + "attn.wk_b.bias"), w.get(p + "attn.wv_b.bias")
+            self.bv0 = np.zeros(h * d, np.float32) if self.bv is None else self.bv  # for the kernels
+            self.no_bias_terms = np.zeros((h, d), np.float32)
             p_dim = cfg.rope_dim if cfg.decoupled else 0
             self.cache = {"c_k": np.zeros((max_len, r), np.float32), "c_v": np.zeros((max_len, r), np.float32)}
             self.cache["k_pe"] = np.zeros((max_len, p_dim), np.float32)
@@ -164,18 +166,17 @@ class Block:
                 q_rot = kern.rope_rows(np.ascontiguousarray(q), *cos_sin)
                 uv = kern.rotate_onto_keys(q_rot, self.wk)  # (H D, R)
                 ab = c["c_k"][:end] @ uv.T  # (S, H D): the one product that grows with S (numpy's BLAS)
-                ab0 = np.zeros((h, d), np.float32)
+                ab0 = self.no_bias_terms  # (H, D) zeros
                 if self.bk is not None:
                     ab0 = kern.rotate_onto_keys(q_rot, self.bk.reshape(h, d, 1)).reshape(h, d)
                 scores = kern.post_rope_combine(ab, rope.cos_sin, ab0, d**-0.5)
             else:
-                q_pe = np.zeros((h, 0), np.float32)
+                q_pe = self.no_bias_terms[:, :0]  # (H, 0): no decoupled channels
                 if p:
                     c["k_pe"][pos] = kern.rope_rows(kv[None, 2 * r :], *cos_sin)[0]
                     q_pe = kern.rope_rows(np.ascontiguousarray(q[:, d:]), *cos_sin)
                 scores = kern.absorbed_scores(q[:, :d], q_pe, self.wk, c["c_k"], c["k_pe"], end, (d + p) ** -0.5)
-            bv = self.bv if self.bv is not None else np.zeros(h * d, np.float32)
-            o = kern.latent_values(scores, c["c_v"], self.wv, bv)
+            o = kern.latent_values(scores, c["c_v"], self.wv, self.bv0)
         x = x + kern.gemv(o, self.wo.wt, self.wo.b0)
         a = kern.layer_norm(x, *self.ln2, 1e-5)
         if cfg.ffn == "dense":
