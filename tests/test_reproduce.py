@@ -7,7 +7,7 @@ from moemla.config import VARIANTS, ConfigError, ModelConfig
 from moemla.data.shards import prepare
 from moemla.data.sources import builtin_source
 from moemla.experiments.claims import _quality
-from moemla.experiments.reproduce import reproduce, summarize
+from moemla.experiments.reproduce import add_bits_per_byte, reproduce, summarize
 from moemla.experiments.tables import relative_improvement, table5_specs
 
 
@@ -31,7 +31,14 @@ def test_table4_sweep_runs_reports_and_resumes(data: Path, tmp_path: Path) -> No
     assert "2:1 is the best compression" in claims and "CV below 0.1" in claims
     assert "68%" not in claims  # table4 does not measure the variants against MHA
     assert "| 2:1 | 16 |" in md and "| 50.0% | 50.0% |" in md and "7.388" in md
-    assert len(json.loads((tmp_path / "t4" / "results.json").read_text())["runs"]) == 8
+    saved = json.loads((tmp_path / "t4" / "results.json").read_text())
+    assert len(saved["runs"]) == 8 and all(r["bits_per_byte"] > 0 for r in saved["runs"])
+    assert "bits/byte" in md
+    # tables recorded before bits per byte get it from their loss and data: the value training measured
+    measured = [r.pop("bits_per_byte") for r in saved["runs"]]
+    assert add_bits_per_byte(saved)
+    assert [r["bits_per_byte"] for r in saved["runs"]] == pytest.approx(measured, rel=1e-9)
+    assert not add_bits_per_byte(saved)  # nothing left to fill in
     # a second call finds every run finished and trains nothing
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "t4" / "runs").glob("*/checkpoints/latest")}
     log.clear()

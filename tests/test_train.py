@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from moemla.config import ConfigError, ModelConfig
 from moemla.data.shards import prepare
 from moemla.data.sources import DataError, builtin_source
-from moemla.evaluate import evaluate
+from moemla.eval.perplexity import evaluate
 from moemla.model import Transformer
 from moemla.run import load_model, read_metrics
 from moemla.train import checkpoint

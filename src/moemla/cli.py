@@ -149,8 +149,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    lo, hi = r["val_ppl_ci95"]
-    print(f"{r['run']}: loss {r['val_loss']:.4f}, perplexity {r['val_ppl']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
+    ci = "1 batch: no interval" if r["val_ppl_ci95"] is None else "95% CI {:.3f}-{:.3f}".format(*r["val_ppl_ci95"])
+    bpb = f"{r['bits_per_byte']:.4f} bits per byte" if r["bits_per_byte"] is not None else "no text bytes"
+    print(f"{r['run']}: loss {r['val_loss']:.4f}, perplexity {r['val_ppl']:.3f} ({ci}), {bpb}")
     print(f"{r['tokens']:,} tokens in {r['batches']} batches")
     if r["expert_load_cv"] is not None:
         print("expert-load CV per layer: " + ", ".join(f"{cv:.3f}" for cv in r["expert_load_cv"]))

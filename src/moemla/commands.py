@@ -11,8 +11,8 @@ import numpy as np
 from moemla.config import ConfigError, ModelConfig
 from moemla.data.shards import PreparedData, prepare
 from moemla.data.sources import DataError, builtin_source, file_source, tinystories_source
-from moemla.data.tokenizer import eot_id
-from moemla.evaluate import amp_dtype, evaluate
+from moemla.data.tokenizer import eot_id, token_bytes
+from moemla.eval.perplexity import amp_dtype, evaluate
 from moemla.run import RUN_FILE, configs, load_model, read_meta
 from moemla.train.config import TrainConfig
 from moemla.train.distributed import resolve_device
@@ -143,6 +143,7 @@ def evaluate_run(
             )
         shards = data.shards(split)
     result = evaluate(
-        model, shards, tc.seq_len, batch_size or tc.micro_batch_size, max_tokens, dev, amp_dtype(dev, tc.amp)
-    )
+        model, shards, tc.seq_len, batch_size or tc.micro_batch_size, max_tokens, dev, amp_dtype(dev, tc.amp),
+        token_bytes(tok),
+    )  # fmt: skip
     return {"run": str(run_dir), **result}

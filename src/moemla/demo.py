@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -82,6 +83,7 @@ def run_demo(
                 "val_loss": final["val_loss"],
                 "val_ppl": final["val_ppl"],
                 "val_ppl_ci95": final["val_ppl_ci95"],
+                "bits_per_byte": final.get("bits_per_byte"),
                 "expert_load_cv": final["expert_load_cv"],
                 "total_params": accounting.total_params(cfg),
                 "active_params": accounting.active_params(cfg),
@@ -98,13 +100,23 @@ def run_demo(
 
 def _report(console: Console, rows: list[dict], out: Path) -> None:
     table = Table(title="tiny models, same data and steps (validation on held-out stories)")
-    for name in ("variant", "val ppl (95% CI)", "params", "active", "KV bytes/token", "train tok/s", "load CV"):
+    for name in (
+        "variant",
+        "val ppl (95% CI)",
+        "bits/byte",
+        "params",
+        "active",
+        "KV bytes/token",
+        "train tok/s",
+        "load CV",
+    ):
         table.add_column(name, justify="left" if name == "variant" else "right")
     for r in rows:
-        lo, hi = r["val_ppl_ci95"]
+        lo, hi = r["val_ppl_ci95"] or (math.nan, math.nan)
+        bpb = f"{r['bits_per_byte']:.3f}" if r["bits_per_byte"] is not None else "-"
         cv = f"{max(r['expert_load_cv']):.2f}" if r["expert_load_cv"] else "-"
         table.add_row(
-            r["variant"], f"{r['val_ppl']:.2f} ({lo:.2f}-{hi:.2f})", f"{r['total_params'] / 1e6:.2f}M",
+            r["variant"], f"{r['val_ppl']:.2f} ({lo:.2f}-{hi:.2f})", bpb, f"{r['total_params'] / 1e6:.2f}M",
             f"{r['active_params'] / 1e6:.2f}M", f"{r['kv_cache_bytes_per_token']:,}",
             f"{r['train_tokens_per_s']:,.0f}", cv,
         )  # fmt: skip

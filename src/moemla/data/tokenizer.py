@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moemla.data.sources import EOT, DataError
@@ -61,3 +62,39 @@ def eot_id(tok: Tokenizer) -> int:
 def digest(tok: Tokenizer) -> str:
     """sha256 of the tokenizer's JSON: two folders with equal digests tokenize identically."""
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level map inverted: the printable character that stands for each of the 256 bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(tok: Tokenizer) -> np.ndarray:
+    """(V,) UTF-8 bytes of text each token stands for; 0 for special tokens such as <|endoftext|>.
+
+    Bits per byte divides a loss by these counts, so tokenizers of any vocabulary compare on the same text.
+    """
+    vocab = tok.get_vocab_size()
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    byte_level = type(tok.decoder).__name__ == "ByteLevel"
+    alphabet = _byte_level_alphabet()
+    out = np.zeros(vocab, dtype=np.int64)
+    for i in range(vocab):
+        if i in special:
+            continue
+        piece = tok.id_to_token(i)
+        if piece is None:
+            continue
+        if byte_level and all(c in alphabet for c in piece):
+            out[i] = len(piece)  # one character per byte
+        else:  # other tokenizers: the decoded text of the token alone
+            out[i] = len(tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return out

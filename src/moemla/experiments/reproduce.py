@@ -4,12 +4,15 @@ TABLE.md beside the paper's numbers, results.json, figures and summary.md (the c
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 from moemla.commands import prepare_data
 from moemla.config import SIZES, ConfigError, ModelConfig
 from moemla.data.shards import PreparedData
+from moemla.data.tokenizer import token_bytes
+from moemla.eval.perplexity import bits_per_byte, window_bytes
 from moemla.experiments import claims, figures
 from moemla.experiments.sweep import aggregate, run_sweep
 from moemla.experiments.tables import (
@@ -69,23 +72,49 @@ def reproduce(
         _add_decode_speed(summary, seq_len, tc.device, log)
     flag = f"--tokens {tokens}" if tokens else f"--steps {tc.steps}"
     command = f"moemla reproduce {table} --preset {','.join(presets)} {flag} --seeds {','.join(map(str, seeds))}"
+    result = {"table": table, "presets": presets, "command": command, "data": str(data), "train": tc.to_dict()}
+    report, tested = write_report(out, {**result, "runs": rows, "summary": summary})
+    paths = _figures(table, rows, summary, out)
+    log(f"wrote {out / f'{table}.md'}, {out / 'summary.md'}, results.json and {', '.join(p.name for p in paths)}")
+    return {"summary": summary, "markdown": report, "out": str(out), "claims": tested}
+
+
+def write_report(out: Path, result: dict) -> tuple[str, list[claims.Claim]]:
+    """TABLE.md, results.json and summary.md from a table's results; returns the report and the tested claims."""
+    table, presets, summary = result["table"], result["presets"], result["summary"]
+    tc = TrainConfig.from_dict(result["train"])
+    seeds = list(dict.fromkeys(r["seed"] for r in result["runs"]))
     report = "\n\n".join(
         [
-            f"# {table}: {', '.join(presets)}, {tc.steps} steps of {tc.tokens_per_step:,} tokens, seeds {list(seeds)}",
-            f"Command: `{command}` (data: `{data}`)",
-            spec.markdown(summary),
+            f"# {table}: {', '.join(presets)}, {tc.steps} steps of {tc.tokens_per_step:,} tokens, seeds {seeds}",
+            f"Command: `{result['command']}` (data: `{result['data']}`)",
+            TABLES[table].markdown(summary),
             params_note(summary),
         ]
     )
     (out / f"{table}.md").write_text(report + "\n")
-    result = {"table": table, "presets": presets, "command": command, "data": str(data), "train": tc.to_dict()}
-    (out / "results.json").write_text(json.dumps({**result, "runs": rows, "summary": summary}, indent=1))
-    paths = _figures(table, rows, summary, out)
-    found = claims.check({table: {"summary": summary}})
-    tested = [c for c in found if c.verdict != "not measured"]
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    tested = [c for c in claims.check({table: {"summary": summary}}) if c.verdict != "not measured"]
     (out / "summary.md").write_text(claims.markdown(tested, f"{table}, {', '.join(presets)}"))
-    log(f"wrote {out / f'{table}.md'}, {out / 'summary.md'}, results.json and {', '.join(p.name for p in paths)}")
-    return {"summary": summary, "markdown": report, "out": str(out), "claims": tested}
+    return report, tested
+
+
+def add_bits_per_byte(result: dict) -> bool:
+    """Fill in bits per byte for runs recorded before it was measured: the recorded validation loss over the
+    text bytes of the same validation windows, when the table's data folder is at hand. True if anything changed."""
+    missing = [r for r in result["runs"] if r.get("bits_per_byte") is None]
+    if not missing or not (Path(result["data"]) / "manifest.json").is_file():
+        return False
+    data, tc = PreparedData.open(result["data"]), TrainConfig.from_dict(result["train"])
+    tokens, n_bytes = window_bytes(
+        data.shards("val"), tc.seq_len, tc.micro_batch_size, tc.eval_tokens, token_bytes(data.tokenizer())
+    )
+    for r in missing:
+        r["bits_per_byte"] = bits_per_byte(float(r["val_loss"]) * tokens, n_bytes)
+    for row in result["summary"]:
+        values = [float(r["bits_per_byte"]) for r in result["runs"] if r["name"] == row["name"]]
+        row["bits_per_byte_mean"] = statistics.mean(values)
+    return True
 
 
 def _presets(preset: str, multi_size: bool) -> list[str]:
@@ -137,12 +166,17 @@ def _figures(table: str, rows: list[dict], summary: list[dict], out: Path) -> li
 
 
 def summarize(results_dir: str | Path = "results") -> str:
-    """summary.md over every table found under results_dir (each folder's results.json)."""
+    """summary.md over every table found under results_dir (each folder's results.json).
+
+    A table whose runs predate bits per byte gets it filled in (add_bits_per_byte) and its report rewritten.
+    """
     results: dict[str, dict] = {}
     for path in sorted(Path(results_dir).glob("*/results.json")):
         res = json.loads(path.read_text())
         if "table" not in res:
             continue
+        if add_bits_per_byte(res):
+            write_report(path.parent, res)
         if res["table"] in results and "builtin" not in res["data"]:  # two datasets: the built-in corpus's wins
             continue
         results[res["table"]] = {**res, "folder": path.parent.name}

@@ -49,6 +49,7 @@ def run_sweep(
             {
                 "name": spec.name, "seed": spec.seed, **spec.labels, "val_loss": val[-1]["val_loss"],
                 "val_ppl": val[-1]["val_ppl"], "val_ppl_ci95": val[-1]["val_ppl_ci95"],
+                "bits_per_byte": val[-1].get("bits_per_byte"),
                 "expert_load_cv": val[-1]["expert_load_cv"],
                 "total_params": accounting.total_params(spec.cfg), "active_params": accounting.active_params(spec.cfg),
                 "kv_cache_bytes_per_token": accounting.kv_cache_bytes_per_token(spec.cfg), "run": str(run_dir),
@@ -95,6 +96,12 @@ def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
                 "seeds": len(group),
                 "max_load_cv": statistics.mean(cvs) if cvs else None,
                 "val_ppl_by_seed": ppl,
+                "bits_per_byte_mean": _mean_or_none([r.get("bits_per_byte") for r in group]),
             }
         )
     return out
+
+
+def _mean_or_none(values: list[object]) -> float | None:
+    """Mean over seeds; None when any seed lacks the value (runs from before it was measured)."""
+    return statistics.mean(float(v) for v in values) if all(v is not None for v in values) else None  # type: ignore[arg-type]

@@ -91,9 +91,9 @@ def _vs_mha(row: Row, mha: Row) -> tuple[float, str]:
 def table2_markdown(rows: list[dict[str, object]]) -> str:
     base = next(r for r in rows if r["name"] == "mha")
     lines = [
-        "| variant | d | FFN/expert width | params (vs mha) | active params | val PPL (ours) | vs mha | p (paired t) "
-        "| val PPL (paper) | vs mha (paper) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | d | FFN/expert width | params (vs mha) | active params | val PPL (ours) | bits/byte | vs mha "
+        "| p (paired t) | val PPL (paper) | vs mha (paper) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         name = str(r["name"])
@@ -102,7 +102,7 @@ def table2_markdown(rows: list[dict[str, object]]) -> str:
         paper_cols = f"{paper} | {paper / PAPER_TABLE2['mha'] - 1:+.1%}" if paper else "(our addition) | -"
         lines.append(
             f"| {name} | {r['dim']} | {r['ffn_width']} | {r['total_params'] / 1e6:.2f}M ({r['matched_ratio']:.3f}) "
-            f"| {r['active_params'] / 1e6:.2f}M | {_ppl(r)} | {rel:+.1%} | {p} "
+            f"| {r['active_params'] / 1e6:.2f}M | {_ppl(r)} | {_bpb(r)} | {rel:+.1%} | {p} "
             f"| {paper_cols} |"
         )
     return "\n".join(lines)
@@ -138,9 +138,9 @@ def measure_ratio(cfg: ModelConfig, reference: ModelConfig, context: int) -> flo
 def table3_markdown(rows: list[Row]) -> str:
     base = next(r for r in rows if r["name"] == "mha")
     lines = [
-        "| variant | d | FFN/expert width | params | active | FLOPs (vs mha) | val PPL (ours) | vs mha | p (paired t) "
-        "| decode vs mha (ours) | val PPL (paper) | FLOPs (paper) | speedup (paper) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | d | FFN/expert width | params | active | FLOPs (vs mha) | val PPL (ours) | bits/byte | vs mha "
+        "| p (paired t) | decode vs mha (ours) | val PPL (paper) | FLOPs (paper) | speedup (paper) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         name = str(r["name"])
@@ -151,7 +151,7 @@ def table3_markdown(rows: list[Row]) -> str:
         lines.append(
             f"| {name} | {r['dim']} | {r['ffn_width']} | {r['total_params'] / 1e6:.2f}M "
             f"| {r['active_params'] / 1e6:.2f}M "
-            f"| {r['flops_ratio']:.3f}x | {_ppl(r)} | {rel:+.1%} | {p} | {speed} "
+            f"| {r['flops_ratio']:.3f}x | {_ppl(r)} | {_bpb(r)} | {rel:+.1%} | {p} | {speed} "
             f"| {paper_cols} |"
         )
     return "\n".join(lines)
@@ -210,15 +210,17 @@ def relative_improvement(moe: Row, mha: Row) -> tuple[float, float, str]:
         ratios = [x / y - 1 for x, y in zip(a, b, strict=True)]
         half = t.ppf(0.975, len(ratios) - 1) * statistics.stdev(ratios) / math.sqrt(len(ratios))
         return rel, half, f"t over {len(ratios)} seeds"
+    if moe["val_ppl_ci95"] is None or mha["val_ppl_ci95"] is None:
+        return rel, math.nan, "1 seed, 1 validation batch: no interval"
     se = [(math.log(r["val_ppl_ci95"][1]) - math.log(r["val_ppl_ci95"][0])) / (2 * 1.96) for r in (moe, mha)]  # type: ignore[index]
     return rel, 1.96 * math.hypot(*se) * (1 + rel), "1 seed: validation batches only"
 
 
 def table7_markdown(rows: list[Row]) -> str:
     lines = [
-        "| size | params (M) | MHA PPL | MoE-MLA-RoPE PPL | relative (ours) | 95% CI (ours) "
-        "| params (paper) | relative (paper) | 95% CI (paper) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| size | params (M) | MHA PPL | MoE-MLA-RoPE PPL | MHA bits/byte | MoE-MLA-RoPE bits/byte | relative (ours) "
+        "| 95% CI (ours) | params (paper) | relative (paper) | 95% CI (paper) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for preset in dict.fromkeys(r["preset"] for r in rows):
         mha = next(r for r in rows if r["name"] == f"{preset}/mha")
@@ -227,8 +229,8 @@ def table7_markdown(rows: list[Row]) -> str:
         paper = PAPER_TABLE7.get(str(preset))
         paper_cols = f"{paper[0]} | {paper[3]:+.1%} | ±{paper[4]:.1%}" if paper else "- | - | -"
         lines.append(
-            f"| {preset} | {mha['total_params'] / 1e6:.2f} | {_ppl(mha)} | {_ppl(moe)} | {rel:+.1%} "
-            f"| ±{half:.1%} ({how}) | {paper_cols} |"
+            f"| {preset} | {mha['total_params'] / 1e6:.2f} | {_ppl(mha)} | {_ppl(moe)} | {_bpb(mha)} | {_bpb(moe)} "
+            f"| {rel:+.1%} | ±{half:.1%} ({how}) | {paper_cols} |"
         )
     return "\n".join(lines)
 
@@ -239,16 +241,23 @@ def _ppl(row: dict[str, object]) -> str:
     return f"{row['val_ppl_mean']:.3f} ± {row['val_ppl_std']:.3f}"
 
 
+def _bpb(row: Row) -> str:
+    """Validation bits per byte (mean over seeds): comparable across tokenizers, unlike perplexity."""
+    value = row.get("bits_per_byte_mean")
+    return "-" if value is None else f"{value:.4f}"
+
+
 def table4_markdown(rows: list[dict[str, object]]) -> str:
     full = next(r for r in rows if r["name"] == "1:1")["kv_cache_bytes_per_token"]
     lines = [
-        "| compression | latent dim r | val PPL (ours) | val PPL (paper) | KV saving (ours) | KV saving (paper) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| compression | latent dim r | val PPL (ours) | bits/byte | val PPL (paper) | KV saving (ours) "
+        "| KV saving (paper) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         ppl, saving = PAPER_TABLE4[str(r["name"])]
         ours = 1 - r["kv_cache_bytes_per_token"] / full  # type: ignore[operator]
-        lines.append(f"| {r['name']} | {r['latent_dim']} | {_ppl(r)} | {ppl} | {ours:.1%} | {saving:.1%} |")
+        lines.append(f"| {r['name']} | {r['latent_dim']} | {_ppl(r)} | {_bpb(r)} | {ppl} | {ours:.1%} | {saving:.1%} |")
     best = min(rows, key=lambda r: r["val_ppl_mean"])  # type: ignore[arg-type, return-value]
     lines.append(f"\nLowest perplexity here: {best['name']} (the paper names 2:1 the sweet spot; 1:1 is its lowest).")
     return "\n".join(lines)
@@ -256,15 +265,16 @@ def table4_markdown(rows: list[dict[str, object]]) -> str:
 
 def table5_markdown(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| design | total experts | expert width | val PPL (ours) | val PPL (paper) | load CV (ours) "
+        "| design | total experts | expert width | val PPL (ours) | bits/byte | val PPL (paper) | load CV (ours) "
         "| load CV (paper) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         _, ppl, cv = PAPER_TABLE5[str(r["name"])]
         ours_cv = f"{r['max_load_cv']:.3f}" if r["max_load_cv"] is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['total_experts']} | {r['expert_width']} | {_ppl(r)} | {ppl} | {ours_cv} | {cv:.2f} |"
+            f"| {r['name']} | {r['total_experts']} | {r['expert_width']} | {_ppl(r)} | {_bpb(r)} | {ppl} | {ours_cv} "
+            f"| {cv:.2f} |"
         )
     return "\n".join(lines)
 

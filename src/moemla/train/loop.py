@@ -17,7 +17,8 @@ from moemla import accounting
 from moemla.config import ConfigError, ModelConfig
 from moemla.data.shards import PreparedData, train_batch
 from moemla.data.sources import DataError
-from moemla.evaluate import amp_dtype, autocast, evaluate
+from moemla.data.tokenizer import token_bytes
+from moemla.eval.perplexity import amp_dtype, autocast, evaluate
 from moemla.model import Transformer
 from moemla.progress import Progress
 from moemla.run import METRICS_FILE, RUN_FILE, TOKENIZER_FILE, RunError, read_meta
@@ -142,6 +143,7 @@ def _train(
         fwd = torch.compile(fwd)
     shards = data.shards("train")
     val_shards = data.shards("val")
+    val_bytes = token_bytes(data.tokenizer())  # for bits per byte
     total = tc.steps
     flops_per_token = 3 * accounting.flops_per_token(cfg, tc.seq_len)  # forward + backward
     writer = _tensorboard(run_dir) if d.main else None
@@ -216,7 +218,9 @@ def _train(
                 record(last)
                 window_tokens, window_time = 0, 0.0
             if d.main and (step % tc.eval_interval == 0 or step == total):
-                ev = evaluate(model, val_shards, tc.seq_len, tc.micro_batch_size, tc.eval_tokens, d.device, dtype)
+                ev = evaluate(
+                    model, val_shards, tc.seq_len, tc.micro_batch_size, tc.eval_tokens, d.device, dtype, val_bytes
+                )
                 record({"step": step, "split": "val", **ev})
                 last = {**last, **{k: v for k, v in ev.items() if k != "tokens"}, "val_tokens": ev["tokens"]}
                 cv = f" | load CV {max(ev['expert_load_cv']):.3f}" if ev["expert_load_cv"] else ""

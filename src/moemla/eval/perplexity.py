@@ -1,0 +1,102 @@
+"""Validation loss, perplexity with a confidence interval, bits per byte, and per-layer expert-load CV."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from moemla.data.shards import eval_batches
+from moemla.model import Transformer
+from moemla.model.moe import load_cv
+
+
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype for an `amp` setting: auto means bf16 on CUDA and full precision on CPU."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer,
+    shards: list[np.ndarray],
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int | None,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    token_bytes: np.ndarray | None = None,
+) -> dict[str, object]:
+    """Mean next-token loss over fixed validation windows; the 95% interval treats batches as samples.
+
+    With `token_bytes` (data.tokenizer.token_bytes) the result also has `bits_per_byte`.
+    """
+    was_training = model.training
+    model.eval()
+    for moe in model.moe_layers():
+        moe.eval_load.zero_()
+    losses, counts, n_bytes = [], [], 0
+    batches: Iterator = eval_batches(shards, seq_len, batch_size, max_tokens)
+    for x, y in batches:
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(float(loss))
+        counts.append(y.numel())
+        n_bytes += int(token_bytes[y.numpy()].sum()) if token_bytes is not None else 0
+    model.train(was_training)
+    loss_arr, w = np.array(losses), np.array(counts, dtype=np.float64)
+    mean = float((loss_arr * w).sum() / w.sum())
+    cv = [load_cv(load) for load in model.expert_loads("eval")] if model.moe_layers() else None
+    nats = float((loss_arr * w).sum())
+    return {
+        "val_loss": mean,
+        "val_ppl": _exp(mean),
+        "val_ppl_ci95": ppl_interval(mean, loss_arr),
+        "bits_per_byte": bits_per_byte(nats, n_bytes) if token_bytes is not None else None,
+        "tokens": int(w.sum()),
+        "batches": len(losses),
+        "expert_load_cv": cv,
+    }
+
+
+def _exp(x: float) -> float:
+    """e^x, infinite rather than an OverflowError for the losses of a diverged model."""
+    return math.exp(x) if x < 700 else math.inf
+
+
+def ppl_interval(mean: float, losses: np.ndarray) -> list[float] | None:
+    """95% interval of the perplexity with batches as samples; None (JSON null) from a single batch."""
+    if len(losses) < 2:
+        return None
+    half = 1.96 * float(losses.std(ddof=1)) / math.sqrt(len(losses))
+    return [_exp(mean - half), _exp(mean + half)]
+
+
+def bits_per_byte(nats: float, n_bytes: int) -> float | None:
+    """Total loss in bits over the UTF-8 bytes of the text it predicts (special tokens cost bits, add no bytes).
+
+    Unlike perplexity this does not depend on the tokenizer: a BPE-4096 and a GPT-2 run compare.
+    """
+    return nats / math.log(2) / n_bytes if n_bytes else None
+
+
+def window_bytes(
+    shards: list[np.ndarray], seq_len: int, batch_size: int, max_tokens: int | None, token_bytes: np.ndarray
+) -> tuple[int, int]:
+    """(target tokens, their text bytes) of the windows `evaluate` scores with the same settings."""
+    tokens = n_bytes = 0
+    for _, y in eval_batches(shards, seq_len, batch_size, max_tokens):
+        tokens += y.numel()
+        n_bytes += int(token_bytes[y.numpy()].sum())
+    return tokens, n_bytes
