@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from moemla import accounting
 from moemla.config import SIZES, VARIANTS, ConfigError, ModelConfig
 from moemla.data.sources import DataError
+from moemla.eval.judge import JudgeError
 from moemla.run import RunError
 from moemla.train.checkpoint import CheckpointError
 from moemla.train.config import TrainConfig
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     from moemla import cli_tools  # generate, bench and reproduce (imports this module's flag helpers)
 
     for add in (_add_prepare, _add_train, _add_eval, _add_demo, cli_tools.add_generate, cli_tools.add_bench,
-                cli_tools.add_reproduce):  # fmt: skip
+                cli_tools.add_reproduce, cli_tools.add_judge):  # fmt: skip
         add(sub)
     return parser
 
@@ -291,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"moemla {args.command}: invalid configuration: {err}", file=sys.stderr)
         return 2
-    except (DataError, RunError, CheckpointError, TrainingDiverged, ValueError) as err:
+    except (DataError, RunError, CheckpointError, TrainingDiverged, JudgeError, ValueError) as err:
         print(f"moemla {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

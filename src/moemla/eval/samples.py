@@ -1,0 +1,116 @@
+"""Story completions for quality evaluation: a versioned prompt set, seeded sampling, a cache on disk.
+
+The shipped set (`stories-v1`) holds 100 story beginnings written for moemla and cut mid-sentence,
+as the TinyStories evaluation does, so a model has to continue a sentence, not only start one.
+Completion i continues prompt i mod len(prompts) with seed + i, so a rerun draws the same texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moemla.data.sources import DataError
+from moemla.data.tokenizer import eot_id
+from moemla.eval.stats import Completion
+from moemla.generate import generate_ids_batch
+from moemla.progress import Progress
+from moemla.run import load_model
+
+PROMPT_SETS = {"stories-v1": Path(__file__).parent / "prompts" / "stories-v1.txt"}
+DEFAULT_PROMPTS = "stories-v1"
+
+
+def load_prompts(spec: str = DEFAULT_PROMPTS) -> tuple[str, list[str]]:
+    """(version, prompts) of a shipped set by name, or of a text file with one prompt per line (# comments)."""
+    path = PROMPT_SETS.get(spec, Path(spec))
+    if not path.is_file():
+        raise DataError(f"prompt set {spec!r} is neither a shipped set ({', '.join(PROMPT_SETS)}) nor a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; save the prompts as UTF-8, one per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise DataError(f"{path} holds no prompts; write one story beginning per line")
+    version = spec if spec in PROMPT_SETS else f"{path.name}@{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return version, prompts
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    samples: int = 100
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 40
+    seed: int = 0
+    batch_size: int = 16  # completions decoded together (left-padded); part of the key, as it can flip near-ties
+
+
+def _run_identity(run_dir: str | Path) -> dict[str, object]:
+    """What the completions depend on: the run's folder and the checkpoint they come from."""
+    from moemla.train import checkpoint
+
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is None:
+        raise DataError(f"{run_dir} has no checkpoint yet; train it before judging its stories")
+    return {"run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name}
+
+
+def completions(
+    run_dir: str | Path,
+    prompts: list[str],
+    version: str,
+    settings: SampleSettings,
+    cache: Path,
+    device: str = "cpu",
+) -> list[Completion]:
+    """`settings.samples` completions of the run, read from `cache` (JSONL) where already drawn, else generated."""
+    key = {**_run_identity(run_dir), "prompts": version, **asdict(settings)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    found: dict[int, Completion] = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if rec.get("key") == digest:
+                found[rec["index"]] = Completion(**rec["completion"])
+    todo = [i for i in range(settings.samples) if i not in found]
+    if todo:
+        found.update(_generate(run_dir, prompts, settings, todo, device, cache, digest))
+    return [found[i] for i in range(settings.samples)]
+
+
+def _generate(
+    run_dir: str | Path, prompts: list[str], settings: SampleSettings, todo: list[int], device: str, cache: Path,
+    digest: str,
+) -> dict[int, Completion]:  # fmt: skip
+    from moemla.train.distributed import resolve_device
+
+    model, tok, _ = load_model(run_dir, resolve_device(device))
+    stop = eot_id(tok)
+    room = model.cfg.max_seq_len - settings.max_new_tokens
+    if room < 1:
+        raise DataError(f"--max-new-tokens {settings.max_new_tokens} leaves no room for a prompt in {run_dir}")
+    out: dict[int, Completion] = {}
+    with Progress(f"stories from {Path(run_dir).name}", total=len(todo), unit="stories") as bar, cache.open("a") as f:
+        for lo in range(0, len(todo), settings.batch_size):
+            group = todo[lo : lo + settings.batch_size]
+            ids = [tok.encode(prompts[i % len(prompts)]).ids[-room:] for i in group]
+            seeds = [settings.seed + i for i in group]
+            drawn = generate_ids_batch(
+                model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, None, stop, seeds
+            )
+            for i, new in zip(group, drawn, strict=True):
+                ended = bool(new) and new[-1] == stop
+                text = tok.decode([t for t in new if t != stop])
+                c = Completion(i % len(prompts), prompts[i % len(prompts)], text, len(new), ended)
+                out[i] = c
+                f.write(json.dumps({"key": digest, "index": i, "completion": asdict(c)}) + "\n")
+            f.flush()
+            bar.advance(len(group))
+    return out
