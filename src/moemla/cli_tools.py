@@ -125,9 +125,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         seeds = tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    if args.endpoint and not args.judge_model:
+        raise ConfigError("--endpoint needs --judge-model: the judge model's name at that endpoint")
     result = reproduce(
         args.table, args.preset, None if args.tokens else args.steps, seeds, args.data, args.out, tokens=args.tokens,
-        device=args.device,
+        device=args.device, endpoint=args.endpoint, judge_model=args.judge_model, samples=args.samples,
     )  # fmt: skip
     print(result["markdown"])
     print()
@@ -215,6 +217,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--data", help="prepared folder (default: the built-in corpus in data/builtin)")
     p.add_argument("--out", help="output folder (default results/TABLE-PRESET; for summary, the results folder)")
+    p.add_argument("--endpoint", help="table8: OpenAI-style base URL of the judge (without it: statistics only)")
+    p.add_argument("--judge-model", help="table8: the judge model's name at --endpoint")
+    p.add_argument("--samples", type=int, default=100, help="table8: completions judged per variant")
     p.set_defaults(func=cmd_reproduce)
 
 

@@ -44,8 +44,15 @@ def reproduce(
     log: Callable[[str], None] = print,
     tokens: int | None = None,
     device: str = "auto",
+    endpoint: str | None = None,
+    judge_model: str | None = None,
+    samples: int = 100,
 ) -> dict[str, object]:
-    """`preset` is one size, or for table7 a comma-separated list (one size means every size up to it)."""
+    """`preset` is one size, or for table7 a comma-separated list (one size means every size up to it).
+
+    table8 judges its runs' stories at `endpoint` with `judge_model` (moemla.eval.quality), or computes
+    only the judge-free statistics without an endpoint.
+    """
     if table not in TABLES:
         raise ConfigError(f"unknown table {table!r}; available: {', '.join(TABLES)}")
     spec = TABLES[table]
@@ -70,6 +77,8 @@ def reproduce(
     summary = aggregate(rows)
     if spec.decode_speed:
         _add_decode_speed(summary, seq_len, tc.device, log)
+    if spec.judged:
+        _add_judgments(summary, out / "judge", endpoint, judge_model, samples, device, log)
     flag = f"--tokens {tokens}" if tokens else f"--steps {tc.steps}"
     command = f"moemla reproduce {table} --preset {','.join(presets)} {flag} --seeds {','.join(map(str, seeds))}"
     result = {"table": table, "presets": presets, "command": command, "data": str(data), "train": tc.to_dict()}
@@ -146,6 +155,25 @@ def _add_decode_speed(summary: list[dict[str, object]], context: int, device: st
     base = next(r for r in summary if r["name"] == "mha")
     for r in summary:
         r["decode_speedup_vs_mha"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # type: ignore[operator]
+
+
+def _add_judgments(
+    summary: list[dict[str, object]], out: Path, endpoint: str | None, model: str | None, samples: int, device: str,
+    log: Callable[[str], None],
+) -> None:  # fmt: skip
+    """Each row's judge scores (mean, std, n per dimension) and sample statistics, from its first seed's run."""
+    from moemla.eval.quality import judge_runs
+    from moemla.eval.samples import SampleSettings
+
+    runs = [str(r["run"]) for r in summary]
+    result = judge_runs(runs, out, endpoint, model, settings=SampleSettings(samples=samples), device=device, log=log)
+    names = list(result["sample_stats"])  # type: ignore[call-overload]
+    judged = result["judge"]["summary"] if result["judge"] else None  # type: ignore[index]
+    for r, name in zip(summary, names, strict=True):
+        r["sample_stats"] = result["sample_stats"][name]  # type: ignore[index]
+        if judged is not None:
+            r["judge"] = {d: {k: v[k] for k in ("mean", "std", "n")} for d, v in judged["models"][name].items()}
+            r["unparsed"] = judged["unparsed"][name]
 
 
 def _figures(table: str, rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
