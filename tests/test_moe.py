@@ -137,3 +137,27 @@ def test_recomputation_does_not_count_loads_twice() -> None:
     checkpoint(moe, x, use_reentrant=False).sum().backward()
     assert torch.equal(moe.train_load, plain)
     assert plain.sum() == 40 * moe.router.top_k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_run_in_the_autocast_dtype_with_fp32_master_weights(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moe = make_moe()
+    x = torch.randn(40, moe.router.weight.shape[1])  # fp32, as LayerNorm's output under autocast
+    reference = moe(x)
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    real = moe_module.grouped_mm
+
+    def spy(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        seen.append((a.dtype, w.dtype))
+        return real(a, w, counts)
+
+    monkeypatch.setattr(moe_module, "grouped_mm", spy)
+    with torch.autocast("cpu", dtype=dtype):
+        y = moe(x)
+    assert seen == [(dtype, dtype)] * 2  # both projections, both operands
+    scale = reference.abs().max()
+    assert (y.float() - reference).abs().max() < 0.05 * scale  # within bf16 / fp16 rounding of fp32
+    y.float().square().mean().backward()
+    assert moe.experts.w1.dtype == torch.float32 and moe.experts.w1.grad.dtype == torch.float32

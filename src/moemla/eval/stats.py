@@ -67,7 +67,7 @@ STAT_COLUMNS = {
     "distinct_1": "distinct-1",
     "distinct_2": "distinct-2",
     "repeated_4gram_rate": "repeated 4-grams",
-    "ended_share": "ends with <|endoftext|>",
+    "ended_share": "ended (end-of-text)",
     "mean_tokens": "mean tokens",
     "mean_words": "mean words",
 }

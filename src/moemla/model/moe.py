@@ -73,6 +73,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return torch.cat([xs @ w[g] for g, xs in enumerate(x.split(counts.tolist()))])
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: the autocast dtype where autocast is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class RoutedExperts(nn.Module):
     """E GELU experts with stacked weights; tokens are sorted by expert and run as grouped matmuls."""
 
@@ -87,11 +93,14 @@ class RoutedExperts(nn.Module):
         if idx.numel() < self.n_experts and self.w1.dtype == x.dtype and not torch.is_grad_enabled():
             return self.forward_gathered(x, gates, idx)
         n, k = idx.shape
+        # NOTE: autocast does not cover torch._grouped_mm, so under bf16/fp16 autocast it would get the fp32
+        # LayerNorm output and fp32 master weights and run every expert GEMM in fp32; cast both operands
+        dtype = compute_dtype(x)
         order = idx.flatten().argsort(stable=True)  # assignment a belongs to token a // K; grouped by expert
         # index_select, not x[...]: its backward is a plain index_add, cheaper than index_put on CPU
-        xs = x.index_select(0, order // k)  # (N*K, C) in expert order
-        h = F.gelu(grouped_mm(xs, self.w1.to(x.dtype), counts))  # (N*K, h)
-        y = grouped_mm(h, self.w2.to(x.dtype), counts)  # (N*K, C)
+        xs = x.to(dtype).index_select(0, order // k)  # (N*K, C) in expert order
+        h = F.gelu(grouped_mm(xs, self.w1.to(dtype), counts))  # (N*K, h)
+        y = grouped_mm(h, self.w2.to(dtype), counts)  # (N*K, C)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         y = y.index_select(0, inverse).view(n, k, -1)  # (N, K, C) back in token order

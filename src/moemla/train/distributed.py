@@ -36,7 +36,13 @@ def setup(device_name: str) -> Dist:
     if world == 1:
         return Dist(0, 1, device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:  # torchrun would die later with "invalid device ordinal" and a traceback
+            raise ValueError(
+                f"process {local} of this node needs GPU {local}, but the machine has {gpus}; launch at most "
+                f"{gpus} processes per node (torchrun --nproc-per-node {gpus}) or train on the CPU with --device cpu"
+            )
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
