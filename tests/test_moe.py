@@ -7,6 +7,8 @@ import moemla.model.moe as moe_module
 from moemla import ModelConfig
 from moemla.model.moe import MoE, Router, balance_delta, load_cv
 
+from .conftest import ALL_VARIANTS, build
+
 
 def make_moe(**overrides: object) -> MoE:
     torch.manual_seed(0)
@@ -161,3 +163,42 @@ def test_experts_run_in_the_autocast_dtype_with_fp32_master_weights(
     assert (y.float() - reference).abs().max() < 0.05 * scale  # within bf16 / fp16 rounding of fp32
     y.float().square().mean().backward()
     assert moe.experts.w1.dtype == torch.float32 and moe.experts.w1.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_training_forward_compiles_without_graph_breaks(variant: str, amp: torch.dtype | None) -> None:
+    import torch._dynamo
+
+    model = build(variant).train()
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 17))
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            return model(x, targets=y)[1]
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(idx[:, :-1], idx[:, 1:])
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_compiled_moe_matches_eager_forward_and_backward(amp: torch.dtype | None) -> None:
+    moe = make_moe()
+    x = torch.randn(40, moe.router.weight.shape[1], requires_grad=True)
+
+    def run(fn: object) -> tuple[torch.Tensor, ...]:
+        moe.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            y = fn(x)  # type: ignore[operator]
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach().float(), x.grad.clone(), moe.experts.w1.grad.clone(), moe.experts.w2.grad.clone()
+
+    eager = run(moe)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(moe, backend="aot_eager", fullgraph=True))
+    tol = 1e-5 if amp is None else 2e-2
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.allclose(a, b, atol=tol * a.abs().max(), rtol=0)
+    assert int(moe.train_load.sum()) == 2 * 40 * moe.router.top_k  # counted once per forward, compiled too

@@ -235,6 +235,24 @@ def test_resume_refuses_other_tokenizer(data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_compile_failure_falls_back_to_eager_with_one_message(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_compile(module: torch.nn.Module) -> object:
+        def run(*args: object) -> object:
+            raise RuntimeError("InductorError: no working C++ compiler found\nlong details")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    log: list[str] = []
+    result = train(data, tmp_path / "r", cfg(), TC.replace(max_steps=2, compile=True), log=log.append)
+    assert result["step"] == 2 and math.isfinite(result["val_loss"])
+    messages = [line for line in log if "torch.compile is unavailable" in line]
+    assert len(messages) == 1 and "no working C++ compiler" in messages[0] and "--compile false" in messages[0]
+    assert TrainConfig().compile is None  # auto: compiled on CUDA, eager on the CPU
+
+
 def test_compiled_training_runs(data: Path, tmp_path: Path) -> None:
     result = train(data, tmp_path / "r", cfg(), TC.replace(max_steps=2, compile=True), log=lambda _: None)
     assert result["step"] == 2 and math.isfinite(result["val_loss"])

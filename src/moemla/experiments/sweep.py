@@ -14,6 +14,9 @@ from moemla.run import finished, read_meta, read_metrics
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
 
+# settings that change how a run executes, not what it trains: a finished run is reused whatever they were
+EXECUTION_ONLY = {"compile"}
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -63,7 +66,7 @@ def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: Prep
     meta = read_meta(run_dir)
     wanted = {
         **{f"model.{k}": v for k, v in cfg.to_dict().items()},
-        **{f"train.{k}": v for k, v in tc.to_dict().items()},
+        **{f"train.{k}": v for k, v in tc.to_dict().items() if k not in EXECUTION_ONLY},
     }
     found = {
         **{f"model.{k}": v for k, v in meta["model"].items()},

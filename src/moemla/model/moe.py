@@ -53,24 +53,74 @@ def grouped_mm_supported(key: tuple[str, torch.dtype, int, int]) -> bool:
     return hasattr(torch, "_grouped_mm") and key not in _GROUPED_MM_UNSUPPORTED
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x (M, K) sorted by group, group g of counts[g] rows times w[g] (G, K, N) -> (M, N)."""
-    if x.shape[0] < w.shape[0]:  # fewer rows than groups (decoding): run only the groups that have rows
-        sizes = counts.tolist()  # one host sync
-        pieces = x.split(sizes)
-        return torch.cat([pieces[g] @ w[g] for g, n in enumerate(sizes) if n])
+def _native_or_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """(M, K) rows grouped by the end offsets `offs` (G,) times w (G, K, N) -> (M, N), in eager mode."""
     key = (x.device.type, x.dtype, w.shape[1], w.shape[2])
-    # NOTE: under torch.compile the op's shape check wants bf16 on every device, so other dtypes fall back
-    traced_ok = x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
-    if traced_ok and grouped_mm_supported(key):
-        offs = counts.cumsum(0).to(torch.int32)  # end offset of each group, no host sync
+    if grouped_mm_supported(key):
         try:
             # NOTE: its backward rejects stride-0 gradients (e.g. from .sum()); ours are dense
             return torch._grouped_mm(x, w, offs=offs)
         except (RuntimeError, NotImplementedError):
             _GROUPED_MM_UNSUPPORTED.add(key)
     # fallback: one host sync for all groups, then a matmul per group
-    return torch.cat([xs @ w[g] for g, xs in enumerate(x.split(counts.tolist()))])
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    return torch.cat([xs @ w[g] for g, xs in enumerate(x.split(sizes))])
+
+
+@torch.library.custom_op("moemla::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The grouped matmul as one opaque op, so torch.compile traces any dtype without a graph break."""
+    return _native_or_loop(x, w, offs)
+
+
+@_grouped_mm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moemla::grouped_mm_weight_grad", mutates_args=())
+def _weight_grad_op(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
+    """dL/dw (G, K, N) of the grouped matmul: x_g^T dy_g per group."""
+    if hasattr(torch, "_grouped_mm"):
+        try:
+            return torch._grouped_mm(x.t(), dy, offs=offs)  # (K, M) x (M, N) split along M -> (G, K, N)
+        except (RuntimeError, NotImplementedError):
+            pass
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    pairs = zip(x.split(sizes), dy.split(sizes), strict=True)
+    return torch.stack([xs.t() @ ds for xs, ds in pairs])
+
+
+@_weight_grad_op.register_fake
+def _(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
+    return x.new_empty(groups, x.shape[1], dy.shape[1])
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple:
+    x, w, offs = ctx.saved_tensors  # type: ignore[attr-defined]
+    dx = _grouped_mm_op(dy.contiguous(), w.transpose(1, 2).contiguous(), offs)
+    return dx, _weight_grad_op(x, dy.contiguous(), offs, w.shape[0]), None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (M, K) sorted by group, group g of counts[g] rows times w[g] (G, K, N) -> (M, N)."""
+    if x.shape[0] < w.shape[0] and not torch.compiler.is_compiling():
+        # fewer rows than groups (decoding): run only the groups that have rows
+        sizes = counts.tolist()  # one host sync
+        pieces = x.split(sizes)
+        return torch.cat([pieces[g] @ w[g] for g, n in enumerate(sizes) if n])
+    offs = counts.cumsum(0).to(torch.int32)  # end offset of each group, no host sync
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        # NOTE: the native op's fake-tensor check wants bf16 on every device; other dtypes trace as our op
+        return _grouped_mm_op(x, w, offs)
+    return _native_or_loop(x, w, offs)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -137,10 +187,19 @@ def _gather(w: torch.Tensor, rows: torch.Tensor, name: str) -> torch.Tensor:
     return torch.index_select(w, 0, rows, out=_SCRATCH[key])
 
 
+def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert (E,) from indices (N, K): bincount with a fixed output size, which
+    torch.compile traces without a graph break (bincount's size depends on the data)."""
+    flat = idx.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def _in_backward() -> bool:
     # Activation recomputation re-runs forward inside the backward pass; counting its routing
     # again would double every expert's load (and so the balancing step).
-    return torch._C._current_graph_task_id() != -1
+    # NOTE: a compiled graph is traced from the forward alone (its recomputation runs no Python), and
+    # this private query would break the graph, so under torch.compile the answer is no
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class MoE(nn.Module):
@@ -161,7 +220,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C), N = B * T
         gates, idx = self.router(x)  # (N, K) each
-        counts = torch.bincount(idx.flatten(), minlength=self.experts.n_experts)  # (E,) assignments
+        counts = expert_counts(idx, self.experts.n_experts)  # (E,) assignments
         if not _in_backward():
             (self.train_load if self.training else self.eval_load).add_(counts)
         y = self.experts(x, gates, idx, counts)

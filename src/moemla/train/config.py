@@ -39,7 +39,7 @@ class TrainConfig:
     # execution
     device: str = "auto"  # auto: cuda when available, else cpu
     amp: AmpKind = "auto"  # auto: bf16 on CUDA, none on CPU; fp16 uses dynamic loss scaling as the paper
-    compile: bool = False  # torch.compile the model
+    compile: bool | None = None  # torch.compile the model; None (auto): on CUDA, not on CPU
 
     # evaluation, logging, checkpoints
     eval_interval: int = 100  # steps between validation passes (and one at the end)

@@ -136,11 +136,12 @@ def _train(
     if d.main:
         _truncate_metrics(run_dir / METRICS_FILE, step)
 
-    fwd: torch.nn.Module = model
+    fwd: torch.nn.Module | _CompiledOrEager = model
     if d.world > 1:  # buffers are not broadcast: routing biases stay equal through all-reduced loads instead
         fwd = DistributedDataParallel(model, broadcast_buffers=False)
-    if tc.compile:
-        fwd = torch.compile(fwd)
+    ddp = fwd if isinstance(fwd, DistributedDataParallel) else None
+    if tc.compile or (tc.compile is None and d.device.type == "cuda"):
+        fwd = _CompiledOrEager(fwd, log)
     shards = data.shards("train")
     val_shards = data.shards("val")
     val_bytes = token_bytes(data.tokenizer())  # for bits per byte
@@ -175,16 +176,15 @@ def _train(
                     shards, tc.seq_len, tc.seed, step, tc.batch_size, slice(first, first + tc.micro_batch_size)
                 )
                 sync = m == accum - 1 or d.world == 1
-                ctx = (
-                    fwd.no_sync() if not sync and isinstance(fwd, DistributedDataParallel) else contextlib.nullcontext()
-                )
+                ctx = ddp.no_sync() if not sync and ddp is not None else contextlib.nullcontext()
                 with ctx, autocast(d.device, dtype):
-                    _, loss = fwd(x.to(d.device), y.to(d.device))
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingDiverged(_diverged(run_dir, step + 1, f"the loss became {loss.item()}"))
+                    _, loss = fwd(*_to_device(d.device, x, y))
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += loss.detach()
+            # NOTE: one check per step, not per micro-batch: reading the loss waits for the GPU to finish
+            if not torch.isfinite(loss_sum):
+                raise TrainingDiverged(_diverged(run_dir, step + 1, f"the loss became {float(loss_sum) / accum}"))
             if scaler is not None:
                 scaler.unscale_(optimizer)
             params = [p for p in model.parameters() if p.grad is not None]
@@ -240,6 +240,36 @@ def _train(
     if writer is not None:
         writer.close()  # type: ignore[attr-defined]
     return last
+
+
+def _to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host batches to the training device; on CUDA from pinned memory, so the copy overlaps the GPU's work."""
+    if device.type != "cuda":
+        return tensors
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+
+
+class _CompiledOrEager:
+    """torch.compile(module); if compiling fails at the first call (no C compiler, no Triton), it says so once
+    and runs the module eagerly."""
+
+    def __init__(self, module: torch.nn.Module, log: Callable[[str], None]) -> None:
+        self.module, self.run, self.log, self.tried = module, torch.compile(module), log, False
+
+    def __call__(self, *args: torch.Tensor) -> tuple:
+        if self.tried:
+            return self.run(*args)
+        self.tried = True
+        try:
+            return self.run(*args)
+        except Exception as err:  # inductor raises many kinds; each means: run eagerly
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            self.log(
+                f"torch.compile is unavailable here ({type(err).__name__}: {first}); training continues without it "
+                "(pass --compile false to skip the attempt)"
+            )
+            self.run = self.module
+            return self.run(*args)
 
 
 def _diverged(run_dir: Path, step: int, what: str) -> str:
