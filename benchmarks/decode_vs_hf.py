@@ -33,10 +33,11 @@ ENGINES = ("numba", "numpy", "torch")
 
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The HF equivalent of a moemla config, same shapes and dropout (benchmarks/train_throughput.py trains it)."""
     if cfg.ffn == "dense":
         hf = GPT2Config(
             vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.dim, n_layer=cfg.n_layers,
-            n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            n_head=cfg.n_heads, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
         )  # fmt: skip
         return GPT2LMHeadModel(hf)
     hf = DeepseekV3Config(
@@ -46,7 +47,7 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
         num_experts_per_tok=cfg.n_activated_experts, n_group=1, topk_group=1, first_k_dense_replace=0,
         kv_lora_rank=2 * cfg.kv_lora_rank, q_lora_rank=None, qk_rope_head_dim=cfg.head_dim // 2,
         qk_nope_head_dim=cfg.head_dim, v_head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0, attention_dropout=cfg.dropout,
     )  # fmt: skip
     return DeepseekV3ForCausalLM(hf)
 

@@ -5,7 +5,9 @@
         --cases xs:50257,m:50257 --batch 64 --seq 512
 
 One training step = forward, backward, gradient clipping and AdamW (plus the bias update for MoE)
-on a batch of random tokens (speed does not depend on the data), under autocast for --dtype bf16.
+on one batch of random tokens, under autocast for --dtype bf16. (With --loop the batch is the loop's
+first batch of the built-in corpus instead: real text routes less evenly than random tokens at first,
+which changes MoE step times, so the loop and the steps are compared on the same text.)
 Model FLOPs per step = 3 x accounting.flops_per_token x tokens (backward ~ 2x forward); MFU = model
 FLOPs/s over the matmul rate of this machine in the same dtype, measured in the same loop. All
 steps and the matmul are interleaved so machine noise hits them alike.
@@ -42,12 +44,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def our_step(cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype | None, compile: bool) -> Callable:
+def our_step(idx: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype | None, compile: bool) -> Callable:
+    """One training step of moemla's model on the tokens idx (B, T + 1)."""
+    device = idx.device
     torch.manual_seed(0)
     model = Transformer(cfg).to(device).train()
     fwd = torch.compile(model) if compile else model
     optimizer = build_optimizer(model, TrainConfig())
-    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1), device=device)
 
     def run() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -62,14 +65,14 @@ def our_step(cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dt
     return run
 
 
-def hf_step(cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype | None) -> tuple[Callable, int]:
-    """The HF equivalent's training step, and its parameter count (its own, not ours)."""
+def hf_step(idx: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype | None) -> tuple[Callable, int]:
+    """The HF equivalent's training step on the same tokens, and its parameter count (its own, not ours)."""
     from decode_vs_hf import hf_model  # needs transformers (the bench extra)
 
+    device, idx = idx.device, idx[:, :-1]  # HF shifts the labels itself
     torch.manual_seed(0)
-    model = hf_model(cfg.replace(dropout=0.0)).to(device).train()
+    model = hf_model(cfg).to(device).train()  # same dropout as ours
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len), device=device)
 
     def run() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -95,6 +98,17 @@ def matmul(device: torch.device, dtype: torch.dtype | None) -> tuple[Callable, i
     return run, 2 * n**3
 
 
+def batch_tokens(args: argparse.Namespace, vocab: int, data: Path | None) -> torch.Tensor:
+    """(B, T + 1) tokens: random, or with --loop the loop's first batch, so routing sees the same text."""
+    if data is None:
+        torch.manual_seed(0)
+        return torch.randint(0, vocab, (args.batch, args.seq + 1))
+    from moemla.data.shards import PreparedData, train_batch
+
+    x, y = train_batch(PreparedData.open(data).shards("train"), args.seq, 1337, 0, args.batch, slice(None))
+    return torch.cat([x, y[:, -1:]], dim=1)
+
+
 def loop_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, data: Path, run_dir: Path) -> float:
     """moemla's own training loop at the benchmark's shape: the median tokens/s it records, warm-up excluded."""
     from moemla.run import read_metrics
@@ -116,11 +130,12 @@ def bench_case(size: str, vocab: int, args: argparse.Namespace, data: Path | Non
     configs = {
         v: ModelConfig.from_preset(size, v, vocab_size=vocab, max_seq_len=args.seq) for v in args.variants.split(",")
     }
-    fns: dict[str, Callable] = {v: our_step(cfg, args.batch, device, dtype, args.compile) for v, cfg in configs.items()}
+    idx = batch_tokens(args, vocab, data).to(device)
+    fns: dict[str, Callable] = {v: our_step(idx, cfg, dtype, args.compile) for v, cfg in configs.items()}
     hf_params = {}
     if args.hf:
         for v, cfg in configs.items():
-            fns[f"hf:{v}"], hf_params[v] = hf_step(cfg, args.batch, device, dtype)
+            fns[f"hf:{v}"], hf_params[v] = hf_step(idx, cfg, dtype)
     mm, mm_flops = matmul(device, dtype)
     seconds = median_seconds({**fns, "matmul": mm}, args.repeats)
     rate = mm_flops / seconds["matmul"]
