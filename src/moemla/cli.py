@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
 
 from moemla import accounting
-from moemla.config import SIZES, VARIANTS, ConfigError, ModelConfig
+from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, SIZES, VARIANTS, ConfigError, ModelConfig
 from moemla.data.sources import DataError
 from moemla.eval.judge import JudgeError
 from moemla.run import RunError
@@ -43,11 +44,16 @@ def _field_parser(annotation: object) -> tuple[Callable[[str], object], list[str
     return typing.cast(Callable[[str], object], annotation), None
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str) -> None:
-    """One `--field-name` flag per dataclass field; unset flags leave the value from preset or file."""
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser, cls: type, prefix: str, title: str, shown: object | None = None
+) -> None:
+    """One `--field-name` flag per dataclass field; unset flags leave the value from preset or file.
+
+    The help shows each field's value in `shown` (e.g. the default preset's config), else its default."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        default = getattr(shown, f.name) if shown is not None else f.default
         convert, choices = _field_parser(hints[f.name])
         group.add_argument(
             "--" + f.name.replace("_", "-"),
@@ -56,12 +62,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str,
             choices=choices,
             default=None,
             metavar=None if choices else f.name.upper(),
-            help=f"{cls.__name__}.{f.name} (default {f.default!r})",
+            help=f"{cls.__name__}.{f.name} (default {default!r})",
         )
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_flags(parser, ModelConfig, "cfg_", "model config overrides (default: the preset's value)")
+def add_config_flags(parser: argparse.ArgumentParser, preset: str) -> None:
+    """ModelConfig overrides; the help shows the values of the command's default preset."""
+    shown = ModelConfig.from_preset(preset, DEFAULT_VARIANT)
+    title = f"model config overrides (default: the preset's value; shown for {preset} {DEFAULT_VARIANT})"
+    add_dataclass_flags(parser, ModelConfig, "cfg_", title, shown)
 
 
 def flag_values(args: argparse.Namespace, prefix: str) -> dict[str, object]:
@@ -71,6 +80,17 @@ def flag_values(args: argparse.Namespace, prefix: str) -> dict[str, object]:
 
 def config_overrides(args: argparse.Namespace) -> dict[str, object]:
     return flag_values(args, "cfg_")
+
+
+def finite_or_null(obj: object) -> object:
+    """obj with every NaN or infinite float replaced by None, which JSON can say (NaN and Infinity it cannot)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def _human(n: float) -> str:
@@ -137,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = run_training(
         args.data, args.out, args.resume, args.preset, args.variant, args.config,
-        flag_values(args, "cfg_"), flag_values(args, "tc_"),
+        flag_values(args, "cfg_"), flag_values(args, "tc_"), checkpoint_name=args.checkpoint,
     )  # fmt: skip
     print(json.dumps(result) if args.json else f"done: step {result['step']}, val loss {result.get('val_loss')}")
     return 0
@@ -146,9 +166,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from moemla.commands import evaluate_run
 
-    r = evaluate_run(args.run, args.data, args.text, args.split, args.max_tokens, args.batch_size, args.device)
+    r = evaluate_run(
+        args.run, args.data, args.text, args.split, args.max_tokens, args.batch_size, args.device, args.checkpoint
+    )
     if args.json:
-        print(json.dumps(r))
+        print(json.dumps(finite_or_null(r), allow_nan=False))  # strict JSON: an infinite perplexity is null
         return 0
     ci = "1 batch: no interval" if r["val_ppl_ci95"] is None else "95% CI {:.3f}-{:.3f}".format(*r["val_ppl_ci95"])
     bpb = f"{r['bits_per_byte']:.4f} bits per byte" if r["bits_per_byte"] is not None else "no text bytes"
@@ -212,12 +234,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", default="data/builtin", help="prepared folder (from `moemla prepare`)")
     p.add_argument("--out", help="run folder (default runs/PRESET-VARIANT)")
-    p.add_argument("--preset", choices=list(SIZES), help="size preset (default tiny)")
-    p.add_argument("--variant", choices=list(VARIANTS), help="architecture variant (default moe-mla-rope)")
+    p.add_argument("--preset", choices=list(SIZES), help=f"size preset (default {DEFAULT_PRESET})")
+    p.add_argument("--variant", choices=list(VARIANTS), help=f"architecture variant (default {DEFAULT_VARIANT})")
     p.add_argument("--config", help="JSON or TOML file with preset, variant, model {...} and train {...}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument(
+        "--checkpoint", metavar="step_N", help="with --resume: continue from this checkpoint, not the newest"
+    )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    add_config_flags(p)
+    add_config_flags(p, DEFAULT_PRESET)
     add_dataclass_flags(p, TrainConfig, "tc_", "training settings (default: the paper's recipe)")
     p.set_defaults(func=cmd_train)
 
@@ -236,6 +261,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default the run's micro-batch)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--checkpoint", metavar="step_N", help="evaluate this checkpoint (default: the newest)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -268,14 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Closed-form accounting of a model configuration (no model is built).",
     )
     info.add_argument("--preset", default="xs", choices=list(SIZES), help="size preset (Table 1, plus tiny and debug)")
-    info.add_argument("--variant", default="moe-mla-rope", choices=list(VARIANTS), help="architecture variant")
+    info.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS), help="architecture variant")
     info.add_argument("--all-variants", action="store_true", help="compare all variants side by side")
     info.add_argument("--context", type=int, default=None, help="context length for FLOPs (default max_seq_len)")
     info.add_argument(
         "--dtype", default="float32", choices=sorted(accounting.DTYPE_BYTES), help="KV-cache element type"
     )
     info.add_argument("--json", action="store_true", help="print JSON (one object, or a list with --all-variants)")
-    add_config_flags(info)
+    add_config_flags(info, "xs")
     info.set_defaults(func=cmd_info)
     from moemla import cli_tools  # generate, bench and reproduce (imports this module's flag helpers)
 

@@ -44,7 +44,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--engine {engine} decodes one sequence at a time; use --engine torch for --batch-size")
     if engine != "torch" and args.device not in ("auto", "cpu"):
         raise ConfigError(f"--engine {engine} runs on the CPU; drop --device {args.device} or use --engine torch")
-    model, tok, _ = load_model(args.run, resolve_device("cpu" if engine != "torch" else args.device))
+    model, tok, _ = load_model(args.run, resolve_device("cpu" if engine != "torch" else args.device), args.checkpoint)
     if engine != "torch":
         from moemla.numpy_decoder import NumpyDecoder
 
@@ -239,6 +239,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, help="sample within the nucleus of probability p")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context from the left")
+    p.add_argument("--checkpoint", metavar="step_N", help="generate from this checkpoint (default: the newest)")
     p.add_argument(
         "--batch-size", type=int, default=1,
         help="decode this many prompts of --prompts together (torch engine, left-padded; printed per batch, "
@@ -270,5 +271,5 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default="torch", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--plot", help="write a bar chart to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
-    add_config_flags(p)
+    add_config_flags(p, "xs")
     p.set_defaults(func=cmd_bench)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tomllib
 from pathlib import Path
 
 import numpy as np
 
-from moemla.config import ConfigError, ModelConfig
+from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, ConfigError, ModelConfig
 from moemla.data.shards import PreparedData, prepare
 from moemla.data.sources import DataError, builtin_source, file_source, tinystories_source
 from moemla.data.tokenizer import eot_id, token_bytes
@@ -37,7 +38,7 @@ def prepare_data(
         source = file_source(text)
         description: dict[str, object] = {
             "dataset": "text",
-            "files": [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size} for p in text],
+            "files": [file_identity(p) for p in text],
         }
         name = "text"
     elif dataset == "builtin":
@@ -53,6 +54,16 @@ def prepare_data(
     folder = Path(out or f"data/{name}")
     manifest = prepare(source, folder, description, tokenizer, vocab_size, val_fraction, overwrite=overwrite)
     return folder, manifest
+
+
+def file_identity(path: str | Path) -> dict[str, object]:
+    """Path, size and content hash of an input file: a prepared folder is reused only for the same content."""
+    p = Path(path)
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def read_config_file(path: str | None) -> dict:
@@ -88,7 +99,7 @@ def resolve_configs(
     if resume and (run_dir / RUN_FILE).exists():
         cfg, tc = configs(read_meta(run_dir))
         asked = ModelConfig.from_preset(
-            preset or file.get("preset", "tiny"), variant or file.get("variant", "moe-mla-rope"),
+            preset or file.get("preset", DEFAULT_PRESET), variant or file.get("variant", DEFAULT_VARIANT),
             **{"vocab_size": cfg.vocab_size, **model_over},
         )  # fmt: skip
         if (preset or variant or model_over) and asked != cfg:
@@ -98,7 +109,7 @@ def resolve_configs(
         return cfg, tc.replace(**train_over)
     model_over.setdefault("vocab_size", data.vocab_size)
     cfg = ModelConfig.from_preset(
-        preset or file.get("preset", "tiny"), variant or file.get("variant", "moe-mla-rope"), **model_over
+        preset or file.get("preset", DEFAULT_PRESET), variant or file.get("variant", DEFAULT_VARIANT), **model_over
     )
     train_over.setdefault("seq_len", min(TrainConfig.seq_len, cfg.max_seq_len))
     return cfg, TrainConfig.from_dict(train_over)
@@ -106,14 +117,14 @@ def resolve_configs(
 
 def run_training(
     data_dir: str, out: str | None, resume: bool, preset: str | None, variant: str | None, config_file: str | None,
-    model_flags: dict, train_flags: dict,
+    model_flags: dict, train_flags: dict, checkpoint_name: str | None = None,
 ) -> dict:  # fmt: skip
     file = read_config_file(config_file)
     data = PreparedData.open(data_dir)
-    name = f"{preset or file.get('preset', 'tiny')}-{variant or file.get('variant', 'moe-mla-rope')}"
+    name = f"{preset or file.get('preset', DEFAULT_PRESET)}-{variant or file.get('variant', DEFAULT_VARIANT)}"
     run_dir = Path(out or f"runs/{name}")
     cfg, tc = resolve_configs(data, run_dir, resume, preset, variant, file, model_flags, train_flags)
-    return train(data_dir, run_dir, cfg, tc, resume=resume)
+    return train(data_dir, run_dir, cfg, tc, resume=resume, from_checkpoint=checkpoint_name)
 
 
 def text_tokens(paths: list[str], tok) -> list[np.ndarray]:
@@ -127,10 +138,10 @@ def text_tokens(paths: list[str], tok) -> list[np.ndarray]:
 
 def evaluate_run(
     run_dir: str, data_dir: str | None, text: list[str] | None, split: str, max_tokens: int | None,
-    batch_size: int | None, device: str,
+    batch_size: int | None, device: str, checkpoint_name: str | None = None,
 ) -> dict:  # fmt: skip
     dev = resolve_device(device)
-    model, tok, meta = load_model(run_dir, dev)
+    model, tok, meta = load_model(run_dir, dev, checkpoint_name)
     _, tc = configs(meta)
     if text:
         shards = text_tokens(text, tok)
@@ -142,8 +153,6 @@ def evaluate_run(
                 "evaluate on data prepared with the run's tokenizer, or pass raw text with --text"
             )
         shards = data.shards(split)
-    result = evaluate(
-        model, shards, tc.seq_len, batch_size or tc.micro_batch_size, max_tokens, dev, amp_dtype(dev, tc.amp),
-        token_bytes(tok),
-    )  # fmt: skip
+    batch = tc.micro_batch_size if batch_size is None else batch_size
+    result = evaluate(model, shards, tc.seq_len, batch, max_tokens, dev, amp_dtype(dev, tc.amp), token_bytes(tok))
     return {"run": str(run_dir), **result}

@@ -139,6 +139,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     "mla-drope": dict(attention="mla", positions="rope", ffn="dense", rope_mode="decoupled"),
     "moe-mla-drope": dict(attention="mla", positions="rope", ffn="moe", rope_mode="decoupled"),
 }
+# what `moemla train` builds when neither --preset nor --variant nor a config file says: CPU-sized
+DEFAULT_PRESET, DEFAULT_VARIANT = "tiny", "moe-mla-rope"
 
 
 def variant_name(cfg: ModelConfig) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -39,6 +40,18 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    """The one check of sampling settings, for the CLI and the Python API alike: ValueError naming the flag."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be at least 1 (or left out for no limit), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+
+
 def _check_fits(context: int, prompt_len: int) -> None:
     if prompt_len >= context:
         raise ValueError(
@@ -63,6 +76,7 @@ def generate_ids(
     `model` is a torch Transformer or a NumpyDecoder; with the same logits and seed both draw the same tokens.
     """
     cfg = model.cfg
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
     _check_fits(cfg.max_seq_len, len(prompt))
@@ -120,6 +134,7 @@ def generate_ids_batch(
     """
     if isinstance(model, NumpyDecoder):
         raise ValueError("the numpy decoders run one sequence at a time; batch with the torch model")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     cfg, seeds = model.cfg, seeds or list(range(len(prompts)))
     if not prompts or any(not p for p in prompts) or len(seeds) != len(prompts):
         raise ValueError("give one or more non-empty prompts, and one seed per prompt")
@@ -163,6 +178,9 @@ def generate(
     batch_size > 1 decodes that many prompts together (torch model; no streaming). Prompt i samples
     with seed + i either way.
     """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     stop = eot_id(tokenizer)
     room = model.cfg.max_seq_len - min(max_new_tokens, model.cfg.max_seq_len // 2)
     encoded = [tokenizer.encode(p).ids for p in prompts]

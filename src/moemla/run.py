@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +25,43 @@ class RunError(ValueError):
     """A run folder that cannot be used; the message says why and what to do."""
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder; a second process on it gets a RunError at once.
+
+    The lock is an flock on RUN/.lock, which the kernel drops when its process dies, so the lock of a
+    killed run never blocks the resume. (Where flock is missing, on Windows, nothing is locked.)
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_FILE).open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunError(
+                f"{folder} is in use by {holder}; wait for it to finish or stop it (two writers would interleave "
+                "its metrics and checkpoints)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def read_meta(run_dir: str | Path) -> dict:
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
@@ -35,11 +76,13 @@ def configs(meta: dict) -> tuple[ModelConfig, TrainConfig]:
     return ModelConfig.from_dict(meta["model"]), TrainConfig.from_dict(meta["train"])
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
-    """The newest checkpoint's model in eval mode, the run's tokenizer and its run.json."""
+def load_model(
+    run_dir: str | Path, device: str | torch.device = "cpu", checkpoint_name: str | None = None
+) -> tuple[Transformer, Tokenizer, dict]:
+    """A checkpoint's model in eval mode (the newest, or `checkpoint_name`: step_N), the tokenizer and run.json."""
     meta = read_meta(run_dir)
     cfg, _ = configs(meta)
-    path = checkpoint.latest(run_dir)
+    path = checkpoint.find(run_dir, checkpoint_name)
     if path is None:
         raise RunError(f"{run_dir} has no checkpoint yet; train it (or let training reach its first checkpoint)")
     model = Transformer(cfg)

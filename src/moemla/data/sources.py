@@ -20,39 +20,53 @@ class DataError(ValueError):
 StorySource = Callable[[], Iterator[str]]  # called once per pass (tokenizer training, then sharding)
 
 
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; anything else is a DataError naming the file and line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if b"\0" in raw:
+                raise DataError(f"{path}:{n}: NUL bytes; this is a binary file, not text: pass UTF-8 text files")
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); convert "
+                    f"the file first, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}"
+                ) from None
+
+
 def _txt_stories(path: Path) -> Iterator[str]:
     """Stories separated by <|endoftext|> lines, or by blank lines when the file has no such marker."""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        head = f.read(1 << 20)
-        f.seek(0)
-        by_marker = EOT in head
-        lines: list[str] = []
-        for line in f:
-            if (EOT in line) if by_marker else not line.strip():
-                before, _, after = line.partition(EOT) if by_marker else ("", "", "")
-                lines.append(before)
-                text = "".join(lines).strip()
-                if text:
-                    yield text
-                lines = [after.lstrip()] if after.strip() else []
-            else:
-                lines.append(line)
-        text = "".join(lines).strip()
-        if text:
-            yield text
+    with path.open("rb") as f:
+        by_marker = EOT.encode() in f.read(1 << 20)
+    lines: list[str] = []
+    for _, line in _text_lines(path):
+        if (EOT in line) if by_marker else not line.strip():
+            before, _, after = line.partition(EOT) if by_marker else ("", "", "")
+            lines.append(before)
+            text = "".join(lines).strip()
+            if text:
+                yield text
+            lines = [after.lstrip()] if after.strip() else []
+        else:
+            lines.append(line)
+    text = "".join(lines).strip()
+    if text:
+        yield text
 
 
 def _jsonl_stories(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataError(f"{path}:{n}: expected a JSON object with a 'text' field per line ({err})") from None
-            if text.strip():
-                yield text.strip()
+    for n, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{path}:{n}: expected a JSON object with a 'text' field per line ({err})") from None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{n}: 'text' must be a string, got {type(text).__name__}")
+        if text.strip():
+            yield text.strip()
 
 
 def _parquet_stories(path: Path) -> Iterator[str]:
@@ -75,6 +89,8 @@ def file_source(paths: Sequence[str | Path]) -> StorySource:
     if not files:
         raise DataError("no input files given")
     for p in files:
+        if p.is_dir():
+            raise DataError(f"{p} is a directory; pass the files in it, e.g. {p}/*.txt")
         if not p.is_file():
             raise DataError(f"input file not found: {p}")
         if p.suffix not in SUFFIXES:

@@ -42,6 +42,10 @@ def evaluate(
 
     With `token_bytes` (data.tokenizer.token_bytes) the result also has `bits_per_byte`.
     """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1 (or left out for the whole split), got {max_tokens}")
     was_training = model.training
     model.eval()
     for moe in model.moe_layers():

@@ -54,6 +54,8 @@ def judge_runs(
     """
     if not runs:
         raise ConfigError("give at least one run folder to judge")
+    if concurrency < 1:
+        raise ConfigError(f"--concurrency must be at least 1, got {concurrency}")
     if len(set(map(lambda r: str(Path(r).resolve()), runs))) != len(runs):
         raise ConfigError("a run folder is named twice; give each run once")
     if endpoint and not model and judge is None:

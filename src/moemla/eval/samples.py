@@ -15,7 +15,7 @@ from pathlib import Path
 from moemla.data.sources import DataError
 from moemla.data.tokenizer import eot_id
 from moemla.eval.stats import Completion
-from moemla.generate import generate_ids_batch
+from moemla.generate import check_sampling, generate_ids_batch
 from moemla.progress import Progress
 from moemla.run import load_model
 
@@ -47,6 +47,12 @@ class SampleSettings:
     top_k: int | None = 40
     seed: int = 0
     batch_size: int = 16  # completions decoded together (left-padded); part of the key, as it can flip near-ties
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, None, self.max_new_tokens)
+        for name in ("samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 def _run_identity(run_dir: str | Path) -> dict[str, object]:

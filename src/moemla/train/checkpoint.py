@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.pt", "state.json"
+EARLIER = "use an earlier checkpoint with --checkpoint step_N (the run's checkpoints/ folder lists them)"
 
 
 class CheckpointError(RuntimeError):
@@ -34,13 +36,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def _disk_full(err: Exception, folder: Path) -> bool:
+    """ENOSPC, or a wrapped write error (torch.save, safetensors) on a disk with (almost) no room left."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` via a fsynced temporary file; on failure (a full disk) nothing is left behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def find(run_dir: str | Path, name: str | None = None) -> Path | None:
+    """Checkpoint `name` (step_N, or N) of a run, or its newest one when name is None."""
+    if name is None:
+        return latest(run_dir)
+    root = Path(run_dir) / "checkpoints"
+    wanted = f"step_{int(name.removeprefix('step_')):08d}" if name.removeprefix("step_").isdigit() else name
+    path = root / wanted
+    if not (path / STATE).is_file():
+        have = sorted(p.name for p in root.glob("step_*") if (p / STATE).is_file())
+        raise CheckpointError(f"{run_dir} has no checkpoint {name!r}; it has: {', '.join(have) or 'none'}")
+    return path
 
 
 def latest(run_dir: str | Path) -> Path | None:
@@ -75,10 +105,10 @@ def save(
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _fsync_dir(root)
-        _write_text_atomic(root / "latest", name)
-    except OSError as err:
+        write_text_atomic(root / "latest", name)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors wrap write errors
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        why = "the disk is full" if _disk_full(err, root) else str(err).splitlines()[0]
         prev = latest(run_dir)
         kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write the checkpoint of step {step}: {why}; {kept}") from None
@@ -93,7 +123,7 @@ def load_weights(path: Path, model: nn.Module) -> None:
     try:
         weights = load_file(str(path / MODEL))
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path / MODEL} is corrupt or unreadable ({err}); use an earlier checkpoint") from None
+        raise CheckpointError(f"{path / MODEL} is corrupt or unreadable ({err}); {EARLIER}") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     shapes = [
@@ -113,7 +143,14 @@ def load(path: Path) -> tuple[dict[str, object], dict[str, object]]:
     """(extra tensors, JSON state) of a checkpoint; nothing is unpickled beyond tensors and containers."""
     try:
         state = json.loads((path / STATE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / STATE} is corrupt or unreadable ({err}); {EARLIER}") from None
+    try:
         extra = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
-    except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({err}); use an earlier one") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError):
+        # NOTE: weights_only refuses any object but tensors and containers; never retry without it
+        raise CheckpointError(
+            f"{path / OPTIMIZER} is not a moemla checkpoint (corrupt, or it holds objects other than tensors, "
+            f"which moemla never unpickles); {EARLIER}"
+        ) from None
     return extra, state

@@ -64,6 +64,10 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints must be at least 1")
+        if self.eval_tokens < 1:
+            raise ConfigError(f"eval_tokens must be at least 1, got {self.eval_tokens}")
+        if not self.grad_clip >= 0:  # also catches NaN
+            raise ConfigError(f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
 
     @property
     def tokens_per_step(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import shutil
@@ -21,7 +22,7 @@ from moemla.data.tokenizer import token_bytes
 from moemla.eval.perplexity import amp_dtype, autocast, evaluate
 from moemla.model import Transformer
 from moemla.progress import Progress
-from moemla.run import METRICS_FILE, RUN_FILE, TOKENIZER_FILE, RunError, read_meta
+from moemla.run import METRICS_FILE, RUN_FILE, TOKENIZER_FILE, RunError, lock_run, read_meta
 from moemla.train import checkpoint, distributed
 from moemla.train.config import TrainConfig, build_optimizer, lr_at
 
@@ -60,17 +61,25 @@ def _start_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedD
             )
         if old["model"] != meta["model"]:
             raise RunError(f"--resume: the model configuration differs from the one in {run_dir / RUN_FILE}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / (RUN_FILE + ".tmp")).write_text(json.dumps(meta, indent=1))
-    (run_dir / (RUN_FILE + ".tmp")).replace(run_dir / RUN_FILE)
-    shutil.copyfile(data.root / "tokenizer.json", run_dir / TOKENIZER_FILE)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=1))
+        if not (run_dir / TOKENIZER_FILE).is_file():
+            shutil.copyfile(data.root / "tokenizer.json", run_dir / TOKENIZER_FILE)
+    except OSError as err:
+        why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        raise RunError(f"could not write {run_dir / RUN_FILE}: {why}; the run folder is unchanged") from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, forget records written after the checkpoint being resumed from."""
+    """On resume, forget records written after the checkpoint being resumed from (atomically: a full disk
+    must not empty the file)."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        try:
+            checkpoint.write_text_atomic(path, "".join(line + "\n" for line in keep))
+        except OSError as err:
+            raise RunError(f"could not rewrite {path}: {err.strerror}; the file is unchanged") from None
 
 
 def _tensorboard(run_dir: Path) -> object | None:
@@ -88,13 +97,21 @@ def train(
     tc: TrainConfig,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    from_checkpoint: str | None = None,
 ) -> dict[str, object]:
-    """Train `cfg` on a prepared folder into `run_dir`; returns the final metrics."""
+    """Train `cfg` on a prepared folder into `run_dir`; returns the final metrics.
+
+    resume continues from the newest checkpoint, or from `from_checkpoint` (step_N). The run folder is
+    locked for the run's life: a second process on it is refused (RunError).
+    """
+    if from_checkpoint is not None and not resume:
+        raise RunError("a checkpoint to start from (--checkpoint) needs --resume")
     data = PreparedData.open(data_dir)
     check_compatible(cfg, tc, data)
     d = distributed.setup(tc.device)
     try:
-        return _train(data, Path(run_dir), cfg, tc, resume, log, d)
+        with lock_run(run_dir) if d.main else contextlib.nullcontext():
+            return _train(data, Path(run_dir), cfg, tc, resume, log, d, from_checkpoint)
     finally:
         distributed.teardown(d)
 
@@ -107,6 +124,7 @@ def _train(
     resume: bool,
     log: Callable[[str], None],
     d: distributed.Dist,
+    from_checkpoint: str | None,
 ) -> dict[str, object]:
     accum = tc.accumulation(d.world)
     if d.main:
@@ -121,7 +139,7 @@ def _train(
         torch.manual_seed(tc.seed + d.rank)  # different dropout masks per process
 
     step, elapsed = 0, 0.0
-    ckpt = checkpoint.latest(run_dir) if resume else None
+    ckpt = checkpoint.find(run_dir, from_checkpoint) if resume else None
     if ckpt is not None:
         checkpoint.load_weights(ckpt, model)
         extra, state = checkpoint.load(ckpt)
@@ -151,6 +169,7 @@ def _train(
     metrics = (run_dir / METRICS_FILE).open("a") if d.main else None
     last: dict[str, object] = {"step": step}
     window_tokens, window_time = 0, 0.0
+    session_steps, session_time = 0, 0.0  # steps run by this process, for the ETA
 
     def record(row: dict[str, object]) -> None:
         if metrics is not None:
@@ -208,6 +227,11 @@ def _train(
             train_loss = float(loss_sum) / (accum * d.world)
             tps = window_tokens / window_time
             bar.set(step, f"loss {train_loss:.3f} | {tps:,.0f} tok/s")
+            session_steps, session_time = session_steps + 1, session_time + dt
+            eta = _duration((total - step) * session_time / session_steps)
+            if d.main and session_steps == 1 and step < total:  # how long this will take, before the user waits for it
+                log(f"step {step}/{total} took {dt:.1f} s ({tc.tokens_per_step / dt:,.0f} tok/s, warm-up included): "
+                    f"about {eta} for the remaining {total - step} steps")  # fmt: skip
 
             if step % tc.log_interval == 0 or step == total:
                 last = {
@@ -226,7 +250,7 @@ def _train(
                 cv = f" | load CV {max(ev['expert_load_cv']):.3f}" if ev["expert_load_cv"] else ""
                 log(
                     f"step {step}/{total} | train loss {train_loss:.4f} | val loss {ev['val_loss']:.4f} "
-                    f"(ppl {ev['val_ppl']:.2f}){cv} | {tps:,.0f} tok/s"
+                    f"(ppl {ev['val_ppl']:.2f}){cv} | {tps:,.0f} tok/s | ETA {eta}"
                 )
             if step % tc.ckpt_interval == 0 or step == total:
                 rng = distributed.gather_objects(torch.get_rng_state(), d)
@@ -240,6 +264,14 @@ def _train(
     if writer is not None:
         writer.close()  # type: ignore[attr-defined]
     return last
+
+
+def _duration(seconds: float) -> str:
+    """3 h 05 min, 4 min 10 s, 12 s."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def _to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

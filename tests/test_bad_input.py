@@ -1,0 +1,231 @@
+"""Failures that once ended in a traceback or silently wrong output (issue 16): each is one clear line now."""
+
+import errno
+import io
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+
+from moemla.cli import main
+from moemla.data.shards import prepare
+from moemla.data.sources import builtin_source, file_source
+from moemla.generate import generate_ids
+from moemla.run import RunError, lock_run
+from moemla.train import checkpoint
+from moemla.train.checkpoint import CheckpointError
+from moemla.train.loop import train
+from tests.test_train import TC, cfg, weights
+
+from .conftest import build
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "builtin"
+    prepare(builtin_source(400), out, {"dataset": "builtin", "stories": 400}, vocab_size=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "r"
+    train(data, out, cfg(), TC.replace(max_steps=6), log=lambda _: None)  # checkpoints at steps 3 and 6
+    return out
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3"),
+        SafetensorError("Error while serializing: IoError(No space left on device)"),
+    ],
+)
+def test_wrapped_write_errors_while_checkpointing_keep_the_previous_one(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    run = tmp_path / "r"
+    train(data, run, cfg(), TC.replace(max_steps=3), log=lambda _: None)
+
+    def fail(*args: object, **kw: object) -> None:
+        raise failure
+
+    target = "save" if isinstance(failure, RuntimeError) else "save_file"
+    monkeypatch.setattr(checkpoint.torch if target == "save" else checkpoint, target, fail)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("u", (), {"free": 0})())
+    with pytest.raises(CheckpointError, match=r"step 6: the disk is full; the previous checkpoint .*step_00000003"):
+        train(data, run, cfg(), TC, resume=True, log=lambda _: None)
+    assert checkpoint.latest(run).name == "step_00000003"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_on_a_full_disk_is_one_line_and_leaves_run_json_intact(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "r"
+    train(data, run, cfg(), TC.replace(max_steps=3), log=lambda _: None)
+    before = (run / "run.json").read_text()
+    real_open = Path.open
+
+    def full_open(self: Path, mode: str = "r", *args: object, **kw: object) -> io.IOBase:
+        if self.name.endswith(".tmp") and "w" in mode:
+            real_open(self, mode, *args, **kw).close()  # the 0-byte file a failed write leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *args, **kw)
+
+    monkeypatch.setattr(Path, "open", full_open)
+    with pytest.raises(RunError, match=r"could not write .*run.json: the disk is full"):
+        train(data, run, cfg(), TC, resume=True, log=lambda _: None)
+    monkeypatch.undo()
+    assert (run / "run.json").read_text() == before and not list(run.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("content", ["garbage", "hostile"])
+def test_corrupt_or_hostile_optimizer_state_is_one_line(
+    run: Path, tmp_path: Path, content: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    target = checkpoint.latest(copy) / checkpoint.OPTIMIZER
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (print, ("pwned",))
+
+    target.write_bytes(b"garbage" if content == "garbage" else pickle.dumps({"optimizer": Evil()}))
+    with pytest.raises(CheckpointError, match=r"optimizer.pt is not a moemla checkpoint.*--checkpoint step_N") as err:
+        checkpoint.load(checkpoint.latest(copy))
+    assert "weights_only" not in str(err.value)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_does_not_block(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    with lock_run(run), pytest.raises(RunError, match=r"in use by process \d+"):
+        train(data, run, cfg(), TC.replace(max_steps=2), log=lambda _: None)
+    assert not (run / "metrics.jsonl").exists()
+    (run / ".lock").write_text("process 999999 on a killed host")  # left by a killed run: no flock is held
+    train(data, run, cfg(), TC.replace(max_steps=2), log=lambda _: None)
+    assert checkpoint.latest(run) is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"top_p": 0.0}, "--top-p must be in"),
+        ({"temperature": float("nan")}, "--temperature must be a finite"),
+        ({"temperature": -1.0}, "--temperature must be a finite"),
+        ({"top_k": 0}, "--top-k must be at least 1"),
+        ({"top_k": -3}, "--top-k must be at least 1"),
+        ({"max_new_tokens": -4}, "--max-new-tokens must be at least 1"),
+    ],
+)
+def test_sampling_settings_are_checked_once_for_api_and_cli(kwargs: dict, message: str) -> None:
+    model = build("mha")
+    args = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate_ids(model, [1, 2], **args)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "RUN", "--top-p", "0"], "--top-p must be in"),
+        (["generate", "RUN", "--temperature", "nan"], "--temperature must be a finite"),
+        (["generate", "RUN", "--temperature", "-1"], "--temperature must be a finite"),
+        (["generate", "RUN", "--max-new-tokens", "-4"], "--max-new-tokens must be at least 1"),
+        (["eval", "RUN", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["eval", "RUN", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["train", "--out", "RUN", "--resume", "--eval-tokens", "0"], "eval_tokens must be at least 1"),
+        (["train", "--out", "RUN", "--resume", "--grad-clip", "-1"], "grad_clip must be >= 0"),
+        (["eval", "RUN", "--checkpoint", "step_5"], "has no checkpoint 'step_5'; it has: step_00000003, step_00000006"),
+        (["train", "--out", "RUN", "--checkpoint", "step_3"], "needs --resume"),
+    ],
+)
+def test_cli_bad_values_exit_with_one_line(
+    run: Path, data: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(run) if a == "RUN" else a for a in argv]
+    if argv[0] == "train":
+        argv += ["--data", str(data)]
+    assert main(argv) in (1, 2)
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_flag_picks_an_earlier_checkpoint(
+    run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    losses = {}
+    for name in ("step_3", "step_00000006", None):
+        assert main(["eval", str(run), "--json", "--max-tokens", "256", *(["--checkpoint", name] if name else [])]) == 0
+        losses[name] = json.loads(capsys.readouterr().out)["val_loss"]
+    assert losses["step_3"] != losses["step_00000006"] == losses[None]
+    assert main(["generate", str(run), "--checkpoint", "step_3", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    # resuming from step 3 retrains steps 4-6 and lands on the uninterrupted run's weights
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    train(data, copy, cfg(), TC.replace(max_steps=6), resume=True, from_checkpoint="step_3", log=lambda _: None)
+    a, b = weights(run), weights(copy)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_of_a_diverged_model_prints_strict_json(run: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    path = checkpoint.latest(copy) / checkpoint.MODEL
+    w = load_file(str(path))
+    w = {k: v * 1e4 if k.endswith(("head.weight", "wte.weight")) else v for k, v in w.items()}
+    save_file(w, str(path))
+    capsys.readouterr()
+    assert main(["eval", str(copy), "--json", "--max-tokens", "64", "--batch-size", "1"]) == 0
+    result = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert result["val_loss"] > 700 and result["val_ppl"] is None and result["val_ppl_ci95"] == [None, None]
+
+
+def test_bad_text_files_are_refused_by_name_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "program.txt"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Once upon a time\n\nA caf\u00e9 opened.\n".encode("latin-1"))
+    latin_jsonl = tmp_path / "latin.jsonl"
+    latin_jsonl.write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    for path, message in [
+        (binary, "program.txt:1: NUL bytes; this is a binary file"),
+        (latin, "latin.txt:3: not UTF-8 text (byte 0xe9 at column 6)"),
+        (latin_jsonl, "latin.jsonl:2: not UTF-8 text"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            list(file_source([path])())
+    assert main(["prepare", "--text", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    assert "is a directory; pass the files in it" in capsys.readouterr().err
+
+
+def test_a_same_size_edit_is_not_mistaken_for_the_prepared_data(tmp_path: Path, capsys) -> None:
+    text = tmp_path / "stories.txt"
+    story = "Tom had a red ball. He played with it every day in the park with his dog.\n\n"
+    text.write_text(story * 60)
+    argv = ["prepare", "--text", str(text), "--vocab-size", "300", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    text.write_text(story.replace("red", "tan") * 60)  # same size, other content
+    assert main(argv) == 1
+    assert "different request" in capsys.readouterr().err
+
+
+def test_training_says_how_long_it_will_take_from_the_first_step(data: Path, tmp_path: Path) -> None:
+    log: list[str] = []
+    train(data, tmp_path / "r", cfg(), TC, log=log.append)
+    assert log[0].startswith("step 1/6 took ") and "for the remaining 5 steps" in log[0]
+    assert all("| ETA " in line for line in log if line.startswith("step 3/6 |"))
