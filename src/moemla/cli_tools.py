@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from moemla.cli import add_config_flags, config_overrides
+from moemla.cli_flags import add_config_flags, config_overrides
 from moemla.config import SIZES, VARIANTS, ConfigError, ModelConfig
 from moemla.data.sources import DataError
 from moemla.experiments.tables import TABLES

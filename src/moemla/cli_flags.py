@@ -1,0 +1,72 @@
+"""Command-line flags derived from the config dataclasses: one `--field-name` per field, typed and checked."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+
+from moemla.config import DEFAULT_VARIANT, ModelConfig
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_parser(annotation: object) -> tuple[Callable[[str], object], list[str] | None]:
+    """How to parse one ModelConfig field from text: (converter, choices)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, list(args)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `int | None`
+        inner = next(a for a in args if a is not type(None))
+        convert = _field_parser(inner)[0]
+        return (lambda s: None if s.lower() == "none" else convert(s)), None
+    if annotation is bool:
+        return _parse_bool, None
+    return typing.cast(Callable[[str], object], annotation), None
+
+
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser, cls: type, prefix: str, title: str, shown: object | None = None
+) -> None:
+    """One `--field-name` flag per dataclass field; unset flags leave the value from preset or file.
+
+    The help shows each field's value in `shown` (e.g. the default preset's config), else its default."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = getattr(shown, f.name) if shown is not None else f.default
+        convert, choices = _field_parser(hints[f.name])
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f"{prefix}{f.name}",
+            type=convert,
+            choices=choices,
+            default=None,
+            metavar=None if choices else f.name.upper(),
+            help=f"{cls.__name__}.{f.name} (default {default!r})",
+        )
+
+
+def add_config_flags(parser: argparse.ArgumentParser, preset: str) -> None:
+    """ModelConfig overrides; the help shows the values of the command's default preset."""
+    shown = ModelConfig.from_preset(preset, DEFAULT_VARIANT)
+    title = f"model config overrides (default: the preset's value; shown for {preset} {DEFAULT_VARIANT})"
+    add_dataclass_flags(parser, ModelConfig, "cfg_", title, shown)
+
+
+def flag_values(args: argparse.Namespace, prefix: str) -> dict[str, object]:
+    n = len(prefix)
+    return {k[n:]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return flag_values(args, "cfg_")
