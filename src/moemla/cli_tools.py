@@ -22,7 +22,7 @@ ENGINES = ["torch", "numpy", "numba"]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moemla.generate import generate
+    from moemla.generate import check_sampling, generate
     from moemla.run import load_model
     from moemla.train.distributed import resolve_device
 
@@ -35,6 +35,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [args.prompt]
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before the prompt is printed
     engine = args.engine
     if engine == "auto":  # one sequence at a time: on a CPU the numpy decoders beat the torch model
         on_cpu = resolve_device(args.device).type == "cpu"
@@ -168,7 +169,7 @@ def add_judge(sub: argparse._SubParsersAction) -> None:
         "judge-free statistics",
         description="Generate seeded story completions from each run, score each on grammar, coherence, "
         "creativity and overall quality (1-10) with any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp "
-        "server, Ollama, `moemla serve`), and write DIR/judge.md, judge.png, judge.json and the caches "
+        "server, Ollama), and write DIR/judge.md, judge.png, judge.json and the caches "
         "completions.jsonl and judgments.jsonl (a rerun asks nothing twice). The key comes from OPENAI_API_KEY "
         "(optional for local servers) and is never printed. --offline computes distinct-1/2, the repeated 4-gram "
         "rate, endings and lengths without any network.",
