@@ -14,10 +14,10 @@ from moemla.cli import main
 from moemla.data.shards import prepare
 from moemla.data.sources import builtin_source, file_source
 from moemla.generate import generate_ids
-from moemla.run import RunError, lock_run
 from moemla.train import checkpoint
 from moemla.train.checkpoint import CheckpointError
 from moemla.train.loop import train
+from moemla.train.run_folder import RunError, lock_run
 from tests.test_train import TC, cfg, weights
 
 from .conftest import build

@@ -18,11 +18,11 @@ from moemla.data.shards import prepare
 from moemla.data.sources import DataError, builtin_source
 from moemla.eval.perplexity import evaluate
 from moemla.model import Transformer
-from moemla.run import load_model, read_metrics
 from moemla.train import checkpoint
 from moemla.train.checkpoint import CheckpointError
 from moemla.train.config import TrainConfig, lr_at, param_groups
 from moemla.train.loop import TrainingDiverged, train
+from moemla.train.run_folder import load_model, read_metrics
 from tests.conftest import ALL_VARIANTS
 
 TC = TrainConfig(

@@ -14,10 +14,10 @@ from moemla.cli_flags import add_config_flags, add_dataclass_flags, config_overr
 from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, SIZES, VARIANTS, ConfigError, ModelConfig
 from moemla.data.sources import DataError
 from moemla.eval.judge import JudgeError
-from moemla.run import RunError
 from moemla.train.checkpoint import CheckpointError
 from moemla.train.config import TrainConfig
 from moemla.train.loop import TrainingDiverged
+from moemla.train.run_folder import RunError
 
 
 def finite_or_null(obj: object) -> object:

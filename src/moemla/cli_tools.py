@@ -23,8 +23,8 @@ ENGINES = ["torch", "numpy", "numba"]
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from moemla.generate import check_sampling, generate
-    from moemla.run import load_model
     from moemla.train.distributed import resolve_device
+    from moemla.train.run_folder import load_model
 
     if args.prompts:
         path = Path(args.prompts)

@@ -14,10 +14,10 @@ from moemla.data.shards import PreparedData, prepare
 from moemla.data.sources import DataError, builtin_source, file_source, tinystories_source
 from moemla.data.tokenizer import eot_id, token_bytes
 from moemla.eval.perplexity import amp_dtype, evaluate
-from moemla.run import RUN_FILE, configs, load_model, read_meta
 from moemla.train.config import TrainConfig
 from moemla.train.distributed import resolve_device
 from moemla.train.loop import train
+from moemla.train.run_folder import RUN_FILE, configs, load_model, read_meta
 
 CONFIG_KEYS = {"preset", "variant", "model", "train"}
 

@@ -21,9 +21,9 @@ from moemla.data.shards import PreparedData, eval_batches
 from moemla.generate import generate
 from moemla.model import Transformer
 from moemla.plots import expert_utilization, loss_curves
-from moemla.run import finished, load_model, read_metrics
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
+from moemla.train.run_folder import finished, load_model, read_metrics
 
 VARIANTS = ("moe-mla-rope", "mha")
 STORIES = 20_000  # ~5M tokens with the 4096-token BPE, generated and tokenized in about 10 s

@@ -17,7 +17,7 @@ from moemla.eval.judge import DIMENSIONS, RUBRIC_VERSION, Judge, JudgmentCache, 
 from moemla.eval.samples import SampleSettings, completions, load_prompts
 from moemla.eval.stats import Completion, sample_stats, stats_markdown
 from moemla.progress import Progress
-from moemla.run import configs, read_meta, read_metrics
+from moemla.train.run_folder import configs, read_meta, read_metrics
 
 COMPLETIONS, JUDGMENTS = "completions.jsonl", "judgments.jsonl"
 

@@ -17,7 +17,7 @@ from moemla.data.tokenizer import eot_id
 from moemla.eval.stats import Completion
 from moemla.generate import check_sampling, generate_ids_batch
 from moemla.progress import Progress
-from moemla.run import load_model
+from moemla.train.run_folder import load_model
 
 PROMPT_SETS = {"stories-v1": Path(__file__).parent / "prompts" / "stories-v1.txt"}
 DEFAULT_PROMPTS = "stories-v1"

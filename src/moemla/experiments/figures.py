@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moemla.plots import plt
-from moemla.run import read_metrics
+from moemla.train.run_folder import read_metrics
 
 Row = dict[str, object]
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]

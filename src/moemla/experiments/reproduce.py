@@ -23,8 +23,8 @@ from moemla.experiments.tables import (
     params_note,
     relative_improvement,
 )
-from moemla.run import configs, read_meta
 from moemla.train.config import TrainConfig
+from moemla.train.run_folder import configs, read_meta
 
 # CPU-scale settings, as the demo: small batches want a larger learning rate than §3.3's, and the
 # sign balancing rule at 1e-2 reaches the paper's load CV in a short run (BENCHMARKS.md).

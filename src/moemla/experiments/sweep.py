@@ -10,9 +10,9 @@ from pathlib import Path
 from moemla import accounting
 from moemla.config import ConfigError, ModelConfig
 from moemla.data.shards import PreparedData
-from moemla.run import finished, read_meta, read_metrics
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
+from moemla.train.run_folder import finished, read_meta, read_metrics
 
 # settings that change how a run executes, not what it trains: a finished run is reused whatever they were
 EXECUTION_ONLY = {"compile"}

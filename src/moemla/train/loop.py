@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +20,9 @@ from moemla.data.tokenizer import token_bytes
 from moemla.eval.perplexity import amp_dtype, autocast, evaluate
 from moemla.model import Transformer
 from moemla.progress import Progress
-from moemla.run import METRICS_FILE, RUN_FILE, TOKENIZER_FILE, RunError, lock_run, read_meta
-from moemla.train import checkpoint, distributed
+from moemla.train import checkpoint, distributed, run_folder
 from moemla.train.config import TrainConfig, build_optimizer, lr_at
+from moemla.train.run_folder import METRICS_FILE, RunError, lock_run
 
 
 class TrainingDiverged(RuntimeError):
@@ -41,45 +39,6 @@ def check_compatible(cfg: ModelConfig, tc: TrainConfig, data: PreparedData) -> N
         raise ConfigError(
             f"seq_len={tc.seq_len} exceeds the model's context max_seq_len={cfg.max_seq_len}; lower --seq-len"
         )
-
-
-def _start_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData, resume: bool) -> None:
-    """Write run.json and the tokenizer for a new run; for --resume check that the data is the same."""
-    meta = {
-        "model": cfg.to_dict(),
-        "train": tc.to_dict(),
-        "data": {"path": str(data.root), "tokenizer_sha256": data.tokenizer_sha256, "vocab_size": data.vocab_size},
-    }
-    if (run_dir / RUN_FILE).exists():
-        old = read_meta(run_dir)
-        if not resume:
-            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-        if old["data"]["tokenizer_sha256"] != data.tokenizer_sha256:
-            raise DataError(
-                f"{data.root} was tokenized with a different tokenizer than the run {run_dir} was trained on "
-                f"({old['data']['path']}); resume with data prepared by the same tokenizer"
-            )
-        if old["model"] != meta["model"]:
-            raise RunError(f"--resume: the model configuration differs from the one in {run_dir / RUN_FILE}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=1))
-        if not (run_dir / TOKENIZER_FILE).is_file():
-            shutil.copyfile(data.root / "tokenizer.json", run_dir / TOKENIZER_FILE)
-    except OSError as err:
-        why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
-        raise RunError(f"could not write {run_dir / RUN_FILE}: {why}; the run folder is unchanged") from None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, forget records written after the checkpoint being resumed from (atomically: a full disk
-    must not empty the file)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        try:
-            checkpoint.write_text_atomic(path, "".join(line + "\n" for line in keep))
-        except OSError as err:
-            raise RunError(f"could not rewrite {path}: {err.strerror}; the file is unchanged") from None
 
 
 def _tensorboard(run_dir: Path) -> object | None:
@@ -128,7 +87,7 @@ def _train(
 ) -> dict[str, object]:
     accum = tc.accumulation(d.world)
     if d.main:
-        _start_run(run_dir, cfg, tc, data, resume)
+        run_folder.start(run_dir, cfg, tc, data, resume)
     distributed.barrier(d)
     torch.manual_seed(tc.seed)  # identical initial weights on every process
     model = Transformer(cfg).to(d.device)
@@ -152,7 +111,7 @@ def _train(
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
         log(f"resuming {run_dir} from step {step} ({ckpt.name})")
     if d.main:
-        _truncate_metrics(run_dir / METRICS_FILE, step)
+        run_folder.truncate_metrics(run_dir / METRICS_FILE, step)
 
     fwd: torch.nn.Module | _CompiledOrEager = model
     if d.world > 1:  # buffers are not broadcast: routing biases stay equal through all-reduced loads instead

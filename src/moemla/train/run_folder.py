@@ -1,10 +1,15 @@
-"""A run folder: run.json (model config, train config, data), tokenizer.json, metrics.jsonl, checkpoints/."""
+"""A run folder: run.json (model config, train config, data), tokenizer.json, metrics.jsonl, checkpoints/.
+
+This module owns it: creating it (start), locking it (lock_run), reading it, and the resume checks.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +18,8 @@ import torch
 from tokenizers import Tokenizer
 
 from moemla.config import ModelConfig
+from moemla.data.shards import PreparedData
+from moemla.data.sources import DataError
 from moemla.data.tokenizer import load_tokenizer
 from moemla.model import Transformer
 from moemla.train import checkpoint
@@ -102,3 +109,42 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def start(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData, resume: bool) -> None:
+    """Write run.json and the tokenizer for a new run; for --resume check that the data is the same."""
+    meta = {
+        "model": cfg.to_dict(),
+        "train": tc.to_dict(),
+        "data": {"path": str(data.root), "tokenizer_sha256": data.tokenizer_sha256, "vocab_size": data.vocab_size},
+    }
+    if (run_dir / RUN_FILE).exists():
+        old = read_meta(run_dir)
+        if not resume:
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+        if old["data"]["tokenizer_sha256"] != data.tokenizer_sha256:
+            raise DataError(
+                f"{data.root} was tokenized with a different tokenizer than the run {run_dir} was trained on "
+                f"({old['data']['path']}); resume with data prepared by the same tokenizer"
+            )
+        if old["model"] != meta["model"]:
+            raise RunError(f"--resume: the model configuration differs from the one in {run_dir / RUN_FILE}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=1))
+        if not (run_dir / TOKENIZER_FILE).is_file():
+            shutil.copyfile(data.root / "tokenizer.json", run_dir / TOKENIZER_FILE)
+    except OSError as err:
+        why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        raise RunError(f"could not write {run_dir / RUN_FILE}: {why}; the run folder is unchanged") from None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget records written after the checkpoint being resumed from (atomically: a full disk
+    must not empty the file)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        try:
+            checkpoint.write_text_atomic(path, "".join(line + "\n" for line in keep))
+        except OSError as err:
+            raise RunError(f"could not rewrite {path}: {err.strerror}; the file is unchanged") from None

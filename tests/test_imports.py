@@ -1,0 +1,74 @@
+"""Dependencies point down (../shared/STYLE.md): a module imports only from its own layer or below,
+and no two modules import each other, directly or around a loop."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "moemla"
+# lowest first; a module's layer is that of its longest matching prefix ("moemla" alone: the package's __init__)
+LAYERS = [
+    ["moemla.config"],
+    ["moemla", "moemla.model", "moemla.data", "moemla.accounting", "moemla.progress", "moemla.plots", "moemla.kernels"],
+    ["moemla.train", "moemla.eval", "moemla.generate", "moemla.numpy_decoder", "moemla.bench"],
+    ["moemla.experiments", "moemla.commands", "moemla.demo"],
+    ["moemla.cli", "moemla.cli_flags", "moemla.cli_tools", "moemla.__main__"],
+]
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> int:
+    matches = [
+        (len(p), i) for i, layer in enumerate(LAYERS) for p in layer if module == p or module.startswith(p + ".")
+    ]
+    assert matches, f"{module} has no layer in tests/test_imports.py; add it"
+    return max(matches)[1]
+
+
+def _imports() -> dict[str, set[str]]:
+    """moemla module -> the moemla modules it imports (anywhere in the file, lazy imports included)."""
+    modules = {_module(p): p for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moemla"):
+                for alias in node.names:  # `from moemla.train import checkpoint` imports the module
+                    sub = f"{node.module}.{alias.name}"
+                    found.add(sub if sub in modules else node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("moemla")}
+        graph[name] = {m for m in found if m != name and m != "moemla"}
+    return graph
+
+
+GRAPH = _imports()
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_point_down(module: str) -> None:
+    up = [m for m in GRAPH[module] if _layer(m) > _layer(module)]
+    assert not up, f"{module} (layer {_layer(module)}) imports from a higher layer: {up}"
+
+
+def test_no_import_cycles() -> None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(GRAPH.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(GRAPH):
+        if start not in state:
+            visit(start, [start])
