@@ -111,8 +111,8 @@ def batch_tokens(args: argparse.Namespace, vocab: int, data: Path | None) -> tor
 
 def loop_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, data: Path, run_dir: Path) -> float:
     """moemla's own training loop at the benchmark's shape: the median tokens/s it records, warm-up excluded."""
-    from moemla.run import read_metrics
     from moemla.train.loop import train
+    from moemla.train.run_folder import read_metrics
 
     amp = "bf16" if args.dtype == "bf16" else "none"
     tc = TrainConfig(
