@@ -7,6 +7,7 @@ model, rubric version), so a rerun or a run killed halfway never pays for a judg
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moemla.config import ConfigError
+from moemla.eval.samples import read_jsonl
 
 RUBRIC_VERSION = "moemla-judge-v1"
 # The paper's four dimensions (§4.4) with the criteria its prompt template leaves as [SPECIFIC CRITERIA].
@@ -83,10 +85,8 @@ def _valid(scores: object) -> dict[str, int] | None:
 
 def parse_scores(reply: str) -> dict[str, int] | None:
     """The four integer scores of a reply: a JSON object, one wrapped in text or a code fence, or `key: n` lines."""
-    try:
+    with contextlib.suppress(json.JSONDecodeError):
         return _valid(json.loads(reply))
-    except json.JSONDecodeError:
-        pass
     for block in re.findall(r"\{[^{}]*\}", reply):
         try:
             found = _valid(json.loads(block))
@@ -111,14 +111,7 @@ class JudgmentCache:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.records: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.records[rec["key"]] = rec
+        self.records = {rec["key"]: rec for rec in read_jsonl(path)}
         self._lock = threading.Lock()
 
     def add(self, record: dict) -> None:

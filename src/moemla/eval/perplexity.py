@@ -57,12 +57,12 @@ def evaluate(
             _, loss = model(x.to(device), y.to(device))
         losses.append(float(loss))
         counts.append(y.numel())
-        n_bytes += int(token_bytes[y.numpy()].sum()) if token_bytes is not None else 0
+        n_bytes += _text_bytes(y, token_bytes) if token_bytes is not None else 0
     model.train(was_training)
     loss_arr, w = np.array(losses), np.array(counts, dtype=np.float64)
-    mean = float((loss_arr * w).sum() / w.sum())
+    nats = float((loss_arr * w).sum())  # the total loss over every target token
+    mean = nats / float(w.sum())
     cv = [load_cv(load) for load in model.expert_loads("eval")] if model.moe_layers() else None
-    nats = float((loss_arr * w).sum())
     return {
         "val_loss": mean,
         "val_ppl": _exp(mean),
@@ -102,5 +102,9 @@ def window_bytes(
     tokens = n_bytes = 0
     for _, y in eval_batches(shards, seq_len, batch_size, max_tokens):
         tokens += y.numel()
-        n_bytes += int(token_bytes[y.numpy()].sum())
+        n_bytes += _text_bytes(y, token_bytes)
     return tokens, n_bytes
+
+
+def _text_bytes(targets: torch.Tensor, token_bytes: np.ndarray) -> int:
+    return int(token_bytes[targets.numpy()].sum())

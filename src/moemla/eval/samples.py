@@ -7,8 +7,10 @@ Completion i continues prompt i mod len(prompts) with seed + i, so a rerun draws
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +39,15 @@ def load_prompts(spec: str = DEFAULT_PROMPTS) -> tuple[str, list[str]]:
         raise DataError(f"{path} holds no prompts; write one story beginning per line")
     version = spec if spec in PROMPT_SETS else f"{path.name}@{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     return version, prompts
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """The records of a JSONL cache, if it exists; a last line cut short by a kill is skipped."""
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            yield json.loads(line)
 
 
 @dataclass(frozen=True)
@@ -76,15 +87,7 @@ def completions(
     """`settings.samples` completions of the run, read from `cache` (JSONL) where already drawn, else generated."""
     key = {**_run_identity(run_dir), "prompts": version, **asdict(settings)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    found: dict[int, Completion] = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if rec.get("key") == digest:
-                found[rec["index"]] = Completion(**rec["completion"])
+    found = {r["index"]: Completion(**r["completion"]) for r in read_jsonl(cache) if r.get("key") == digest}
     todo = [i for i in range(settings.samples) if i not in found]
     if todo:
         found.update(_generate(run_dir, prompts, settings, todo, device, cache, digest))

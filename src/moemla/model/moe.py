@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,8 +65,12 @@ def _native_or_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> tor
         except (RuntimeError, NotImplementedError):
             _GROUPED_MM_UNSUPPORTED.add(key)
     # fallback: one host sync for all groups, then a matmul per group
-    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-    return torch.cat([xs @ w[g] for g, xs in enumerate(x.split(sizes))])
+    return torch.cat([xs @ w[g] for g, xs in enumerate(x.split(_group_sizes(offs)))])
+
+
+def _group_sizes(offs: torch.Tensor) -> list[int]:
+    """Rows per group from the end offsets (G,): one host sync."""
+    return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
 
 
 @torch.library.custom_op("moemla::grouped_mm", mutates_args=())
@@ -82,11 +88,9 @@ def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 def _weight_grad_op(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
     """dL/dw (G, K, N) of the grouped matmul: x_g^T dy_g per group."""
     if hasattr(torch, "_grouped_mm"):
-        try:
+        with contextlib.suppress(RuntimeError, NotImplementedError):  # else the loop below
             return torch._grouped_mm(x.t(), dy, offs=offs)  # (K, M) x (M, N) split along M -> (G, K, N)
-        except (RuntimeError, NotImplementedError):
-            pass
-    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    sizes = _group_sizes(offs)
     pairs = zip(x.split(sizes), dy.split(sizes), strict=True)
     return torch.stack([xs.t() @ ds for xs, ds in pairs])
 
