@@ -12,8 +12,8 @@ LAYERS = [
     ["moemla.config"],
     ["moemla", "moemla.model", "moemla.data", "moemla.accounting", "moemla.progress", "moemla.plots", "moemla.kernels"],
     ["moemla.train", "moemla.eval", "moemla.generate", "moemla.numpy_decoder", "moemla.bench"],
-    ["moemla.experiments", "moemla.commands", "moemla.demo"],
-    ["moemla.cli", "moemla.cli_flags", "moemla.cli_tools", "moemla.__main__"],
+    ["moemla.experiments", "moemla.commands", "moemla.demo", "moemla.export"],
+    ["moemla.cli", "moemla.__main__"],
 ]
 
 

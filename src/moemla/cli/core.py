@@ -5,19 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import typing
-from collections.abc import Sequence
 
-from moemla import accounting, cli_tools
-from moemla.cli_flags import add_config_flags, add_dataclass_flags, config_overrides, flag_values
-from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, SIZES, VARIANTS, ConfigError, ModelConfig
-from moemla.data.sources import DataError
-from moemla.eval.judge import JudgeError
-from moemla.train.checkpoint import CheckpointError
+from moemla import accounting
+from moemla.cli.flags import add_config_flags, add_dataclass_flags, config_overrides, flag_values
+from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, SIZES, VARIANTS, ModelConfig
 from moemla.train.config import TrainConfig
-from moemla.train.loop import TrainingDiverged
-from moemla.train.run_folder import RunError
 
 
 def finite_or_null(obj: object) -> object:
@@ -218,14 +211,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moemla",
-        description="Train, evaluate, compare and benchmark small MoE-MLA-RoPE language models "
-        "(arXiv 2508.01261). New here? Run `moemla demo`. Each command has its own --help.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_info(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser(
         "info",
         help="parameters, active parameters, FLOPs and KV-cache bytes per token of a configuration",
@@ -241,22 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON (one object, or a list with --all-variants)")
     add_config_flags(info, "xs")
     info.set_defaults(func=cmd_info)
-    for add in (_add_prepare, _add_train, _add_eval, _add_demo, cli_tools.add_generate, cli_tools.add_bench,
-                cli_tools.add_reproduce, cli_tools.add_judge):  # fmt: skip
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """info, prepare, train, eval, demo: the model's life from configuration to comparison."""
+    for add in (_add_info, _add_prepare, _add_train, _add_eval, _add_demo):
         add(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"moemla {args.command}: invalid configuration: {err}", file=sys.stderr)
-        return 2
-    except (DataError, RunError, CheckpointError, TrainingDiverged, JudgeError, ValueError) as err:
-        print(f"moemla {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"moemla {args.command}: interrupted; a training run continues with --resume", file=sys.stderr)
-        return 130

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from moemla.cli_flags import add_config_flags, config_overrides
+from moemla.cli.flags import add_config_flags, config_overrides
 from moemla.config import SIZES, VARIANTS, ConfigError, ModelConfig
 from moemla.data.sources import DataError
 from moemla.experiments.tables import TABLES
@@ -274,3 +274,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
     add_config_flags(p, "xs")
     p.set_defaults(func=cmd_bench)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """generate, bench, reproduce, judge: using and measuring trained models."""
+    for add in (add_generate, add_bench, add_reproduce, add_judge):
+        add(sub)

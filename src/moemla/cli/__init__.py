@@ -1,0 +1,47 @@
+"""The `moemla` command: a thin package that parses flags and calls the library.
+
+core: info, prepare, train, eval, demo; tools: generate, bench, reproduce, judge; ship: export, serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from moemla.cli import core, ship, tools
+from moemla.config import ConfigError
+from moemla.data.sources import DataError
+from moemla.eval.judge import JudgeError
+from moemla.train.checkpoint import CheckpointError
+from moemla.train.loop import TrainingDiverged
+from moemla.train.run_folder import RunError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moemla",
+        description="Train, evaluate, compare and benchmark small MoE-MLA-RoPE language models "
+        "(arXiv 2508.01261). New here? Run `moemla demo`. Each command has its own --help.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    core.add_commands(sub)
+    tools.add_commands(sub)
+    ship.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"moemla {args.command}: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    except (DataError, RunError, CheckpointError, TrainingDiverged, JudgeError, ValueError) as err:
+        print(f"moemla {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"moemla {args.command}: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,57 @@
+"""`moemla export` and `moemla serve`: the ways out of moemla."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moemla.export.hf import DTYPES
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from moemla.export.hf import export_hf
+
+    info = export_hf(
+        args.run, args.out, checkpoint=args.checkpoint, architecture=args.architecture, dtype=args.dtype,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    remote = info["architecture"] == "remote"
+    print(f"wrote {info['out']}: {info['variant'] or 'custom'} as {info['architecture']} ({info['dtype']})")
+    print("load it with:")
+    print("  from transformers import AutoModelForCausalLM, AutoTokenizer")
+    flag = ", trust_remote_code=True" if remote else ""
+    print(f"  model = AutoModelForCausalLM.from_pretrained({info['out']!r}{flag})")
+    print(f"  tokenizer = AutoTokenizer.from_pretrained({info['out']!r})")
+    return 0
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's checkpoint as a Hugging Face model folder (AutoModelForCausalLM)",
+        description="Write a folder that transformers loads with AutoModelForCausalLM.from_pretrained: safetensors "
+        "weights (the routing bias kept in fp32), config, tokenizer and generation config. Dense mha exports as "
+        "GPT-2 and mha-rope as GPT-NeoX (exact, no remote code); every other variant as self-contained remote code "
+        "(modeling_moemla.py, load with trust_remote_code=True) whose cache keeps MLA's latents.",
+    )
+    p.add_argument("run", help="run folder")
+    p.add_argument("out", help="folder to write (must be new or empty, unless --overwrite)")
+    p.add_argument("--format", default="hf", choices=["hf"], help="output format (Hugging Face transformers)")
+    p.add_argument(
+        "--architecture",
+        default="auto",
+        choices=["auto", "native", "remote"],
+        help="auto: a native transformers architecture where one is exact, else remote code (default auto)",
+    )
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default float32)")
+    p.add_argument("--checkpoint", metavar="step_N", help="export this checkpoint (default: the newest)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    add_export(sub)

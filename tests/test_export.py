@@ -1,0 +1,168 @@
+"""moemla export --format hf: transformers computes the same logits and greedy tokens as moemla, every variant."""
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moemla.cli import main
+from moemla.config import VARIANTS, ModelConfig
+from moemla.data.sources import EOT
+from moemla.export.hf import REMOTE, ExportError, export_hf, native_architecture
+from moemla.generate import generate_ids, generate_ids_batch
+from moemla.model import Transformer
+from moemla.train import checkpoint
+from moemla.train.run_folder import load_model
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def make_run(base: Path, out: Path, variant: str, seed: int = 0, **overrides: object) -> Path:
+    """A run folder like `base` holding a `variant` model with weights and routing biases far from their init."""
+    out.mkdir()
+    meta = json.loads((base / "run.json").read_text())
+    cfg = ModelConfig.from_preset("debug", variant, vocab_size=meta["model"]["vocab_size"], dropout=0.0, **overrides)
+    meta["model"] = cfg.to_dict()
+    (out / "run.json").write_text(json.dumps(meta))
+    shutil.copy(base / "tokenizer.json", out / "tokenizer.json")
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.4)  # varied greedy continuations, not one repeated token
+        for moe in model.moe_layers():
+            moe.router.bias.normal_(0.0, 0.05)
+    checkpoint.save(out, 1, model, {}, {"step": 1}, keep=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    data, run = root / "data", root / "trained"
+    assert main(["prepare", "--stories", "300", "--vocab-size", "300", "--out", str(data)]) == 0
+    train = ["--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
+    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "debug", "--variant", "moe-mla-rope",
+                 *train]) == 0  # fmt: skip
+    return run
+
+
+def load_hf(folder: Path, remote: bool = True) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=remote).eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_remote_code_logits_and_greedy_tokens_match_moemla(variant: str, base_run: Path, tmp_path: Path) -> None:
+    run = make_run(base_run, tmp_path / "run", variant)
+    info = export_hf(run, tmp_path / "hf", architecture="remote")
+    assert info["architecture"] == "remote"
+    hf = load_hf(tmp_path / "hf")
+    model, _, _ = load_model(run)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
+
+    prompt = ids[0, :7].tolist()
+    want = generate_ids(model, prompt, max_new_tokens=16, temperature=0.0)
+    assert len(set(want)) > 3, "a model this random should not repeat one token"
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None)
+    assert got[0, len(prompt) :].tolist() == want
+
+
+@pytest.mark.parametrize("variant", ["mha", "moe-mla-rope", "mla-rope", "moe-mla-drope"])
+def test_left_padded_batch_matches_each_prompt_alone(variant: str, base_run: Path, tmp_path: Path) -> None:
+    """attention_mask marks left padding; positions count from each sequence's first real token, as in moemla."""
+    run = make_run(base_run, tmp_path / "run", variant, seed=1)
+    export_hf(run, tmp_path / "hf", architecture="remote")
+    hf = load_hf(tmp_path / "hf")
+    model, _, _ = load_model(run)
+    prompts = [[5, 9, 23, 40, 7, 81, 3], [17, 2, 60]]
+    mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
+    ids = torch.tensor([prompts[0], [0] * 4 + prompts[1]])
+    with torch.no_grad():
+        padded = hf(ids, attention_mask=mask).logits
+        alone = hf(torch.tensor([prompts[1]])).logits
+    torch.testing.assert_close(padded[1, 4:], alone[0], atol=1e-4, rtol=0)
+    want = generate_ids_batch(model, prompts, max_new_tokens=10, temperature=0.0)
+    got = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert [row[7:].tolist() for row in got] == want
+
+
+@pytest.mark.parametrize(("variant", "arch"), [("mha", "gpt2"), ("mha-rope", "gpt_neox")])
+def test_dense_baselines_export_to_native_architectures_without_remote_code(
+    variant: str, arch: str, base_run: Path, tmp_path: Path
+) -> None:
+    run = make_run(base_run, tmp_path / "run", variant, seed=2)
+    info = export_hf(run, tmp_path / "hf")
+    assert info["architecture"] == arch
+    assert not (tmp_path / "hf" / "modeling_moemla.py").exists()
+    hf = load_hf(tmp_path / "hf", remote=False)
+    assert hf.config.model_type == arch
+    model, _, _ = load_model(run)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        # GPT-NeoX's rotate_half pairs the same channels as moemla's RoPE: proved by equal logits
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
+    prompt = ids[1, :5].tolist()
+    want = generate_ids(model, prompt, max_new_tokens=12, temperature=0.0)
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert got[0, len(prompt) :].tolist() == want
+
+
+def test_native_is_refused_where_no_architecture_is_exact(base_run: Path, tmp_path: Path) -> None:
+    assert native_architecture(ModelConfig.from_preset("debug", "moe-mla-rope")) is None
+    assert native_architecture(ModelConfig.from_preset("debug", "mha", bias=False)) is None
+    with pytest.raises(ExportError, match="no exact native"):
+        export_hf(base_run, tmp_path / "hf", architecture="native")
+
+
+def test_bf16_export_keeps_the_routing_bias_in_fp32(base_run: Path, tmp_path: Path) -> None:
+    export_hf(base_run, tmp_path / "hf", dtype="bfloat16")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert dtypes["model.blocks.0.ffn.router.bias"] == "F32"
+    assert dtypes["model.blocks.0.ffn.router.weight"] == "F32"
+    assert dtypes["model.blocks.0.ffn.experts.w1"] == "BF16"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), trust_remote_code=True, dtype=torch.bfloat16
+    )
+    assert hf.model.blocks[0].ffn.router.bias.dtype == torch.float32
+    assert hf.model.blocks[0].ffn.experts.w1.dtype == torch.bfloat16
+    model, _, _ = load_model(base_run)
+    torch.testing.assert_close(hf.model.blocks[1].ffn.router.bias, model.blocks[1].ffn.router.bias, atol=0, rtol=0)
+
+
+def test_folder_carries_tokenizer_generation_config_and_self_contained_code(base_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hf"
+    assert main(["export", str(base_run), str(out)]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    _, ours, _ = load_model(base_run)
+    text = "Once upon a time, a little fox found a red ball."
+    assert tok(text)["input_ids"] == ours.encode(text).ids
+    assert tok.eos_token == EOT and tok.padding_side == "left"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == ours.token_to_id(EOT) and gen["do_sample"]
+    for name in ("modeling_moemla.py", "configuration_moemla.py"):  # Hub users will not have moemla installed
+        tree = ast.parse((REMOTE / name).read_text())
+        modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert all(m.split(".")[0] in ("__future__", "torch", "transformers", "configuration_moemla") for m in modules)
+    assert (out / "modeling_moemla.py").read_text() == (REMOTE / "modeling_moemla.py").read_text()
+
+
+def test_export_errors_are_one_line(base_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main(["export", str(base_run), str(tmp_path / "full")]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").exists()
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 1
+    assert "not a moemla run folder" in capsys.readouterr().err
+    assert main(["export", str(base_run), str(tmp_path / "out"), "--architecture", "native"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--architecture remote" in err
