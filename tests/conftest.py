@@ -1,10 +1,14 @@
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from moemla import ModelConfig, Transformer
 from moemla.config import VARIANTS
+from moemla.train import checkpoint
 
 ALL_VARIANTS = list(VARIANTS)
 
@@ -22,3 +26,22 @@ def build(variant: str, size: str = "debug", seed: int = 0, **overrides: object)
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+def make_run(base: Path, out: Path, variant: str, seed: int = 0, **overrides: object) -> Path:
+    """A run folder like `base` holding a `variant` model with weights and routing biases far from their init."""
+    out.mkdir()
+    meta = json.loads((base / "run.json").read_text())
+    cfg = ModelConfig.from_preset("debug", variant, vocab_size=meta["model"]["vocab_size"], dropout=0.0, **overrides)
+    meta["model"] = cfg.to_dict()
+    (out / "run.json").write_text(json.dumps(meta))
+    shutil.copy(base / "tokenizer.json", out / "tokenizer.json")
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.4)  # varied greedy continuations, not one repeated token
+        for moe in model.moe_layers():
+            moe.router.bias.normal_(0.0, 0.05)
+    checkpoint.save(out, 1, model, {}, {"step": 1}, keep=1)
+    return out

@@ -2,7 +2,6 @@
 
 import ast
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,31 +13,12 @@ from moemla.config import VARIANTS, ModelConfig
 from moemla.data.sources import EOT
 from moemla.export.hf import REMOTE, ExportError, export_hf, native_architecture
 from moemla.generate import generate_ids, generate_ids_batch
-from moemla.model import Transformer
-from moemla.train import checkpoint
 from moemla.train.run_folder import load_model
+
+from .conftest import make_run
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def make_run(base: Path, out: Path, variant: str, seed: int = 0, **overrides: object) -> Path:
-    """A run folder like `base` holding a `variant` model with weights and routing biases far from their init."""
-    out.mkdir()
-    meta = json.loads((base / "run.json").read_text())
-    cfg = ModelConfig.from_preset("debug", variant, vocab_size=meta["model"]["vocab_size"], dropout=0.0, **overrides)
-    meta["model"] = cfg.to_dict()
-    (out / "run.json").write_text(json.dumps(meta))
-    shutil.copy(base / "tokenizer.json", out / "tokenizer.json")
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.4)  # varied greedy continuations, not one repeated token
-        for moe in model.moe_layers():
-            moe.router.bias.normal_(0.0, 0.05)
-    checkpoint.save(out, 1, model, {}, {"step": 1}, keep=1)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from moemla.export.hf import DTYPES
 
@@ -53,5 +54,39 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from moemla.serve.app import serve
+    except ImportError as err:
+        missing = f"moemla serve needs the serve extra ({err.name} is missing)"
+        raise ValueError(f"{missing}: pip install 'moemla[serve]'") from None
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"moemla serve: listening on {args.host}: the server has no authentication", file=sys.stderr)
+    serve(args.run, host=args.host, port=args.port, device=args.device, checkpoint=args.checkpoint, name=args.name,
+          max_batch=args.max_batch)  # fmt: skip
+    return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a run over an OpenAI-compatible HTTP API (completions, chat, streaming)",
+        description="Serve /v1/models, /v1/completions (with logprobs and echo, as lm-eval's local-completions "
+        "needs) and /v1/chat/completions, streaming on request. Concurrent requests are decoded together in "
+        "batches. The model is a base model: chat messages are joined as plain text and continued.",
+    )
+    p.add_argument("run", help="run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--checkpoint", metavar="step_N", help="serve this checkpoint (default: the newest)")
+    p.add_argument("--name", help="model id clients pass as `model` (default: the run folder's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together (default 16)")
+    p.set_defaults(func=cmd_serve)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     add_export(sub)
+    add_serve(sub)

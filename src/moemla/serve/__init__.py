@@ -1,0 +1,1 @@
+"""moemla serve: an OpenAI-compatible HTTP server over a batching decoder."""

@@ -1,0 +1,231 @@
+"""moemla serve: OpenAI-compatible answers equal to moemla's own decoding; batching, streaming, disconnects, 4xx."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from moemla.cli import main
+from moemla.generate import generate_ids
+from moemla.train.run_folder import load_model
+
+from .conftest import make_run
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+NAME = "tiny-moe"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    data = root / "data"
+    assert main(["prepare", "--stories", "300", "--vocab-size", "300", "--out", str(data)]) == 0
+    base = root / "base"
+    train = ["--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
+    assert main(["train", "--data", str(data), "--out", str(base), "--preset", "debug", *train]) == 0
+    return make_run(base, root / NAME, "moe-mla-rope", seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(run: Path) -> Iterator[tuple[str, object]]:
+    """The app in this process (so tests can read the engine's counters), on a loopback port."""
+    from moemla.serve.app import create_app
+    from moemla.serve.engine import Engine
+
+    model, tok, _ = load_model(run)
+    engine = Engine(model, tok.token_to_id("<|endoftext|>"), max_batch=16, window_s=0.05)
+    app = create_app(engine, tok, NAME)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield url, engine
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+
+
+def _post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=60)
+
+
+def test_models_lists_the_run(server: tuple[str, object]) -> None:
+    url, _ = server
+    data = httpx.get(url + "/v1/models").json()
+    assert data["object"] == "list" and data["data"][0]["id"] == NAME
+
+
+def test_greedy_completion_equals_moemla_generate(server: tuple[str, object], run: Path) -> None:
+    url, _ = server
+    prompt = [5, 9, 23, 40, 7]
+    r = _post(url, "/v1/completions", {"model": NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    model, tok, _ = load_model(run)
+    want = generate_ids(model, prompt, 12, temperature=0.0, stop=tok.token_to_id("<|endoftext|>"))
+    want = [t for t in want if t != tok.token_to_id("<|endoftext|>")]
+    assert choice["text"] == tok.decode(want)
+    assert r.json()["usage"] == {"prompt_tokens": 5, "completion_tokens": len(want), "total_tokens": 5 + len(want)}
+
+
+def test_echo_logprobs_are_the_models_scores(server: tuple[str, object], run: Path) -> None:
+    """What lm-eval's local-completions reads for loglikelihood: echo, max_tokens 0, the prompt's logprobs."""
+    url, _ = server
+    prompt = [11, 3, 250, 17, 99, 4]
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1}
+    lp = _post(url, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    model, tok, _ = load_model(run)
+    with torch.no_grad():
+        want = model(torch.tensor([prompt]))[0][0].log_softmax(-1)  # (T, V)
+    assert lp["token_logprobs"][0] is None
+    got = torch.tensor(lp["token_logprobs"][1:])
+    torch.testing.assert_close(got, want[torch.arange(5), torch.tensor(prompt[1:])], atol=1e-4, rtol=0)
+    assert lp["tokens"] == [tok.decode([t]) for t in prompt]
+    assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
+
+
+def test_concurrent_clients_share_batches_and_each_gets_its_own_answer(server: tuple[str, object], run: Path) -> None:
+    url, engine = server
+    prompts = [[5 + i, 9, 23 + 2 * i, 40] for i in range(8)]
+    model, tok, _ = load_model(run)
+    eot = tok.token_to_id("<|endoftext|>")
+    want = [tok.decode([t for t in generate_ids(model, p, 10, temperature=0.0, stop=eot) if t != eot]) for p in prompts]
+    before = engine.stats["largest_batch"]
+
+    def ask(p: list[int]) -> str:
+        r = _post(url, "/v1/completions", {"model": NAME, "prompt": p, "max_tokens": 10, "temperature": 0})
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, prompts))
+    assert got == want
+    assert max(before, engine.stats["largest_batch"]) > 1
+
+
+def _events(lines: Iterator[str]) -> list[dict]:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            out.append(line[6:])
+    assert out[-1] == "[DONE]"
+    return [json.loads(x) for x in out[:-1]]
+
+
+def test_streams_join_to_the_unstreamed_text(server: tuple[str, object]) -> None:
+    url, _ = server
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 15, "temperature": 0.7, "seed": 4}
+    whole = _post(url, "/v1/completions", body).json()["choices"][0]
+    with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=60) as r:
+        chunks = _events(r.iter_lines())
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 9, "seed": 1}
+    whole = _post(url, "/v1/chat/completions", chat).json()["choices"][0]["message"]["content"]
+    with httpx.stream("POST", url + "/v1/chat/completions", json=chat | {"stream": True}, timeout=60) as r:
+        chunks = _events(r.iter_lines())
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
+
+
+def test_a_client_leaving_mid_stream_cancels_its_rows(server: tuple[str, object]) -> None:
+    url, engine = server
+    before = engine.stats["cancelled"]
+    body = {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 55, "temperature": 0.9, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        next(r.iter_lines())  # one event, then hang up
+    for _ in range(100):
+        if engine.stats["cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert engine.stats["cancelled"] > before
+    r = _post(url, "/v1/completions", {"model": NAME, "prompt": "A cat", "max_tokens": 3})
+    assert r.status_code == 200
+
+
+def test_stop_strings_cut_the_text(server: tuple[str, object]) -> None:
+    url, _ = server
+    body = {"model": NAME, "prompt": [5, 9, 23], "max_tokens": 20, "temperature": 0}
+    full = _post(url, "/v1/completions", body).json()["choices"][0]["text"]
+    stop = full[3:5]
+    cut = _post(url, "/v1/completions", body | {"stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ("{not json", 400, "not valid JSON"),
+        ({"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
+        ({"model": NAME, "prompt": [1] * 64}, 400, "context is 64 tokens"),
+        ({"model": NAME, "prompt": "hi", "max_tokens": -4}, 400, "max_tokens"),
+        ({"model": NAME, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+        ({"model": NAME, "prompt": ""}, 400, "empty"),
+        ({"model": NAME, "prompt": [5, 100000]}, 400, "token ids"),
+        ({"prompt": "hi"}, 400, "model"),
+        ({"model": NAME, "messages": []}, 400, "messages"),
+    ],
+)
+def test_bad_requests_get_4xx_json_and_the_server_lives_on(
+    server: tuple[str, object], body: object, status: int, says: str
+) -> None:
+    url, _ = server
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status
+    assert says in r.json()["error"]["message"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_cli_serves_on_loopback_to_the_openai_client(run: Path) -> None:
+    openai = pytest.importorskip("openai")
+    port = _free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "moemla", "serve", str(run), "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        out = client.completions.create(model=run.name, prompt="Once", max_tokens=4, temperature=0)
+        assert out.choices[0].finish_reason in ("stop", "length") and out.usage.prompt_tokens > 0
+        chat = client.chat.completions.create(
+            model=run.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+        )
+        assert chat.choices[0].message.role == "assistant"
+        host_ip = socket.gethostbyname(socket.gethostname())
+        if not host_ip.startswith("127."):  # bound to the loopback address only: unreachable on the others
+            with socket.socket() as s:
+                assert s.connect_ex((host_ip, port)) != 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
