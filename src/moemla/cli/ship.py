@@ -87,6 +87,33 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import moemla.export.harness  # noqa: F401  (registers --model moemla)
+    except ImportError as err:
+        missing = f"moemla lm-eval needs lm-evaluation-harness ({err.name} is missing)"
+        raise ValueError(f"{missing}: pip install 'moemla[lm-eval]'") from None
+    sys.argv = ["lm_eval", *args.args]
+    cli_evaluate()
+    return 0
+
+
+def add_lm_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness with moemla runs as --model moemla",
+        description="lm-evaluation-harness's own command line with the model `moemla` registered: "
+        "moemla lm-eval --model moemla --model_args run=RUN[,checkpoint=step_N,device=cuda] --tasks TASKS. "
+        "Every other argument is lm-eval's (see `moemla lm-eval --help` past this line: `moemla lm-eval -h`).",
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
+    p.set_defaults(func=cmd_lm_eval)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     add_export(sub)
     add_serve(sub)
+    add_lm_eval(sub)

@@ -1,0 +1,128 @@
+"""A moemla run as an lm-evaluation-harness model: `moemla lm-eval --model moemla --model_args run=RUN --tasks ...`.
+
+Importing this module registers the model under the name "moemla" (lm-eval's own `lm_eval` command finds it
+only where lm-eval loads the `lm_eval.models` entry points; `moemla lm-eval` always does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import groupby
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from moemla.data.sources import EOT
+from moemla.generate import generate_ids_batch
+from moemla.train.distributed import resolve_device
+from moemla.train.run_folder import load_model
+
+
+@register_model("moemla")
+class MoemlaLM(LM):
+    """loglikelihood, loglikelihood_rolling and generate_until over a moemla checkpoint, batched."""
+
+    def __init__(
+        self,
+        run: str,
+        checkpoint: str | None = None,
+        device: str | None = None,
+        batch_size: int | str | None = 16,
+        max_gen_toks: int = 256,
+        **_: object,  # lm-eval passes settings other backends use (max_batch_size, ...)
+    ) -> None:
+        super().__init__()
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval's --device defaults to cuda; its HF backend falls back the same way
+        self.model, self.tok, _ = load_model(run, resolve_device(device or "auto"), checkpoint)
+        self._device = next(self.model.parameters()).device
+        self.eot = self.tok.token_to_id(EOT)
+        # "auto" (lm-eval's probe for the largest batch) is taken as our default: small models fit any batch
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self.max_gen_toks = int(max_gen_toks)
+        self.max_length = self.model.cfg.max_seq_len
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def _pairs(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of context and continuation, split where the whole text's tokens split (as HF's harness)."""
+        if not context:
+            return [self.eot], self._encode(continuation)
+        n_space = len(context) - len(context.rstrip())  # a trailing space belongs to the continuation
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        whole, ctx = self._encode(context + continuation), self._encode(context)
+        return whole[: len(ctx)], whole[len(ctx) :]
+
+    @torch.no_grad()
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Sum of log p(continuation | context) and whether greedy decoding would produce it, per pair."""
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        for lo in range(0, len(order), self.batch_size):
+            rows = []
+            for i in order[lo : lo + self.batch_size]:
+                ctx, cont = pairs[i]
+                if not cont:
+                    raise ValueError("an empty continuation has no likelihood to score")
+                ids = (ctx + cont)[-(self.max_length + 1) :]  # the context is cut from the left to fit
+                rows.append((i, ids[:-1], min(len(cont), len(ids) - 1)))
+            width = max(len(x) for _, x, _ in rows)
+            batch = torch.tensor([x + [self.eot] * (width - len(x)) for _, x, _ in rows], device=self._device)
+            logprobs = F.log_softmax(self.model(batch)[0].float(), dim=-1)  # (B, T, V); right padding is never read
+            for b, (i, x, n) in enumerate(rows):
+                lp = logprobs[b, len(x) - n : len(x)]  # (n, V): the positions that predict the continuation
+                target = torch.tensor(pairs[i][1][-n:], device=self._device)
+                picked = lp.gather(-1, target[:, None])[:, 0]
+                results[i] = (float(picked.sum()), bool((lp.argmax(-1) == target).all()))
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: Iterable) -> list[tuple[float, bool]]:
+        return self._score([self._pairs(*req.args) for req in requests])
+
+    def loglikelihood_rolling(self, requests: Iterable) -> list[float]:
+        out = []
+        for req in requests:
+            (text,) = req.args[:1]
+            windows = get_rolling_token_windows(
+                token_list=self._encode(text), prefix_token=self.eot, max_seq_len=self.max_length, context_len=1
+            )
+            pairs = [make_disjoint_window(w) for w in windows]
+            out.append(sum(lp for lp, _ in self._score(pairs)))
+        return out
+
+    def generate_until(self, requests: Iterable) -> list[str]:
+        reqs = list(requests)
+        results: list[str | None] = [None] * len(reqs)
+        settings = [self._gen_settings(req.args[1]) for req in reqs]
+
+        def key(i: int) -> tuple:
+            return settings[i][1:]
+
+        for (temperature, max_new), group in groupby(sorted(range(len(reqs)), key=key), key=key):
+            idx = list(group)
+            for lo in range(0, len(idx), self.batch_size):
+                chunk = idx[lo : lo + self.batch_size]
+                keep = max(1, self.max_length - max_new)
+                prompts = [(self._encode(reqs[i].args[0]) or [self.eot])[-keep:] for i in chunk]
+                outs = generate_ids_batch(
+                    self.model, prompts, max_new, temperature, None, None, self.eot, [0] * len(chunk)
+                )
+                for i, ids in zip(chunk, outs, strict=True):
+                    text = self.tok.decode([t for t in ids if t != self.eot])
+                    for stop in settings[i][0]:
+                        text = text.split(stop)[0] if stop else text
+                    results[i] = text
+        return results  # type: ignore[return-value]
+
+    def _gen_settings(self, kwargs: dict) -> tuple[list[str], float, int]:
+        """(stop strings, temperature, max new tokens) from lm-eval's gen_kwargs; greedy unless do_sample."""
+        until = kwargs.get("until") or [EOT]
+        until = [until] if isinstance(until, str) else list(until)
+        temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
+        max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+        return until, temperature, max(1, min(max_new, self.max_length - 1))

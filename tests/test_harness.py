@@ -1,0 +1,135 @@
+"""lm-evaluation-harness: the moemla model scores and generates as moemla itself does."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moemla.cli import main
+from moemla.generate import generate_ids
+
+from .conftest import make_run
+
+pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance
+
+from moemla.export.harness import MoemlaLM
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("harness")
+    data = root / "data"
+    assert main(["prepare", "--stories", "300", "--vocab-size", "300", "--out", str(data)]) == 0
+    base = root / "base"
+    train = ["--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
+    assert main(["train", "--data", str(data), "--out", str(base), "--preset", "debug", *train]) == 0
+    return make_run(base, root / "model", "moe-mla-rope", seed=5)
+
+
+def _inst(kind: str, *args: object) -> Instance:
+    return Instance(kind, {}, tuple(args), 0)
+
+
+def test_loglikelihood_is_the_models_log_probability(run: Path) -> None:
+    lm = MoemlaLM(run=str(run), device="cpu", batch_size=3)
+    model, tok = lm.model, lm.tok
+    pairs = [("Once upon a time", " there was a fox."), ("", "Hello"), ("The cat sat on the", " mat"),
+             ("A" * 200, " and then")]  # fmt: skip
+    got = lm.loglikelihood([_inst("loglikelihood", c, x) for c, x in pairs])
+    for (ctx, cont), (lp, greedy) in zip(pairs, got, strict=True):
+        c_ids, x_ids = lm._pairs(ctx, cont)
+        ids = (c_ids + x_ids)[-(model.cfg.max_seq_len + 1) :]
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids[:-1]]))[0][0].log_softmax(-1)
+        n = len(x_ids)
+        want = logprobs[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum()
+        assert lp == pytest.approx(float(want), abs=1e-4)
+        assert greedy == bool((logprobs[-n:].argmax(-1) == torch.tensor(ids[-n:])).all())
+        if ctx:  # context and continuation split at a token boundary of the whole text
+            assert tok.decode(c_ids + x_ids) == ctx + cont
+
+
+def test_a_whole_text_scores_as_the_sum_over_its_windows(run: Path) -> None:
+    lm = MoemlaLM(run=str(run), device="cpu")
+    text = "Lily had a red ball. She took it to the park and played with her friend Tom until the sun went down. " * 3
+    ids = lm._encode(text)
+    n, span = len(ids), lm.max_length
+    assert n > 2 * span  # the rolling windows really roll, and the last one is partial
+    [rolling] = lm.loglikelihood_rolling([_inst("loglikelihood_rolling", text)])
+    full, total = [lm.eot, *ids], 0.0  # full[j] predicts ids[j]
+    for lo in range(0, n, span):  # each token scored once, with as much context as fits in the window
+        hi = min(lo + span, n)
+        window = full[max(0, hi - span) : hi + 1]
+        with torch.no_grad():
+            lp = lm.model(torch.tensor([window[:-1]]))[0][0].log_softmax(-1)
+        targets = torch.tensor(ids[lo:hi])
+        total += float(lp[-len(targets) :].gather(-1, targets[:, None]).sum())
+    assert rolling == pytest.approx(total, abs=1e-3)
+
+
+def test_generate_until_is_greedy_and_stops_at_until(run: Path) -> None:
+    lm = MoemlaLM(run=str(run), device="cpu")
+    prompts = ["Once upon a time", "The dog", "Tom and Lily went"]
+    reqs = [_inst("generate_until", p, {"until": ["<|endoftext|>"], "max_gen_toks": 10}) for p in prompts]
+    got = lm.generate_until(reqs)
+    for p, text in zip(prompts, got, strict=True):
+        ids = generate_ids(lm.model, lm._encode(p), 10, temperature=0.0, stop=lm.eot)
+        assert text == lm.tok.decode([t for t in ids if t != lm.eot])
+    cut = got[0][2:4]
+    [stopped] = lm.generate_until([_inst("generate_until", prompts[0], {"until": [cut], "max_gen_toks": 10})])
+    assert stopped == got[0][: got[0].index(cut)]
+
+
+TASKS = {
+    "moemla_mc": {
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [{"metric": "acc"}],
+    },
+    "moemla_ppl": {
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}],
+    },
+    "moemla_gen": {
+        "output_type": "generate_until",
+        "doc_to_text": "{{context}}",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["."], "max_gen_toks": 8, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}],
+    },
+}
+
+
+def test_lm_eval_command_runs_local_tasks_on_a_debug_model(run: Path, tmp_path: Path) -> None:
+    """`moemla lm-eval --model moemla` end to end, on tasks whose data is local (the hub is not reachable)."""
+    docs = tmp_path / "docs.jsonl"
+    stories = ["Lily found a red ball.", "Tom saw a big dog.", "The cat slept in the sun.", "Ben ate an apple."]
+    with docs.open("w") as f:
+        for i, s in enumerate(stories):
+            doc = {"context": s.split()[0], "choices": [" " + " ".join(s.split()[1:]), " banana"], "label": 0}
+            f.write(json.dumps(doc | {"text": s, "answer": s.split(" ", 1)[1], "id": i}) + "\n")
+    for name, spec in TASKS.items():
+        task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(docs)}},
+                "test_split": "test", **spec}  # fmt: skip
+        (tmp_path / f"{name}.yaml").write_text(json.dumps(task))  # JSON is YAML
+    out = tmp_path / "results"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "moemla", "lm-eval", "--model", "moemla", "--model_args", f"run={run}",
+           "--device", "cpu", "--tasks", ",".join(TASKS), "--include_path", str(tmp_path),
+           "--output_path", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [result_file] = list(out.rglob("results*.json"))
+    results = json.loads(result_file.read_text())["results"]
+    assert 0.0 <= results["moemla_mc"]["acc,none"] <= 1.0
+    assert results["moemla_ppl"]["bits_per_byte,none"] > 0
+    assert 0.0 <= results["moemla_gen"]["exact_match,none"] <= 1.0
