@@ -45,3 +45,16 @@ def make_run(base: Path, out: Path, variant: str, seed: int = 0, **overrides: ob
             moe.router.bias.normal_(0.0, 0.05)
     checkpoint.save(out, 1, model, {}, {"step": 1}, keep=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run folder (run.json, tokenizer, checkpoint) of a debug model trained one step on the built-in corpus."""
+    from moemla.cli import main
+
+    root = tmp_path_factory.mktemp("debug-run")
+    data, run = root / "data", root / "run"
+    assert main(["prepare", "--stories", "300", "--vocab-size", "300", "--out", str(data)]) == 0
+    train = ["--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
+    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "debug", *train]) == 0
+    return run

@@ -22,14 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    data, run = root / "data", root / "trained"
-    assert main(["prepare", "--stories", "300", "--vocab-size", "300", "--out", str(data)]) == 0
-    train = ["--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
-    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "debug", "--variant", "moe-mla-rope",
-                 *train]) == 0  # fmt: skip
-    return run
+def base_run(trained_debug_run: Path) -> Path:
+    return trained_debug_run  # moe-mla-rope, trained one step
 
 
 def load_hf(folder: Path, remote: bool = True) -> torch.nn.Module:

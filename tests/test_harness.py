@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemla.cli import main
 from moemla.generate import generate_ids
 
 from .conftest import make_run
@@ -21,14 +20,8 @@ from moemla.export.harness import MoemlaLM
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("harness")
-    data = root / "data"
-    assert main(["prepare", "--stories", "300", "--vocab-size", "300", "--out", str(data)]) == 0
-    base = root / "base"
-    train = ["--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
-    assert main(["train", "--data", str(data), "--out", str(base), "--preset", "debug", *train]) == 0
-    return make_run(base, root / "model", "moe-mla-rope", seed=5)
+def run(trained_debug_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(trained_debug_run, tmp_path_factory.mktemp("harness") / "model", "moe-mla-rope", seed=5)
 
 
 def _inst(kind: str, *args: object) -> Instance:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemla.cli import main
 from moemla.generate import generate_ids
 from moemla.train.run_folder import load_model
 
@@ -34,14 +33,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("serve")
-    data = root / "data"
-    assert main(["prepare", "--stories", "300", "--vocab-size", "300", "--out", str(data)]) == 0
-    base = root / "base"
-    train = ["--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
-    assert main(["train", "--data", str(data), "--out", str(base), "--preset", "debug", *train]) == 0
-    return make_run(base, root / NAME, "moe-mla-rope", seed=3)
+def run(trained_debug_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(trained_debug_run, tmp_path_factory.mktemp("serve") / NAME, "moe-mla-rope", seed=3)
 
 
 @pytest.fixture(scope="module")
