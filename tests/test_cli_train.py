@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,29 @@ def test_builtin_prepare_train_resume_eval(tmp_path: Path, capsys: pytest.Captur
     assert "validation stories" in capsys.readouterr().out
     _prepare_train_resume_eval(capsys, data, tmp_path / "run")
     assert main(["eval", str(tmp_path / "run"), "--json", "--text", str(data / "tokenizer.json")]) == 1  # not text
+
+
+def test_resume_refuses_a_changed_model_in_one_place(
+    trained_debug_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI (flags) and the library (train with another config) meet the same check and the same message."""
+    from moemla.config import ModelConfig
+    from moemla.train.config import TrainConfig
+    from moemla.train.loop import train
+    from moemla.train.run_folder import RunError, configs, read_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_debug_run, run)
+    meta = read_meta(run)
+    data = meta["data"]["path"]
+    argv = ["train", "--data", data, "--out", str(run), "--resume", "--max-steps", "2", "--dim", "48"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "model settings cannot change (asked to change: dim)" in err and err.count("\n") == 1
+    cfg, tc = configs(meta)
+    other = ModelConfig.from_dict({**cfg.to_dict(), "n_heads": 2})
+    with pytest.raises(RunError, match=r"asked to change: n_heads"):
+        train(data, run, other, TrainConfig.from_dict({**tc.to_dict(), "max_steps": 2}), resume=True)
 
 
 @needs_shared

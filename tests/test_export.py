@@ -114,7 +114,7 @@ def test_bf16_export_keeps_the_routing_bias_in_fp32(base_run: Path, tmp_path: Pa
 def test_folder_carries_tokenizer_generation_config_and_self_contained_code(base_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     assert main(["export", str(base_run), str(out)]) == 0
-    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     _, ours, _ = load_model(base_run)
     text = "Once upon a time, a little fox found a red ball."
     assert tok(text)["input_ids"] == ours.encode(text).ids

@@ -12,7 +12,7 @@ LAYERS = [
     ["moemla.config"],
     ["moemla", "moemla.model", "moemla.data", "moemla.accounting", "moemla.progress", "moemla.plots", "moemla.kernels"],
     ["moemla.train", "moemla.eval", "moemla.generate", "moemla.numpy_decoder", "moemla.bench"],
-    ["moemla.experiments", "moemla.commands", "moemla.demo", "moemla.export", "moemla.serve"],
+    ["moemla.experiments", "moemla.demo", "moemla.export", "moemla.serve"],
     ["moemla.cli", "moemla.__main__"],
 ]
 

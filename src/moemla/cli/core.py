@@ -10,6 +10,7 @@ import typing
 from moemla import accounting
 from moemla.cli.flags import add_config_flags, add_dataclass_flags, config_overrides, flag_values
 from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, SIZES, VARIANTS, ModelConfig
+from moemla.data.prepare import STORIES, VAL_FRACTION, VOCAB_SIZE
 from moemla.train.config import TrainConfig
 
 
@@ -68,11 +69,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from moemla.commands import prepare_data
+    from moemla.data.prepare import prepare_data
 
     folder, m = prepare_data(
-        args.dataset, args.text, args.out, args.tokenizer, args.vocab_size, args.stories, args.corpus_seed,
-        args.val_fraction, args.overwrite,
+        dataset=args.dataset, text=args.text, out=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        stories=args.stories, corpus_seed=args.corpus_seed, val_fraction=args.val_fraction, overwrite=args.overwrite,
     )  # fmt: skip
     splits = m["splits"]
     print(
@@ -84,22 +85,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from moemla.commands import run_training
+    from moemla.train.launch import run_training
 
     result = run_training(
-        args.data, args.out, args.resume, args.preset, args.variant, args.config,
-        flag_values(args, "cfg_"), flag_values(args, "tc_"), checkpoint_name=args.checkpoint,
+        args.data, out=args.out, resume=args.resume, preset=args.preset, variant=args.variant,
+        config_file=args.config, model_flags=flag_values(args, "cfg_"), train_flags=flag_values(args, "tc_"),
+        checkpoint_name=args.checkpoint,
     )  # fmt: skip
     print(json.dumps(result) if args.json else f"done: step {result['step']}, val loss {result.get('val_loss')}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from moemla.commands import evaluate_run
+    from moemla.eval.runs import evaluate_run
 
     r = evaluate_run(
-        args.run, args.data, args.text, args.split, args.max_tokens, args.batch_size, args.device, args.checkpoint
-    )
+        args.run, data_dir=args.data, text=args.text, split=args.split, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, device=args.device, checkpoint_name=args.checkpoint,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(finite_or_null(r), allow_nan=False))  # strict JSON: an infinite perplexity is null
         return 0
@@ -145,12 +148,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         default="bpe",
         help="bpe: train a byte-level BPE on the data; gpt2: GPT-2's from the hub; or a tokenizer.json path",
     )
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)")
+    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="BPE vocabulary size (with --tokenizer bpe)")
     p.add_argument(
-        "--stories", type=int, default=20_000, help="stories to generate (builtin) or to read at most (tinystories)"
+        "--stories", type=int, default=STORIES, help="stories to generate (builtin) or to read at most (tinystories)"
     )
     p.add_argument("--corpus-seed", type=int, default=0, help="seed of the built-in generator")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of stories held out for validation")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of stories held out for validation")
     p.add_argument("--overwrite", action="store_true", help="replace a folder prepared differently")
     p.set_defaults(func=cmd_prepare)  # fmt: skip
 

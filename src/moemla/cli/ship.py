@@ -25,7 +25,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print("  from transformers import AutoModelForCausalLM, AutoTokenizer")
     flag = ", trust_remote_code=True" if remote else ""
     print(f"  model = AutoModelForCausalLM.from_pretrained({info['out']!r}{flag})")
-    print(f"  tokenizer = AutoTokenizer.from_pretrained({info['out']!r})")
+    print(f"  tokenizer = AutoTokenizer.from_pretrained({info['out']!r}{flag})")
     return 0
 
 

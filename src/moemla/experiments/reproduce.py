@@ -8,8 +8,8 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from moemla.commands import prepare_data
 from moemla.config import SIZES, ConfigError, ModelConfig
+from moemla.data.prepare import prepare_data
 from moemla.data.shards import PreparedData
 from moemla.data.tokenizer import token_bytes
 from moemla.eval.perplexity import bits_per_byte, window_bytes
@@ -59,7 +59,7 @@ def reproduce(
     presets = _presets(preset, spec.multi_size)
     out = Path(out or f"results/{table}-{presets[-1]}")
     if data is None:
-        data, _ = prepare_data("builtin", None, "data/builtin", "bpe", 4096, 20_000, 0, 0.05, False)
+        data, _ = prepare_data(out="data/builtin")
     vocab = PreparedData.open(data).vocab_size
     # every size trains on sequences of SEQ_LEN tokens (debug's 64-token context is raised to it)
     bases = {

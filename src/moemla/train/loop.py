@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,6 +76,23 @@ def train(
         distributed.teardown(d)
 
 
+@dataclass
+class _Session:
+    """What one training process carries from step to step."""
+
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    dtype: torch.dtype | None  # autocast dtype, None for fp32
+    d: distributed.Dist
+    tc: TrainConfig
+    run_dir: Path
+    fwd: torch.nn.Module | _CompiledOrEager | None = None  # the model as called: DDP-wrapped, compiled
+    ddp: DistributedDataParallel | None = None
+    step: int = 0
+    elapsed: float = 0.0
+
+
 def _train(
     data: PreparedData,
     run_dir: Path,
@@ -85,144 +103,199 @@ def _train(
     d: distributed.Dist,
     from_checkpoint: str | None,
 ) -> dict[str, object]:
-    accum = tc.accumulation(d.world)
     if d.main:
         run_folder.start(run_dir, cfg, tc, data, resume)
     distributed.barrier(d)
-    torch.manual_seed(tc.seed)  # identical initial weights on every process
+    s = _build(cfg, tc, d, run_dir)
+    ckpt = checkpoint.find(run_dir, from_checkpoint) if resume else None
+    if ckpt is not None:
+        _restore(s, ckpt)
+        log(f"resuming {run_dir} from step {s.step} ({ckpt.name})")
+    if d.main:
+        run_folder.truncate_metrics(run_dir / METRICS_FILE, s.step)
+    _wrap(s, log)
+    shards, val_shards = data.shards("train"), data.shards("val")
+    val_bytes = token_bytes(data.tokenizer())  # for bits per byte
+    flops_per_token = 3 * accounting.flops_per_token(cfg, tc.seq_len)  # forward + backward
+    speed = _Speed()
+    last: dict[str, object] = {"step": s.step}
+    total = tc.steps
+    s.model.train()
+    with _Recorder(run_dir if d.main else None) as recorder, Progress(f"train {run_dir.name}", total=total) as bar:
+        bar.set(s.step)
+        while s.step < total:
+            t0 = time.perf_counter()
+            lr, train_loss, norm, cvs = _train_step(s, shards)
+            dt = time.perf_counter() - t0
+            s.elapsed += dt
+            speed.add(tc.tokens_per_step, dt)
+            tps = speed.tokens_per_s  # over the steps since the last logged one
+            bar.set(s.step, f"loss {train_loss:.3f} | {tps:,.0f} tok/s")
+            eta = _duration(speed.seconds_for(total - s.step))
+            if d.main and speed.session_steps == 1 and s.step < total:  # how long this will take, up front
+                log(f"step {s.step}/{total} took {dt:.1f} s ({tc.tokens_per_step / dt:,.0f} tok/s, warm-up included): "
+                    f"about {eta} for the remaining {total - s.step} steps")  # fmt: skip
+            if s.step % tc.log_interval == 0 or s.step == total:
+                last = {
+                    "step": s.step, "split": "train", "loss": train_loss, "lr": lr, "grad_norm": norm,
+                    "tokens": s.step * tc.tokens_per_step, "tokens_per_s": tps,
+                    "mfu_flops_per_s": tps * flops_per_token, "elapsed_s": s.elapsed,
+                    "load_cv": cvs or None,
+                }  # fmt: skip
+                recorder.record(last)
+                speed.new_window()
+            if d.main and (s.step % tc.eval_interval == 0 or s.step == total):
+                ev = evaluate(s.model, val_shards, tc.seq_len, tc.micro_batch_size, tc.eval_tokens, d.device, s.dtype,
+                              val_bytes)  # fmt: skip
+                recorder.record({"step": s.step, "split": "val", **ev})
+                last = {**last, **{k: v for k, v in ev.items() if k != "tokens"}, "val_tokens": ev["tokens"]}
+                log(_eval_line(s.step, total, train_loss, ev, tps, eta))
+            if s.step % tc.ckpt_interval == 0 or s.step == total:
+                _save(s, train_loss)
+    return last
+
+
+def _build(cfg: ModelConfig, tc: TrainConfig, d: distributed.Dist, run_dir: Path) -> _Session:
+    """The model (identical initial weights on every process), its optimizer and, for fp16, a loss scaler."""
+    torch.manual_seed(tc.seed)
     model = Transformer(cfg).to(d.device)
-    optimizer = build_optimizer(model, tc)
     dtype = amp_dtype(d.device, tc.amp)
     scaler = torch.amp.GradScaler(d.device.type) if dtype == torch.float16 else None
     if d.rank:
         torch.manual_seed(tc.seed + d.rank)  # different dropout masks per process
+    return _Session(model, build_optimizer(model, tc), scaler, dtype, d, tc, run_dir)
 
-    step, elapsed = 0, 0.0
-    ckpt = checkpoint.find(run_dir, from_checkpoint) if resume else None
-    if ckpt is not None:
-        checkpoint.load_weights(ckpt, model)
-        extra, state = checkpoint.load(ckpt)
-        optimizer.load_state_dict(extra["optimizer"])
-        if scaler is not None and extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        rng = extra["rng"]
-        if len(rng) == d.world:
-            torch.set_rng_state(rng[d.rank])
-        step, elapsed = int(state["step"]), float(state["elapsed_s"])
-        log(f"resuming {run_dir} from step {step} ({ckpt.name})")
-    if d.main:
-        run_folder.truncate_metrics(run_dir / METRICS_FILE, step)
 
-    fwd: torch.nn.Module | _CompiledOrEager = model
-    if d.world > 1:  # buffers are not broadcast: routing biases stay equal through all-reduced loads instead
-        fwd = DistributedDataParallel(model, broadcast_buffers=False)
-    ddp = fwd if isinstance(fwd, DistributedDataParallel) else None
-    if tc.compile or (tc.compile is None and d.device.type == "cuda"):
-        fwd = _CompiledOrEager(fwd, log)
-    shards = data.shards("train")
-    val_shards = data.shards("val")
-    val_bytes = token_bytes(data.tokenizer())  # for bits per byte
-    total = tc.steps
-    flops_per_token = 3 * accounting.flops_per_token(cfg, tc.seq_len)  # forward + backward
-    writer = _tensorboard(run_dir) if d.main else None
-    metrics = (run_dir / METRICS_FILE).open("a") if d.main else None
-    last: dict[str, object] = {"step": step}
-    window_tokens, window_time = 0, 0.0
-    session_steps, session_time = 0, 0.0  # steps run by this process, for the ETA
+def _restore(s: _Session, ckpt: Path) -> None:
+    """Weights, optimizer, scaler, RNG state and step of a checkpoint: the run goes on bitwise as if never stopped."""
+    checkpoint.load_weights(ckpt, s.model)
+    extra, state = checkpoint.load(ckpt)
+    s.optimizer.load_state_dict(extra["optimizer"])
+    if s.scaler is not None and extra.get("scaler"):
+        s.scaler.load_state_dict(extra["scaler"])
+    rng = extra["rng"]
+    if len(rng) == s.d.world:
+        torch.set_rng_state(rng[s.d.rank])
+    s.step, s.elapsed = int(state["step"]), float(state["elapsed_s"])
 
-    def record(row: dict[str, object]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-        if writer is not None:
+
+def _wrap(s: _Session, log: Callable[[str], None]) -> None:
+    """The model as the steps call it: under DDP with several processes, compiled where asked (default: CUDA)."""
+    s.fwd = s.model
+    if s.d.world > 1:  # buffers are not broadcast: routing biases stay equal through all-reduced loads instead
+        s.fwd = s.ddp = DistributedDataParallel(s.model, broadcast_buffers=False)
+    if s.tc.compile or (s.tc.compile is None and s.d.device.type == "cuda"):
+        s.fwd = _CompiledOrEager(s.fwd, log)
+
+
+def _train_step(s: _Session, shards: list) -> tuple[float, float, float, list[float]]:
+    """One optimizer step over the accumulated micro-batches; returns lr, train loss, grad norm, load CVs."""
+    tc, d = s.tc, s.d
+    accum = tc.accumulation(d.world)
+    lr = lr_at(s.step, tc)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=d.device)
+    for m in range(accum):
+        first = (m * d.world + d.rank) * tc.micro_batch_size
+        x, y = train_batch(
+            shards, tc.seq_len, tc.seed, s.step, tc.batch_size, slice(first, first + tc.micro_batch_size)
+        )
+        sync = m == accum - 1 or d.world == 1
+        ctx = s.ddp.no_sync() if not sync and s.ddp is not None else contextlib.nullcontext()
+        with ctx, autocast(d.device, s.dtype):
+            _, loss = s.fwd(*_to_device(d.device, x, y))  # type: ignore[misc]
+        scaled = loss / accum
+        (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+    # NOTE: one check per step, not per micro-batch: reading the loss waits for the GPU to finish
+    if not torch.isfinite(loss_sum):
+        raise TrainingDiverged(_diverged(s.run_dir, s.step + 1, f"the loss became {float(loss_sum) / accum}"))
+    if s.scaler is not None:
+        s.scaler.unscale_(s.optimizer)
+    params = [p for p in s.model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    if s.scaler is None and not torch.isfinite(norm):
+        raise TrainingDiverged(_diverged(s.run_dir, s.step + 1, f"the gradient norm became {float(norm)}"))
+    if s.scaler is not None:
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    else:
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    # Algorithm 1: one bias update per optimizer step, from the loads of every micro-batch and process
+    distributed.all_reduce_sum([moe.train_load for moe in s.model.moe_layers()] + [loss_sum], d)
+    cvs = s.model.update_routing_biases()
+    s.step += 1
+    return lr, float(loss_sum) / (accum * d.world), float(norm), cvs
+
+
+def _save(s: _Session, train_loss: float) -> None:
+    """A checkpoint with every process's RNG state, written by the main process."""
+    rng = distributed.gather_objects(torch.get_rng_state(), s.d)
+    if s.d.main:
+        extra = {"optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict() if s.scaler else {}}
+        state = {"step": s.step, "elapsed_s": s.elapsed, "train_loss": train_loss}
+        checkpoint.save(s.run_dir, s.step, s.model, {**extra, "rng": rng}, state, s.tc.keep_checkpoints)
+    distributed.barrier(s.d)
+
+
+class _Speed:
+    """Tokens/s since the last logged step, and this process's mean step time for the ETA."""
+
+    def __init__(self) -> None:
+        self.window_tokens, self.window_time = 0, 0.0
+        self.session_steps, self.session_time = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.window_tokens += tokens
+        self.window_time += seconds
+        self.session_steps += 1
+        self.session_time += seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.window_tokens / self.window_time
+
+    def seconds_for(self, steps: int) -> float:
+        return steps * self.session_time / self.session_steps
+
+    def new_window(self) -> None:
+        self.window_tokens, self.window_time = 0, 0.0
+
+
+class _Recorder:
+    """metrics.jsonl, and TensorBoard where installed; None on non-main processes (records nothing)."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self.metrics = (run_dir / METRICS_FILE).open("a") if run_dir is not None else None
+        self.writer = _tensorboard(run_dir) if run_dir is not None else None
+
+    def record(self, row: dict[str, object]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+        if self.writer is not None:
             for k, v in row.items():
                 if isinstance(v, int | float) and k != "step":
-                    writer.add_scalar(f"{row['split']}/{k}", v, row["step"])
+                    self.writer.add_scalar(f"{row['split']}/{k}", v, row["step"])  # type: ignore[attr-defined]
 
-    model.train()
-    with Progress(f"train {run_dir.name}", total=total) as bar:
-        bar.set(step)
-        while step < total:
-            t0 = time.perf_counter()
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=d.device)
-            for m in range(accum):
-                first = (m * d.world + d.rank) * tc.micro_batch_size
-                x, y = train_batch(
-                    shards, tc.seq_len, tc.seed, step, tc.batch_size, slice(first, first + tc.micro_batch_size)
-                )
-                sync = m == accum - 1 or d.world == 1
-                ctx = ddp.no_sync() if not sync and ddp is not None else contextlib.nullcontext()
-                with ctx, autocast(d.device, dtype):
-                    _, loss = fwd(*_to_device(d.device, x, y))
-                scaled = loss / accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.detach()
-            # NOTE: one check per step, not per micro-batch: reading the loss waits for the GPU to finish
-            if not torch.isfinite(loss_sum):
-                raise TrainingDiverged(_diverged(run_dir, step + 1, f"the loss became {float(loss_sum) / accum}"))
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            params = [p for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-            if scaler is None and not torch.isfinite(norm):
-                raise TrainingDiverged(_diverged(run_dir, step + 1, f"the gradient norm became {float(norm)}"))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # Algorithm 1: one bias update per optimizer step, from the loads of every micro-batch and process
-            distributed.all_reduce_sum([moe.train_load for moe in model.moe_layers()] + [loss_sum], d)
-            cvs = model.update_routing_biases()
-            step += 1
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            window_tokens += tc.tokens_per_step
-            window_time += dt
-            train_loss = float(loss_sum) / (accum * d.world)
-            tps = window_tokens / window_time
-            bar.set(step, f"loss {train_loss:.3f} | {tps:,.0f} tok/s")
-            session_steps, session_time = session_steps + 1, session_time + dt
-            eta = _duration((total - step) * session_time / session_steps)
-            if d.main and session_steps == 1 and step < total:  # how long this will take, before the user waits for it
-                log(f"step {step}/{total} took {dt:.1f} s ({tc.tokens_per_step / dt:,.0f} tok/s, warm-up included): "
-                    f"about {eta} for the remaining {total - step} steps")  # fmt: skip
+    def __enter__(self) -> _Recorder:
+        return self
 
-            if step % tc.log_interval == 0 or step == total:
-                last = {
-                    "step": step, "split": "train", "loss": train_loss, "lr": lr, "grad_norm": float(norm),
-                    "tokens": step * tc.tokens_per_step, "tokens_per_s": tps, "mfu_flops_per_s": tps * flops_per_token,
-                    "elapsed_s": elapsed, "load_cv": cvs or None,
-                }  # fmt: skip
-                record(last)
-                window_tokens, window_time = 0, 0.0
-            if d.main and (step % tc.eval_interval == 0 or step == total):
-                ev = evaluate(
-                    model, val_shards, tc.seq_len, tc.micro_batch_size, tc.eval_tokens, d.device, dtype, val_bytes
-                )
-                record({"step": step, "split": "val", **ev})
-                last = {**last, **{k: v for k, v in ev.items() if k != "tokens"}, "val_tokens": ev["tokens"]}
-                cv = f" | load CV {max(ev['expert_load_cv']):.3f}" if ev["expert_load_cv"] else ""
-                log(
-                    f"step {step}/{total} | train loss {train_loss:.4f} | val loss {ev['val_loss']:.4f} "
-                    f"(ppl {ev['val_ppl']:.2f}){cv} | {tps:,.0f} tok/s | ETA {eta}"
-                )
-            if step % tc.ckpt_interval == 0 or step == total:
-                rng = distributed.gather_objects(torch.get_rng_state(), d)
-                if d.main:
-                    extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {}}
-                    state = {"step": step, "elapsed_s": elapsed, "train_loss": train_loss}
-                    checkpoint.save(run_dir, step, model, {**extra, "rng": rng}, state, tc.keep_checkpoints)
-                distributed.barrier(d)
-    if metrics is not None:
-        metrics.close()
-    if writer is not None:
-        writer.close()  # type: ignore[attr-defined]
-    return last
+    def __exit__(self, *exc: object) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.writer is not None:
+            self.writer.close()  # type: ignore[attr-defined]
+
+
+def _eval_line(step: int, total: int, train_loss: float, ev: dict, tps: float, eta: str) -> str:
+    cv = f" | load CV {max(ev['expert_load_cv']):.3f}" if ev["expert_load_cv"] else ""
+    return (
+        f"step {step}/{total} | train loss {train_loss:.4f} | val loss {ev['val_loss']:.4f} "
+        f"(ppl {ev['val_ppl']:.2f}){cv} | {tps:,.0f} tok/s | ETA {eta}"
+    )
 
 
 def _duration(seconds: float) -> str:

@@ -127,8 +127,7 @@ def start(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData, 
                 f"{data.root} was tokenized with a different tokenizer than the run {run_dir} was trained on "
                 f"({old['data']['path']}); resume with data prepared by the same tokenizer"
             )
-        if old["model"] != meta["model"]:
-            raise RunError(f"--resume: the model configuration differs from the one in {run_dir / RUN_FILE}")
+        check_same_model(run_dir, ModelConfig.from_dict(old["model"]), cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=1))
@@ -137,6 +136,16 @@ def start(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData, 
     except OSError as err:
         why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
         raise RunError(f"could not write {run_dir / RUN_FILE}: {why}; the run folder is unchanged") from None
+
+
+def check_same_model(run_dir: Path, stored: ModelConfig, asked: ModelConfig) -> None:
+    """The one resume check of the model: a run continues as configured in its run.json."""
+    if stored != asked:
+        changed = sorted(k for k, v in asked.to_dict().items() if stored.to_dict().get(k) != v)
+        raise RunError(
+            f"--resume continues {run_dir} as configured in its {RUN_FILE}; model settings cannot change "
+            f"(asked to change: {', '.join(changed)})"
+        )
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,59 @@
+"""A named dataset (builtin, tinystories) or local text files -> a prepared folder: the one entry to data/."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from moemla.data.shards import prepare
+from moemla.data.sources import DataError, builtin_source, file_source, tinystories_source
+
+# the defaults of `moemla prepare`, the demo and `moemla reproduce`, in one place
+VOCAB_SIZE = 4096  # a byte-level BPE of a few thousand tokens: at small sizes GPT-2's 50,257 would be mostly embedding
+STORIES = 20_000
+VAL_FRACTION = 0.05
+
+
+def prepare_data(
+    *,
+    dataset: str = "builtin",
+    text: list[str] | None = None,
+    out: str | Path | None = None,
+    tokenizer: str = "bpe",
+    vocab_size: int = VOCAB_SIZE,
+    stories: int = STORIES,
+    corpus_seed: int = 0,
+    val_fraction: float = VAL_FRACTION,
+    overwrite: bool = False,
+) -> tuple[Path, dict]:
+    """Resolve the source, then tokenize it into a prepared folder (reused when already there)."""
+    if text:
+        source = file_source(text)
+        description: dict[str, object] = {
+            "dataset": "text",
+            "files": [file_identity(p) for p in text],
+        }
+        name = "text"
+    elif dataset == "builtin":
+        source = builtin_source(stories, corpus_seed)
+        description = {"dataset": "builtin", "stories": stories, "seed": corpus_seed}
+        name = "builtin"
+    elif dataset == "tinystories":
+        source = tinystories_source(limit=stories)
+        description = {"dataset": "tinystories", "limit": stories}
+        name = "tinystories"
+    else:
+        raise DataError(f"unknown dataset {dataset!r}: use builtin or tinystories, or local files with --text")
+    folder = Path(out or f"data/{name}")
+    manifest = prepare(source, folder, description, tokenizer, vocab_size, val_fraction, overwrite=overwrite)
+    return folder, manifest
+
+
+def file_identity(path: str | Path) -> dict[str, object]:
+    """Path, size and content hash of an input file: a prepared folder is reused only for the same content."""
+    p = Path(path)
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}

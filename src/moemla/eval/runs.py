@@ -1,0 +1,53 @@
+"""Evaluating a run folder: its checkpoint on a prepared split or on raw text files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from moemla.data.shards import PreparedData
+from moemla.data.sources import DataError, file_source
+from moemla.data.tokenizer import eot_id, token_bytes
+from moemla.eval.perplexity import amp_dtype, evaluate
+from moemla.train.distributed import resolve_device
+from moemla.train.run_folder import configs, load_model
+
+
+def text_tokens(paths: list[str], tok) -> list[np.ndarray]:
+    """Raw text files tokenized with a run's tokenizer, stories separated by <|endoftext|>, as one shard."""
+    eot = eot_id(tok)
+    ids: list[int] = []
+    for enc in tok.encode_batch(list(file_source(paths)())):
+        ids += [*enc.ids, eot]
+    return [np.array(ids, dtype=np.int64)]
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    text: list[str] | None = None,
+    split: str = "val",
+    max_tokens: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    checkpoint_name: str | None = None,
+) -> dict:
+    """`moemla eval`: a run's checkpoint on a prepared split (default: its training data's) or on raw text."""
+    dev = resolve_device(device)
+    model, tok, meta = load_model(run_dir, dev, checkpoint_name)
+    _, tc = configs(meta)
+    if text:
+        shards = text_tokens(text, tok)
+    else:
+        data = PreparedData.open(data_dir or meta["data"]["path"])
+        if data.tokenizer_sha256 != meta["data"]["tokenizer_sha256"]:
+            raise DataError(
+                f"{data.root} was tokenized with a different tokenizer than {run_dir} was trained with; "
+                "evaluate on data prepared with the run's tokenizer, or pass raw text with --text"
+            )
+        shards = data.shards(split)
+    batch = tc.micro_batch_size if batch_size is None else batch_size
+    result = evaluate(model, shards, tc.seq_len, batch, max_tokens, dev, amp_dtype(dev, tc.amp), token_bytes(tok))
+    return {"run": str(run_dir), **result}

@@ -1,0 +1,89 @@
+"""Settings for a training run, resolved once: defaults < preset < config file < flags; then train."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, ConfigError, ModelConfig
+from moemla.data.shards import PreparedData
+from moemla.train.config import TrainConfig
+from moemla.train.loop import train
+from moemla.train.run_folder import RUN_FILE, check_same_model, configs, read_meta
+
+CONFIG_KEYS = {"preset", "variant", "model", "train"}
+
+
+def read_config_file(path: str | None) -> dict:
+    """A JSON or TOML run file: {preset, variant, model: {...}, train: {...}}, all optional."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {err}") from None
+    unknown = set(data) - CONFIG_KEYS
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
+    return data
+
+
+def resolve_configs(
+    data: PreparedData,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    preset: str | None = None,
+    variant: str | None = None,
+    file: dict | None = None,
+    model_flags: dict | None = None,
+    train_flags: dict | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Defaults < preset < config file < flags; the model's vocabulary and context follow the data by default."""
+    file = file or {}
+    model_over = {**file.get("model", {}), **(model_flags or {})}
+    train_over = {**file.get("train", {}), **(train_flags or {})}
+    preset = preset or file.get("preset")
+    variant = variant or file.get("variant")
+    if resume and (run_dir / RUN_FILE).exists():
+        cfg, tc = configs(read_meta(run_dir))
+        if preset or variant:  # a named preset or variant must be the one the run was started with
+            asked = ModelConfig.from_preset(
+                preset or DEFAULT_PRESET, variant or DEFAULT_VARIANT, **{"vocab_size": cfg.vocab_size, **model_over}
+            )
+        else:  # flags alone change fields of the run's own config
+            asked = cfg.replace(**model_over)
+        check_same_model(run_dir, cfg, asked)
+        return cfg, tc.replace(**train_over)
+    model_over.setdefault("vocab_size", data.vocab_size)
+    cfg = ModelConfig.from_preset(preset or DEFAULT_PRESET, variant or DEFAULT_VARIANT, **model_over)
+    train_over.setdefault("seq_len", min(TrainConfig.seq_len, cfg.max_seq_len))
+    return cfg, TrainConfig.from_dict(train_over)
+
+
+def run_training(
+    data_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    preset: str | None = None,
+    variant: str | None = None,
+    config_file: str | None = None,
+    model_flags: dict | None = None,
+    train_flags: dict | None = None,
+    checkpoint_name: str | None = None,
+) -> dict:
+    """`moemla train`: resolve the settings, then train (or resume) the run in `out`; returns the final metrics."""
+    file = read_config_file(config_file)
+    data = PreparedData.open(data_dir)
+    name = f"{preset or file.get('preset', DEFAULT_PRESET)}-{variant or file.get('variant', DEFAULT_VARIANT)}"
+    run_dir = Path(out or f"runs/{name}")
+    cfg, tc = resolve_configs(
+        data, run_dir, resume=resume, preset=preset, variant=variant, file=file, model_flags=model_flags,
+        train_flags=train_flags,
+    )  # fmt: skip
+    return train(data_dir, run_dir, cfg, tc, resume=resume, from_checkpoint=checkpoint_name)
