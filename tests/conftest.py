@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,9 @@ def trained_debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train = ["--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
     assert main(["train", "--data", str(data), "--out", str(run), "--preset", "debug", *train]) == 0
     return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,8 +2,10 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from moemla.generate import generate_ids
 
-from .conftest import make_run
+from .conftest import free_port, make_run
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
@@ -102,9 +104,9 @@ TASKS = {
 }
 
 
-def test_lm_eval_command_runs_local_tasks_on_a_debug_model(run: Path, tmp_path: Path) -> None:
-    """`moemla lm-eval --model moemla` end to end, on tasks whose data is local (the hub is not reachable)."""
-    docs = tmp_path / "docs.jsonl"
+def _write_tasks(folder: Path) -> None:
+    """TASKS over four one-sentence documents, as YAML files lm-eval reads with --include_path."""
+    docs = folder / "docs.jsonl"
     stories = ["Lily found a red ball.", "Tom saw a big dog.", "The cat slept in the sun.", "Ben ate an apple."]
     with docs.open("w") as f:
         for i, s in enumerate(stories):
@@ -113,16 +115,63 @@ def test_lm_eval_command_runs_local_tasks_on_a_debug_model(run: Path, tmp_path: 
     for name, spec in TASKS.items():
         task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(docs)}},
                 "test_split": "test", **spec}  # fmt: skip
-        (tmp_path / f"{name}.yaml").write_text(json.dumps(task))  # JSON is YAML
-    out = tmp_path / "results"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "moemla", "lm-eval", "--model", "moemla", "--model_args", f"run={run}",
-           "--device", "cpu", "--tasks", ",".join(TASKS), "--include_path", str(tmp_path),
-           "--output_path", str(out)]  # fmt: skip
+        (folder / f"{name}.yaml").write_text(json.dumps(task))  # JSON is YAML
+
+
+def _lm_eval(argv: list[str], tasks: list[str], folder: Path) -> dict:
+    out = folder / f"results-{len(list(folder.glob('results-*')))}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(folder / "cache"))
+    cmd = [
+        *argv,
+        "--device",
+        "cpu",
+        "--tasks",
+        ",".join(tasks),
+        "--include_path",
+        str(folder),
+        "--output_path",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [result_file] = list(out.rglob("results*.json"))
-    results = json.loads(result_file.read_text())["results"]
+    return json.loads(result_file.read_text())["results"]
+
+
+def test_lm_eval_command_runs_local_tasks_on_a_debug_model(run: Path, tmp_path: Path) -> None:
+    """`moemla lm-eval --model moemla` end to end, on tasks whose data is local (the hub is not reachable)."""
+    _write_tasks(tmp_path)
+    argv = [sys.executable, "-m", "moemla", "lm-eval", "--model", "moemla", "--model_args", f"run={run}"]
+    results = _lm_eval(argv, list(TASKS), tmp_path)
     assert 0.0 <= results["moemla_mc"]["acc,none"] <= 1.0
     assert results["moemla_ppl"]["bits_per_byte,none"] > 0
     assert 0.0 <= results["moemla_gen"]["exact_match,none"] <= 1.0
+
+
+def test_lm_eval_local_completions_against_moemla_serve_scores_the_same(run: Path, tmp_path: Path) -> None:
+    """lm-eval's OpenAI backend, through `moemla serve` and the exported tokenizer, equals --model moemla."""
+    pytest.importorskip("tenacity")  # lm-eval's API models need lm-eval[api]
+    pytest.importorskip("transformers")
+    from moemla.export.hf import export_hf
+
+    _write_tasks(tmp_path)
+    export_hf(run, tmp_path / "hf")
+    port = free_port()
+    cmd = [sys.executable, "-m", "moemla", "serve", str(run), "--port", str(port), "--device", "cpu"]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        args = (f"model={run.name},base_url=http://127.0.0.1:{port}/v1/completions,tokenizer_backend=huggingface,"
+                f"tokenizer={tmp_path / 'hf'},trust_remote_code=True")  # fmt: skip
+        served = _lm_eval(["lm_eval", "--model", "local-completions", "--model_args", args], ["moemla_ppl"], tmp_path)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    argv = [sys.executable, "-m", "moemla", "lm-eval", "--model", "moemla", "--model_args", f"run={run}"]
+    direct = _lm_eval(argv, ["moemla_ppl"], tmp_path)
+    got, want = served["moemla_ppl"]["bits_per_byte,none"], direct["moemla_ppl"]["bits_per_byte,none"]
+    assert got == pytest.approx(want, rel=1e-4)

@@ -17,19 +17,13 @@ import torch
 from moemla.generate import generate_ids
 from moemla.train.run_folder import load_model
 
-from .conftest import make_run
+from .conftest import free_port, make_run
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 NAME = "tiny-moe"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def server(run: Path) -> Iterator[tuple[str, object]]:
     model, tok, _ = load_model(run)
     engine = Engine(model, tok.token_to_id("<|endoftext|>"), max_batch=16, window_s=0.05)
     app = create_app(engine, tok, NAME)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -196,7 +190,7 @@ def test_bad_requests_get_4xx_json_and_the_server_lives_on(
 
 def test_cli_serves_on_loopback_to_the_openai_client(run: Path) -> None:
     openai = pytest.importorskip("openai")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "moemla", "serve", str(run), "--port", str(port), "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
