@@ -140,3 +140,28 @@ def test_export_errors_are_one_line(base_run: Path, tmp_path: Path, capsys: pyte
     assert main(["export", str(base_run), str(tmp_path / "out"), "--architecture", "native"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--architecture remote" in err
+
+
+@pytest.mark.parametrize(("variant", "arch"), [("moe-mla-drope", "auto"), ("mha", "auto"), ("mha-rope", "auto")])
+def test_import_gives_back_the_same_model_as_a_run(variant: str, arch: str, base_run: Path, tmp_path: Path) -> None:
+    """export -> import is the identity on weights and tokenizer, for remote code, GPT-2 and GPT-NeoX alike."""
+    run = make_run(base_run, tmp_path / "run", variant, seed=6)
+    export_hf(run, tmp_path / "hf", architecture=arch, dtype="float32")
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    a, tok_a, _ = load_model(run)
+    b, tok_b, meta = load_model(tmp_path / "back")
+    assert a.cfg == b.cfg and tok_a.to_str() == tok_b.to_str()
+    for (k, v), (k2, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, w), k
+    assert meta["data"]["tokenizer_sha256"] == json.loads((run / "run.json").read_text())["data"]["tokenizer_sha256"]
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 1  # not empty
+
+
+def test_an_imported_run_fine_tunes_with_a_fresh_optimizer(trained_debug_run: Path, tmp_path: Path) -> None:
+    export_hf(trained_debug_run, tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    data = json.loads((trained_debug_run / "run.json").read_text())["data"]["path"]
+    argv = ["train", "--data", data, "--out", str(tmp_path / "back"), "--resume", "--max-steps", "1",
+            "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "back" / "checkpoints" / "step_00000001").is_dir()

@@ -113,7 +113,30 @@ def add_lm_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_lm_eval)
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from moemla.export.hf_import import import_hf
+
+    info = import_hf(args.folder, args.out, overwrite=args.overwrite)
+    print(f"wrote {info['run']}: {info['variant'] or 'custom'} from {info['from']} ({info['architecture']})")
+    print("evaluate, generate, bench, serve or export it as any run; `moemla train --resume` fine-tunes it")
+    return 0
+
+
+def add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import",
+        help="turn a folder written by `moemla export` (perhaps fine-tuned since) back into a run",
+        description="Read an exported Hugging Face folder (remote code, GPT-2 or GPT-NeoX) and write a run folder "
+        "with its model config, tokenizer and the weights as checkpoint step 0.",
+    )
+    p.add_argument("folder", help="a folder written by `moemla export --format hf`")
+    p.add_argument("out", help="run folder to write (must be new or empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
+    p.set_defaults(func=cmd_import)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     add_export(sub)
+    add_import(sub)
     add_serve(sub)
     add_lm_eval(sub)

@@ -16,18 +16,26 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from moemla.config import ConfigError, ModelConfig, variant_name
+from moemla.config import ModelConfig, variant_name
 from moemla.data.sources import EOT
 from moemla.model import Transformer
 from moemla.train.checkpoint import write_text_atomic
-from moemla.train.run_folder import load_model
+from moemla.train.run_folder import TOKENIZER_FILE, load_model
 
 Architecture = Literal["auto", "native", "remote"]
 REMOTE = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_moemla.py", "modeling_moemla.py")
+MOEMLA_TOKENIZER = "moemla_tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # moemla generate's defaults, so `model.generate(**inputs)` samples as `moemla generate` does
 SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40}
+
+
+# per-block module names: ours -> transformers' (GPT-2's Conv1D matrices are stored transposed)
+GPT2_NAMES = {"ln1": "ln_1", "ln2": "ln_2", "attn.wqkv": "attn.c_attn", "attn.wo": "attn.c_proj",
+              "ffn.w1": "mlp.c_fc", "ffn.w2": "mlp.c_proj"}  # fmt: skip
+NEOX_NAMES = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm", "attn.wo": "attention.dense",
+              "ffn.w1": "mlp.dense_h_to_4h", "ffn.w2": "mlp.dense_4h_to_h"}  # fmt: skip
 
 
 class ExportError(ValueError):
@@ -143,10 +151,8 @@ def gpt2_weights(model: Transformer) -> dict[str, torch.Tensor]:
         "transformer.ln_f.weight": sd["ln_f.weight"],
         "transformer.ln_f.bias": sd["ln_f.bias"],
     }
-    pairs = {"ln1": "ln_1", "ln2": "ln_2", "attn.wqkv": "attn.c_attn", "attn.wo": "attn.c_proj"}
-    pairs |= {"ffn.w1": "mlp.c_fc", "ffn.w2": "mlp.c_proj"}
     for i in range(model.cfg.n_layers):
-        for ours, theirs in pairs.items():
+        for ours, theirs in GPT2_NAMES.items():
             w, b = sd[f"blocks.{i}.{ours}.weight"], sd[f"blocks.{i}.{ours}.bias"]
             out[f"transformer.h.{i}.{theirs}.weight"] = w if ours.startswith("ln") else w.T
             out[f"transformer.h.{i}.{theirs}.bias"] = b
@@ -162,16 +168,9 @@ def gpt_neox_weights(model: Transformer) -> dict[str, torch.Tensor]:
         "gpt_neox.final_layer_norm.weight": sd["ln_f.weight"],
         "gpt_neox.final_layer_norm.bias": sd["ln_f.bias"],
     }
-    pairs = {
-        "ln1": "input_layernorm",
-        "ln2": "post_attention_layernorm",
-        "attn.wo": "attention.dense",
-        "ffn.w1": "mlp.dense_h_to_4h",
-        "ffn.w2": "mlp.dense_4h_to_h",
-    }
     for i in range(cfg.n_layers):
         pre = f"gpt_neox.layers.{i}"
-        for ours, theirs in pairs.items():
+        for ours, theirs in NEOX_NAMES.items():
             for kind in ("weight", "bias"):
                 out[f"{pre}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
         # ours: rows [q heads | k heads | v heads], (3, H, D); NeoX: per head [q | k | v], (H, 3, D)
@@ -254,18 +253,7 @@ def export_hf(
     generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, **SAMPLING}
     write_text_atomic(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     write_tokenizer(tok, out, cfg.max_seq_len)
+    # moemla's own tokenizer file, byte for byte: transformers rewrites tokenizer.json (a no-op post-processor),
+    # and `moemla import` must hand back a run whose tokenizer digest matches the data it was trained on
+    shutil.copyfile(Path(run_dir) / TOKENIZER_FILE, out / MOEMLA_TOKENIZER)
     return {"out": str(out), "architecture": kind, "variant": variant_name(cfg), "dtype": dtype, "run": str(run_dir)}
-
-
-def read_moemla_config(folder: str | Path) -> ModelConfig:
-    """The ModelConfig an exported folder was written from (its config.json carries it)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ExportError(f"{folder} has no config.json; it is not an exported model folder")
-    data = json.loads(path.read_text())
-    if "moemla_config" not in data:
-        raise ExportError(f"{path} was not written by `moemla export` (no moemla_config)")
-    try:
-        return ModelConfig.from_dict(data["moemla_config"])
-    except (ConfigError, TypeError) as err:
-        raise ExportError(f"{path}: {err}") from None

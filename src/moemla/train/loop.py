@@ -170,6 +170,9 @@ def _restore(s: _Session, ckpt: Path) -> None:
     """Weights, optimizer, scaler, RNG state and step of a checkpoint: the run goes on bitwise as if never stopped."""
     checkpoint.load_weights(ckpt, s.model)
     extra, state = checkpoint.load(ckpt)
+    if "optimizer" not in extra:  # weights only (`moemla import`): fine-tuning starts a fresh optimizer
+        s.step, s.elapsed = int(state["step"]), float(state["elapsed_s"])
+        return
     s.optimizer.load_state_dict(extra["optimizer"])
     if s.scaler is not None and extra.get("scaler"):
         s.scaler.load_state_dict(extra["scaler"])
