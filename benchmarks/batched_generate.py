@@ -18,8 +18,8 @@ import time
 import torch
 
 from moemla import ModelConfig, Transformer
-from moemla.generate import generate_ids, generate_ids_batch
-from moemla.numpy_decoder import NumpyDecoder
+from moemla.inference.cpu.decoder import NumpyDecoder
+from moemla.inference.generate import generate_ids, generate_ids_batch
 
 
 def one_by_one(model: Transformer | NumpyDecoder, prompts: list[list[int]], new: int) -> list[list[int]]:

@@ -6,7 +6,7 @@
 Decode tokens/s = (new - 1) / (time(prompt + new tokens) - time(prompt + 1 token)), so prefill is
 excluded for all. Engines: `numba` is moemla's NumpyDecoder with its compiled one-token kernels,
 `numpy` the same decoder without them, `torch` is moemla's Transformer, all through
-`moemla.generate.generate_ids` with the same random weights. The equivalents: `mha` vs
+`moemla.inference.generate.generate_ids` with the same random weights. The equivalents: `mha` vs
 GPT2LMHeadModel (learned positions, GELU MLP, tied head); `moe-mla-drope` and `moe-mla-rope` vs
 DeepseekV3ForCausalLM with the same width, heads, experts (2 shared + 62 routed, top-6, expert
 width d) and KV cache size (its one joint latent has rank 2r, our two latents r each; decoupled
@@ -26,8 +26,8 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, GPT2Config, GP
 
 from moemla import ModelConfig, Transformer
 from moemla.accounting import active_params
-from moemla.generate import generate_ids
-from moemla.numpy_decoder import NumpyDecoder
+from moemla.inference.cpu.decoder import NumpyDecoder
+from moemla.inference.generate import generate_ids
 
 ENGINES = ("numba", "numpy", "torch")
 

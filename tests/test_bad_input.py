@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from moemla.cli import main
 from moemla.data.shards import prepare
 from moemla.data.sources import builtin_source, file_source
-from moemla.generate import generate_ids
+from moemla.inference.generate import generate_ids
 from moemla.train import checkpoint
 from moemla.train.checkpoint import CheckpointError
 from moemla.train.loop import train

@@ -12,7 +12,7 @@ from moemla.cli import main
 from moemla.config import VARIANTS, ModelConfig
 from moemla.data.sources import EOT
 from moemla.export.hf import REMOTE, ExportError, export_hf, native_architecture
-from moemla.generate import generate_ids, generate_ids_batch
+from moemla.inference.generate import generate_ids, generate_ids_batch
 from moemla.train.run_folder import load_model
 
 from .conftest import make_run

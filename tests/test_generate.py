@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moemla.cli import main
-from moemla.generate import filter_logits, generate_ids, generate_ids_batch, sample
+from moemla.inference.generate import filter_logits, generate_ids, generate_ids_batch, sample
 from moemla.model import KVCache
 
 from .conftest import ALL_VARIANTS, build

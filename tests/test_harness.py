@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemla.generate import generate_ids
+from moemla.inference.generate import generate_ids
 
 from .conftest import free_port, make_run
 

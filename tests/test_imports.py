@@ -10,8 +10,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "moemla"
 # lowest first; a module's layer is that of its longest matching prefix ("moemla" alone: the package's __init__)
 LAYERS = [
     ["moemla.config"],
-    ["moemla", "moemla.model", "moemla.data", "moemla.accounting", "moemla.progress", "moemla.plots", "moemla.kernels"],
-    ["moemla.train", "moemla.eval", "moemla.generate", "moemla.numpy_decoder", "moemla.bench"],
+    ["moemla", "moemla.model", "moemla.data", "moemla.accounting", "moemla.progress", "moemla.plots"],
+    ["moemla.train", "moemla.eval", "moemla.inference"],
     ["moemla.experiments", "moemla.demo", "moemla.export", "moemla.serve"],
     ["moemla.cli", "moemla.__main__"],
 ]

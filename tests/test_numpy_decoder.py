@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from moemla.cli import main
-from moemla.generate import generate_ids
+from moemla.inference.cpu.decoder import NumpyDecoder
+from moemla.inference.generate import generate_ids
 from moemla.model import KVCache
-from moemla.numpy_decoder import NumpyDecoder
 from moemla.train.checkpoint import save_file
 
 from .conftest import ALL_VARIANTS, build
@@ -79,7 +79,7 @@ def test_numba_without_a_cache_folder_is_a_clear_error() -> None:
         pytest.skip("this numba finds its cache folders differently")
     code = (
         "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"  # as if no folder were writable
-        "from moemla.numpy_decoder import load_kernels\n"
+        "from moemla.inference.cpu.decoder import load_kernels\n"
         "load_kernels()\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -149,7 +149,7 @@ def test_numpy_decoder_runs_without_torch(tmp_path) -> None:
     code = (
         "import json, sys; sys.modules['torch'] = None\n"  # any import of torch now fails
         "from moemla.config import ModelConfig\n"
-        "from moemla.numpy_decoder import NumpyDecoder\n"
+        "from moemla.inference.cpu.decoder import NumpyDecoder\n"
         f"cfg = ModelConfig.from_dict(json.load(open({str(tmp_path / 'cfg.json')!r})))\n"
         f"print(NumpyDecoder.from_safetensors(cfg, {str(path)!r}).forward([5, 6, 7]).argmax())\n"
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemla.generate import generate_ids
+from moemla.inference.generate import generate_ids
 from moemla.train.run_folder import load_model
 
 from .conftest import free_port, make_run

@@ -18,7 +18,7 @@ from moemla import accounting
 from moemla.config import ModelConfig
 from moemla.data.prepare import STORIES, prepare_data  # 20,000 stories: ~5M tokens, prepared in ~10 s
 from moemla.data.shards import PreparedData, eval_batches
-from moemla.generate import generate
+from moemla.inference.generate import generate
 from moemla.model import Transformer
 from moemla.plots import expert_utilization, loss_curves
 from moemla.train.config import TrainConfig

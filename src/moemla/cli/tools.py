@@ -22,7 +22,7 @@ ENGINES = ["torch", "numpy", "numba"]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moemla.generate import check_sampling, generate
+    from moemla.inference.generate import check_sampling, generate
     from moemla.train.distributed import resolve_device
     from moemla.train.run_folder import load_model
 
@@ -47,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--engine {engine} runs on the CPU; drop --device {args.device} or use --engine torch")
     model, tok, _ = load_model(args.run, resolve_device("cpu" if engine != "torch" else args.device), args.checkpoint)
     if engine != "torch":
-        from moemla.numpy_decoder import NumpyDecoder
+        from moemla.inference.cpu.decoder import NumpyDecoder
 
         model = NumpyDecoder.from_model(model, compiled=engine == "numba")
     if args.batch_size > 1:  # whole texts, printed as each batch finishes
@@ -73,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from moemla.bench import DTYPES, add_relative, bench_config, bench_numpy, plot, print_table
+    from moemla.inference.bench import DTYPES, add_relative, bench_config, bench_numpy, plot, print_table
     from moemla.train.distributed import resolve_device
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")

@@ -142,7 +142,7 @@ def _presets(preset: str, multi_size: bool) -> list[str]:
 
 def _add_decode_speed(summary: list[dict[str, object]], context: int, device: str, log: Callable[[str], None]) -> None:
     """Decode tokens/s of each row's model shape (random weights, as `moemla bench`), relative to mha."""
-    from moemla.bench import bench_config
+    from moemla.inference.bench import bench_config
     from moemla.train.distributed import resolve_device
 
     dev = resolve_device(device)

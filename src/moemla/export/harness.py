@@ -16,7 +16,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from moemla.data.sources import EOT
-from moemla.generate import generate_ids_batch
+from moemla.inference.generate import generate_ids_batch
 from moemla.train.distributed import resolve_device
 from moemla.train.run_folder import load_model
 

@@ -91,7 +91,7 @@ def bench_numpy(
 
     compiled=True: its numba kernels (engine "numba"); the first of the repeats + 1 runs compiles them.
     """
-    from moemla.numpy_decoder import NumpyDecoder
+    from moemla.inference.cpu.decoder import NumpyDecoder
 
     _check_lengths(cfg, context, new_tokens)
     torch.manual_seed(0)

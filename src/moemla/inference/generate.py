@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
+from moemla.inference.cpu.decoder import NumpyDecoder
 from moemla.model import KVCache, Transformer
-from moemla.numpy_decoder import NumpyDecoder
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

@@ -102,7 +102,7 @@ class Block:
 
     def __init__(self, cfg: ModelConfig, w: Weights, i: int, max_len: int, kernels: ModuleType | None) -> None:
         p = f"blocks.{i}."
-        self.cfg, self.kernels = cfg, kernels  # kernels: moemla.kernels for one-token steps, or None
+        self.cfg, self.kernels = cfg, kernels  # kernels: moemla.inference.cpu.kernels for one-token steps, or None
         self.ln1 = (w[p + "ln1.weight"], w[p + "ln1.bias"])
         self.ln2 = (w[p + "ln2.weight"], w[p + "ln2.bias"])
         h, d, r = cfg.n_heads, cfg.head_dim, cfg.kv_lora_rank
@@ -279,9 +279,9 @@ class Block:
 
 
 def load_kernels() -> ModuleType:
-    """moemla.kernels, or a ConfigError saying how to get numba."""
+    """moemla.inference.cpu.kernels, or a ConfigError saying how to get numba."""
     try:
-        from moemla import kernels
+        from moemla.inference.cpu import kernels
     except ImportError as err:
         raise ConfigError(
             f"the compiled decoder needs numba ({err}); install it with: pip install 'moemla[fast]' "
@@ -320,7 +320,7 @@ class NumpyDecoder:
     """Prefill and decode one sequence with numpy; `forward` appends to the cache like Transformer's."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights, max_len: int | None = None, compiled: bool = False) -> None:
-        """compiled=True runs one-token steps through moemla.kernels (needs numba: pip install "moemla[fast]")."""
+        """compiled=True runs one-token steps through the numba kernels (pip install "moemla[fast]")."""
         self.cfg, self.max_len = cfg, max_len or cfg.max_seq_len
         self.compiled = compiled
         if self.max_len > cfg.max_seq_len:

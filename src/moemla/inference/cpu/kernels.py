@@ -4,7 +4,7 @@ Why: at batch 1 a routed expert is a 256 KB matrix-vector product. OpenBLAS take
 (~11 GB/s: its call and thread hand-off cost more than the read), and a step makes 72 of them. One
 compiled loop over the K chosen experts streams them back to back from one core at ~20 GB/s, and
 the small ops around them (routing, layer norm, GELU) cost no numpy call each (BENCHMARKS.md).
-Importing this module needs numba; `moemla.numpy_decoder` imports it only when asked to.
+Importing this module needs numba; `moemla.inference.cpu.decoder` imports it only when asked to.
 """
 
 from __future__ import annotations

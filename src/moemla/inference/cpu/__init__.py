@@ -1,0 +1,1 @@
+"""The torch-free CPU engine: numpy decoder, numba kernels, int8 weights."""
