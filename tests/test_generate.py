@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moemla.cli import main
-from moemla.inference.generate import filter_logits, generate_ids, generate_ids_batch, sample
+from moemla.inference.generate import generate_ids, generate_ids_batch
+from moemla.inference.sampling import filter_logits, sample
 from moemla.model import KVCache
 
 from .conftest import ALL_VARIANTS, build

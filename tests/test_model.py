@@ -48,8 +48,7 @@ def test_absorbed_decode_equals_naive_decode(variant: str) -> None:
     idx = torch.randint(0, model.cfg.vocab_size, (2, t))
     logits = {}
     for absorbed in (True, False):
-        model.set_absorbed_decode(absorbed)
-        cache = KVCache(model.cfg, batch_size=2, max_len=t)
+        cache = KVCache(model.cfg, batch_size=2, max_len=t, absorbed=absorbed)
         with torch.no_grad():
             out = [model(idx[:, :5], cache=cache)[0]]
             out += [model(idx[:, i : i + 1], cache=cache)[0] for i in range(5, t)]

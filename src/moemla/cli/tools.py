@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,10 +18,15 @@ ENGINE_HELP = (
     "(needs pip install 'moemla[fast]'; BENCHMARKS.md)"
 )
 ENGINES = ["torch", "numpy", "numba"]
+QUANTIZE_HELP = (
+    "int8: the CPU engine's weights as int8 with one scale per output channel (routed experts included); default none"
+)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moemla.inference.generate import check_sampling, generate
+    from moemla.inference.decoder import make_decoder
+    from moemla.inference.generate import generate
+    from moemla.inference.sampling import check_sampling
     from moemla.train.distributed import resolve_device
     from moemla.train.run_folder import load_model
 
@@ -36,20 +40,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before the prompt is printed
-    engine = args.engine
-    if engine == "auto":  # one sequence at a time: on a CPU the numpy decoders beat the torch model
-        on_cpu = resolve_device(args.device).type == "cpu"
-        one = on_cpu and args.batch_size == 1
-        engine = "torch" if not one else "numba" if importlib.util.find_spec("numba") else "numpy"
-    if engine != "torch" and args.batch_size > 1:
-        raise ConfigError(f"--engine {engine} decodes one sequence at a time; use --engine torch for --batch-size")
-    if engine != "torch" and args.device not in ("auto", "cpu"):
-        raise ConfigError(f"--engine {engine} runs on the CPU; drop --device {args.device} or use --engine torch")
-    model, tok, _ = load_model(args.run, resolve_device("cpu" if engine != "torch" else args.device), args.checkpoint)
-    if engine != "torch":
-        from moemla.inference.cpu.decoder import NumpyDecoder
-
-        model = NumpyDecoder.from_model(model, compiled=engine == "numba")
+    if args.engine in ("numpy", "numba") and args.device not in ("auto", "cpu"):
+        raise ConfigError(f"--engine {args.engine} runs on the CPU; drop --device {args.device} or use --engine torch")
+    device = "cpu" if args.engine in ("numpy", "numba") else args.device
+    model, tok, _ = load_model(args.run, resolve_device(device), args.checkpoint)
+    model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize)
     if args.batch_size > 1:  # whole texts, printed as each batch finishes
         for lo in range(0, len(prompts), args.batch_size):
             group = prompts[lo : lo + args.batch_size]
@@ -73,22 +68,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from moemla.inference.bench import DTYPES, add_relative, bench_config, bench_numpy, plot, print_table
+    from moemla.inference.bench import DTYPES, add_relative, bench, plot, print_table
     from moemla.train.distributed import resolve_device
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)} or 'all'")
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    numpy_engine = args.engine != "torch"
-    if numpy_engine and (args.batch != "1" or args.device not in ("auto", "cpu") or args.dtype != "float32"):
+    cpu_engine = args.engine != "torch"
+    if cpu_engine and (args.batch != "1" or args.device not in ("auto", "cpu") or args.dtype != "float32"):
         raise ConfigError(
             f"--engine {args.engine} decodes one sequence in float32 on the CPU: use --batch 1, --dtype float32, "
             "no --device"
         )
-    if numpy_engine and (args.naive or args.compile):
+    if cpu_engine and (args.naive or args.compile):
         raise ConfigError(f"--naive and --compile apply to the torch engine; drop them with --engine {args.engine}")
+    device, dtype = resolve_device("cpu" if cpu_engine else args.device), DTYPES[args.dtype]
     overrides = config_overrides(args)
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
@@ -96,14 +91,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = ModelConfig.from_preset(args.preset, v, **overrides)
             if not args.json:
                 print(f"{v}, batch {batch} ...", file=sys.stderr, flush=True)
-            if numpy_engine:
-                rows.append(bench_numpy(cfg, args.context, args.new_tokens, compiled=args.engine == "numba"))
-            else:
-                rows.append(
-                    bench_config(
-                        cfg, batch, args.context, args.new_tokens, device, dtype, not args.naive, 2, args.compile
-                    )
-                )
+            rows.append(bench(
+                cfg, batch, args.context, args.new_tokens, engine=args.engine, device=device, dtype=dtype,
+                absorbed=not args.naive, compile=args.compile, quantize=args.quantize,
+            ))  # fmt: skip
     add_relative(rows)
     if args.plot:
         plot(rows, args.plot)
@@ -251,6 +242,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--engine", default="auto", choices=["auto", *ENGINES],
         help=ENGINE_HELP + "; auto (default): numba on a CPU when installed, else numpy there, torch on a GPU",
     )  # fmt: skip
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
     p.set_defaults(func=cmd_generate)
 
 
@@ -270,6 +262,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--naive", action="store_true", help="MLA decode through re-expanded K and V (no absorption)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (prefill and decode step)")
     p.add_argument("--engine", default="torch", choices=ENGINES, help=ENGINE_HELP)
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
     p.add_argument("--plot", help="write a bar chart to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
     add_config_flags(p, "xs")

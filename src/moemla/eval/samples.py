@@ -17,7 +17,8 @@ from pathlib import Path
 from moemla.data.sources import DataError
 from moemla.data.tokenizer import eot_id
 from moemla.eval.stats import Completion
-from moemla.inference.generate import check_sampling, generate_ids_batch
+from moemla.inference.generate import generate_ids_batch
+from moemla.inference.sampling import check_sampling
 from moemla.progress import Progress
 from moemla.train.run_folder import load_model
 

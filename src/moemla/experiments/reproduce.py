@@ -142,15 +142,15 @@ def _presets(preset: str, multi_size: bool) -> list[str]:
 
 def _add_decode_speed(summary: list[dict[str, object]], context: int, device: str, log: Callable[[str], None]) -> None:
     """Decode tokens/s of each row's model shape (random weights, as `moemla bench`), relative to mha."""
-    from moemla.inference.bench import bench_config
+    from moemla.inference.bench import bench
     from moemla.train.distributed import resolve_device
 
     dev = resolve_device(device)
     for r in summary:
         cfg, _ = configs(read_meta(str(r["run"])))
         log(f"decode speed: {r['name']}")
-        bench = bench_config(cfg, DECODE_BATCH, context, min(DECODE_NEW_TOKENS, context // 4), dev)
-        r["decode_tokens_per_s"] = bench["decode_tokens_per_s"]
+        row = bench(cfg, DECODE_BATCH, context, min(DECODE_NEW_TOKENS, context // 4), device=dev)
+        r["decode_tokens_per_s"] = row["decode_tokens_per_s"]
         r["decode_setting"] = f"{dev.type} fp32, batch {DECODE_BATCH}, context {context}, random weights"
     base = next(r for r in summary if r["name"] == "mha")
     for r in summary:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from moemla.config import ModelConfig, variant_name
-from moemla.model import KVCache, Transformer
+from moemla.inference.decoder import Engine, Quantize, TorchDecoder, make_decoder
+from moemla.model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,109 +26,75 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def bench_config(
+def bench(
     cfg: ModelConfig,
     batch: int,
     context: int,
     new_tokens: int,
-    device: torch.device,
+    *,
+    engine: Engine = "torch",
+    device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     absorbed: bool = True,
-    repeats: int = 2,
     compile: bool = False,
+    quantize: Quantize = "none",
+    repeats: int = 2,
 ) -> dict[str, object]:
-    """One row: the best of `repeats` runs (the first one also warms up kernels and caches)."""
+    """One row through the Decoder interface: the best of `repeats` runs (the first also warms up and compiles)."""
     _check_lengths(cfg, context, new_tokens)
+    device = torch.device(device)
     torch.manual_seed(0)
-    model = Transformer(cfg.replace(dropout=0.0)).to(device=device, dtype=dtype).eval()
-    model.set_absorbed_decode(absorbed)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if compile:  # the first (untimed) run compiles prefill and decode; dynamic shapes avoid one graph per length
-        model = torch.compile(model, dynamic=True)
-    prompt = torch.randint(0, cfg.vocab_size, (batch, context - new_tokens), device=device)
-    step_ids = torch.randint(0, cfg.vocab_size, (batch, new_tokens), device=device)
+    model = Transformer(cfg.replace(dropout=0.0)).to(device=device, dtype=dtype)
+    mode = "compile" if compile else "eager"
+    dec = make_decoder(model, engine, batch_size=batch, quantize=quantize, absorbed=absorbed, mode=mode)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (batch, context - new_tokens), generator=gen).tolist()
+    steps = torch.randint(0, cfg.vocab_size, (new_tokens, batch), generator=gen).tolist()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     best: dict[str, object] | None = None
     for _ in range(repeats + 1):
-        cache = KVCache(cfg, batch, max_len=context, dtype=dtype, device=device)
         _sync(device)
         t0 = time.perf_counter()
-        model(prompt, cache=cache)
+        dec.prefill(prompts, context)
         _sync(device)
         prefill = time.perf_counter() - t0
         latencies = []
-        for i in range(new_tokens):
+        for tokens in steps:
             t0 = time.perf_counter()
-            logits, _ = model(step_ids[:, i : i + 1], cache=cache)
-            logits[:, -1].argmax(-1)  # what a sampler would do with the logits
+            torch.as_tensor(dec.step(tokens)).argmax(-1)  # what a greedy sampler would do with the logits
             _sync(device)
             latencies.append(time.perf_counter() - t0)
-        row = _timings(batch, prompt.shape[1], prefill, latencies)
+        row = _timings(batch, context - new_tokens, prefill, latencies)
         if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
             best = row
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else weights + cache.nbytes
+    cache_bytes, weight_bytes = decoder_bytes(dec)
+    cuda = device.type == "cuda"
+    cpu_engine = engine != "torch"
     return {
         "variant": variant_name(cfg) or "custom",
         "batch": batch,
         "context": context,
         "new_tokens": new_tokens,
         "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "engine": "torch",
-        "decode_path": "absorbed" if absorbed and cfg.attention == "mla" else "naive",
-        "compiled": compile,
-        "kv_cache_bytes_per_token": cache.bytes_per_token,
+        "dtype": "float32" if cpu_engine else str(dtype).removeprefix("torch."),
+        "engine": engine,
+        "quantize": quantize,
+        "decode_path": "absorbed" if (absorbed or cpu_engine) and cfg.attention == "mla" else "naive",
+        "compiled": compile or engine == "numba",
+        "kv_cache_bytes_per_token": cache_bytes // (batch * context),
         **best,  # type: ignore[dict-item]
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "weights + cache",
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else weight_bytes + cache_bytes,
+        "peak_memory_kind": "cuda max allocated" if cuda else "weights + cache",
     }
 
 
-def bench_numpy(
-    cfg: ModelConfig, context: int, new_tokens: int, repeats: int = 2, compiled: bool = False
-) -> dict[str, object]:
-    """One row for the torch-free NumpyDecoder (batch 1, CPU, float32), measured like bench_config.
-
-    compiled=True: its numba kernels (engine "numba"); the first of the repeats + 1 runs compiles them.
-    """
-    from moemla.inference.cpu.decoder import NumpyDecoder
-
-    _check_lengths(cfg, context, new_tokens)
-    torch.manual_seed(0)
-    dec = NumpyDecoder.from_model(Transformer(cfg.replace(dropout=0.0)), max_len=context, compiled=compiled)
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, cfg.vocab_size, (context - new_tokens,), generator=gen).tolist()
-    step_ids = torch.randint(0, cfg.vocab_size, (new_tokens,), generator=gen).tolist()
-    best: dict[str, object] | None = None
-    for _ in range(repeats + 1):
-        dec.reset()
-        t0 = time.perf_counter()
-        dec.forward(prompt)
-        prefill = time.perf_counter() - t0
-        latencies = []
-        for token in step_ids:
-            t0 = time.perf_counter()
-            dec.forward([token]).argmax()  # what a greedy sampler would do with the logits
-            latencies.append(time.perf_counter() - t0)
-        row = _timings(1, len(prompt), prefill, latencies)
-        if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
-            best = row
-    return {
-        "variant": variant_name(cfg) or "custom",
-        "batch": 1,
-        "context": context,
-        "new_tokens": new_tokens,
-        "device": "cpu",
-        "dtype": "float32",
-        "engine": "numba" if compiled else "numpy",
-        "decode_path": "absorbed" if cfg.attention == "mla" else "naive",
-        "compiled": compiled,
-        "kv_cache_bytes_per_token": dec.cache_nbytes // context,
-        **best,  # type: ignore[dict-item]
-        "peak_memory_bytes": dec.weight_nbytes + dec.cache_nbytes,
-        "peak_memory_kind": "weights + cache",
-    }
+def decoder_bytes(dec: object) -> tuple[int, int]:
+    """(KV-cache bytes, weight bytes) a decoder holds: its real tensors, not a formula."""
+    if isinstance(dec, TorchDecoder):
+        assert dec.cache is not None
+        return dec.cache.nbytes, sum(p.numel() * p.element_size() for p in dec.model.parameters())
+    return dec.cache_nbytes, dec.weight_nbytes  # type: ignore[attr-defined]
 
 
 def _check_lengths(cfg: ModelConfig, context: int, new_tokens: int) -> None:

@@ -1,55 +1,21 @@
-"""Sampling from a trained model with the preallocated KV cache: prefill the prompt, then one token per step."""
+"""Sampling from a model through the Decoder interface: prefill the prompt(s), then one token per step."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
-from moemla.inference.cpu.decoder import NumpyDecoder
-from moemla.model import KVCache, Transformer
+from moemla.inference.decoder import Decoder, TorchDecoder
+from moemla.inference.sampling import check_sampling, sample
+from moemla.model import Transformer
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """logits (B, V) with everything outside the top-k and outside the top-p nucleus set to -inf."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already cover top_p; the most likely token always stays
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
-) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V); temperature 0 is greedy."""
-    if temperature == 0:
-        if logits.device.type == "cpu":  # NOTE: numpy's argmax over 50K logits takes ~4 us, torch's ~45 us here
-            return torch.from_numpy(logits.float().numpy().argmax(-1))
-        return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    """The one check of sampling settings, for the CLI and the Python API alike: ValueError naming the flag."""
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"--top-k must be at least 1 (or left out for no limit), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+def as_decoder(model: Transformer | Decoder) -> Decoder:
+    """A Transformer is decoded by TorchDecoder; any Decoder is used as it is."""
+    return TorchDecoder(model) if isinstance(model, Transformer) else model
 
 
 def _check_fits(context: int, prompt_len: int) -> None:
@@ -61,7 +27,7 @@ def _check_fits(context: int, prompt_len: int) -> None:
 
 @torch.no_grad()
 def generate_ids(
-    model: Transformer | NumpyDecoder,
+    model: Transformer | Decoder,
     prompt: list[int],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -73,51 +39,31 @@ def generate_ids(
 ) -> list[int]:
     """Continue one prompt until `stop`, `max_new_tokens`, or the model's context is full.
 
-    `model` is a torch Transformer or a NumpyDecoder; with the same logits and seed both draw the same tokens.
+    `model` is a Transformer or any Decoder (torch, numpy, numba); with the same logits and seed all draw the
+    same tokens.
     """
-    cfg = model.cfg
+    dec = as_decoder(model)
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
-    _check_fits(cfg.max_seq_len, len(prompt))
-    max_len = min(cfg.max_seq_len, len(prompt) + max_new_tokens)
-    if isinstance(model, NumpyDecoder):
-        device = torch.device("cpu")
-        model.reset()
-        if model.max_len < max_len:
-            raise ValueError(f"the decoder's cache holds {model.max_len} tokens; {max_len} are needed")
-
-        def run(ids: list[int]) -> torch.Tensor:
-            return torch.from_numpy(model.forward(ids))[None]  # (1, V), shares memory
-
-        def full() -> bool:
-            return model.length == max_len
-    else:
-        device = next(model.parameters()).device
-        cache = KVCache(cfg, batch_size=1, max_len=max_len, device=device)
-
-        def run(ids: list[int]) -> torch.Tensor:
-            return model(torch.tensor([ids], device=device), cache=cache)[0][:, -1]
-
-        def full() -> bool:
-            return cache.length == cache.max_len
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    logits = run(prompt)  # prefill
+    _check_fits(dec.cfg.max_seq_len, len(prompt))
+    max_len = min(dec.cfg.max_seq_len, len(prompt) + max_new_tokens)
+    logits = torch.as_tensor(dec.prefill([prompt], max_len))  # (1, V)
+    generator = torch.Generator(device=logits.device).manual_seed(seed)
     out: list[int] = []
     while len(out) < max_new_tokens:
         out.append(int(sample(logits, temperature, top_k, top_p, generator)))
         if on_token is not None:
             on_token(out[-1])
-        if out[-1] == stop or full():
+        if out[-1] == stop or dec.length == max_len:
             break
-        logits = run([out[-1]])  # one decode step
+        logits = torch.as_tensor(dec.step([out[-1]]))  # one decode step
     return out
 
 
 @torch.no_grad()
 def generate_ids_batch(
-    model: Transformer,
+    model: Transformer | Decoder,
     prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -132,20 +78,18 @@ def generate_ids_batch(
     `generate_ids(..., seed=seeds[i])` draws alone, up to float rounding in near-ties. A sequence that
     reaches `stop` is done; the batch runs until all are, or the longest prompt fills the context.
     """
-    if isinstance(model, NumpyDecoder):
+    dec = as_decoder(model)
+    if dec.max_batch is not None and len(prompts) > dec.max_batch:
         raise ValueError("the numpy decoders run one sequence at a time; batch with the torch model")
     check_sampling(temperature, top_k, top_p, max_new_tokens)
-    cfg, seeds = model.cfg, seeds or list(range(len(prompts)))
+    seeds = seeds or list(range(len(prompts)))
     if not prompts or any(not p for p in prompts) or len(seeds) != len(prompts):
         raise ValueError("give one or more non-empty prompts, and one seed per prompt")
     longest = max(len(p) for p in prompts)
-    _check_fits(cfg.max_seq_len, longest)
-    device = next(model.parameters()).device
-    pad = [longest - len(p) for p in prompts]
-    cache = KVCache(cfg, len(prompts), max_len=min(cfg.max_seq_len, longest + max_new_tokens), device=device, pad=pad)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=device)  # (B, longest)
-    logits = model(ids, cache=cache)[0][:, -1]  # (B, V): prefill
+    _check_fits(dec.cfg.max_seq_len, longest)
+    max_len = min(dec.cfg.max_seq_len, longest + max_new_tokens)
+    logits = torch.as_tensor(dec.prefill(prompts, max_len))  # (B, V)
+    generators = [torch.Generator(device=logits.device).manual_seed(s) for s in seeds]
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new_tokens):
@@ -154,14 +98,14 @@ def generate_ids_batch(
             if not done[i]:
                 out[i].append(token)
                 done[i] = token == stop
-        if all(done) or cache.length == cache.max_len:
+        if all(done) or dec.length == max_len:
             break
-        logits = model(torch.tensor(step, device=device)[:, None], cache=cache)[0][:, -1]  # one decode step
+        logits = torch.as_tensor(dec.step(step))  # one decode step
     return out
 
 
 def generate(
-    model: Transformer | NumpyDecoder,
+    model: Transformer | Decoder,
     tokenizer: Tokenizer,
     prompts: list[str],
     max_new_tokens: int = 200,

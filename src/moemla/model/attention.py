@@ -108,7 +108,6 @@ class MLA(nn.Module):
         self.wk_b = nn.Linear(self.rank, cfg.dim, bias=cfg.bias)
         self.wv_b = nn.Linear(self.rank, cfg.dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
-        self.absorb = True  # one-token decode steps attend over the latents (see decode_absorbed)
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -125,7 +124,7 @@ class MLA(nn.Module):
             kv = cache.append(layer, c_k=c_k, c_v=c_v, **({"k_pe": k_pe} if self.decoupled else {}))
             c_k, c_v, k_pe = kv["c_k"], kv["c_v"], kv.get("k_pe")  # (B, S, R), S = start + T
             key_ok = cache.key_mask(start + t)
-            if t == 1 and self.absorb and not self.training:
+            if t == 1 and cache.absorbed and not self.training:  # one-token steps attend over the latents
                 return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, start, key_ok)
         s = c_k.shape[1]
         k = self.wk_b(c_k).view(b, s, h, d)  # (B, S, H, D)

@@ -35,12 +35,16 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         pad: Sequence[int] | None = None,
+        absorbed: bool = True,
     ) -> None:
         self.max_len = max_len or cfg.max_seq_len
         if self.max_len > cfg.max_seq_len:
             raise ValueError(f"cache max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         self.batch_size = batch_size
         self.length = 0
+        # MLA decode steps over the latents (absorbed, DeepSeek-V2's inference path) or through re-expanded
+        # K and V (naive); a property of the cache, which inference code owns, not a flag on the model
+        self.absorbed = absorbed
         self.pad = None
         if pad is not None and any(pad):
             if len(pad) != batch_size or not all(0 <= n < self.max_len for n in pad):

@@ -15,18 +15,6 @@ from moemla.model.moe import MLP, MoE, RoutedExperts, Router, load_cv
 from moemla.model.rope import rope_tables
 
 
-def decode_lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """h (B, 1, C) @ weight (V, C)^T for a decode step, in the kernel layout that streams the weight fastest."""
-    # NOTE: measured on CPU (torch 2.13, oneDNN/MKL): x @ W^T for a few rows reads W at ~8 GB/s,
-    # W @ x^T with two or more columns at ~25 GB/s (one column takes a slow matrix-vector path, so
-    # it is duplicated). The LM head is the largest matrix a small model reads per token.
-    x = h[:, 0]  # (B, C)
-    if x.shape[0] == 1:
-        x = x.repeat(2, 1)
-    logits = (weight @ x.T).T[: h.shape[0]]  # (B, V)
-    return logits[:, None]
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -73,10 +61,8 @@ class Transformer(nn.Module):
             for p in module.parameters(recurse=False):
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> final hidden states (B, T, C), after ln_f; appends to `cache` if given."""
         t = idx.shape[1]
         start = 0 if cache is None else cache.length
         end = start + t
@@ -100,21 +86,17 @@ class Transformer(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.advance(t)
-        h = self.ln_f(x)
-        if t == 1 and not torch.is_grad_enabled():
-            logits = decode_lm_head(h, self.wte.weight)
-        else:
-            logits = F.linear(h, self.wte.weight)  # (B, T, V); tied input/output embedding
+        return self.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy."""
+        logits = F.linear(self.hidden(idx, cache), self.wte.weight)  # (B, T, V); tied input/output embedding
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
-
-    def set_absorbed_decode(self, enabled: bool) -> None:
-        """MLA decode steps over the latents (True, the default) or through re-expanded K and V (False)."""
-        for blk in self.blocks:
-            if isinstance(blk.attn, MLA):
-                blk.attn.absorb = enabled
 
     def moe_layers(self) -> list[MoE]:
         return [blk.ffn for blk in self.blocks if isinstance(blk.ffn, MoE)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moemla.inference.generate import check_sampling, sample
+from moemla.inference.sampling import check_sampling, sample
 from moemla.model import KVCache, Transformer
 
 

@@ -10,6 +10,7 @@ them while the decoder lives.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from types import ModuleType
 from typing import NamedTuple
@@ -316,11 +317,41 @@ def _masked(scores: np.ndarray, t: int, start: int) -> np.ndarray:
     return scores if mask is None else scores + mask
 
 
+# ModelConfig fields this engine implements, each with the values it supports (None: any value). A field not
+# listed (a new one) must keep its default, or the engine refuses the model rather than ignore the field.
+SUPPORTED: dict[str, tuple[object, ...] | None] = {
+    "vocab_size": None, "max_seq_len": None, "n_layers": None, "dim": None, "n_heads": None, "bias": None,
+    "attention": ("mha", "mla"), "positions": ("learned", "rope"), "ffn": ("dense", "moe"),
+    "kv_compression": None, "rope_mode": ("post", "decoupled"), "qk_rope_head_dim": None, "rope_base": None,
+    "ffn_mult": None, "ffn_inter_dim": None, "n_routed_experts": None, "n_shared_experts": None,
+    "n_activated_experts": None, "moe_inter_dim": None, "bias_in_gate": None,
+    "dropout": None, "balance_rule": None, "balance_rate": None,  # training only
+}  # fmt: skip
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    """ConfigError naming the first config field this engine does not implement."""
+    defaults = type(cfg)()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        allowed = SUPPORTED.get(f.name, ())
+        if f.name not in SUPPORTED and value != getattr(defaults, f.name):
+            raise ConfigError(f"the CPU engine does not implement ModelConfig.{f.name}={value!r}; use --engine torch")
+        if allowed and value not in allowed:
+            raise ConfigError(f"the CPU engine supports {f.name} in {allowed}, not {value!r}; use --engine torch")
+
+
 class NumpyDecoder:
-    """Prefill and decode one sequence with numpy; `forward` appends to the cache like Transformer's."""
+    """Prefill and decode one sequence with numpy; `forward` appends to the cache like Transformer's.
+
+    Implements moemla.inference.decoder.Decoder for a batch of one (prefill, step, reset; numpy logits).
+    """
+
+    max_batch = 1
 
     def __init__(self, cfg: ModelConfig, weights: Weights, max_len: int | None = None, compiled: bool = False) -> None:
         """compiled=True runs one-token steps through the numba kernels (pip install "moemla[fast]")."""
+        check_supported(cfg)
         self.cfg, self.max_len = cfg, max_len or cfg.max_seq_len
         self.compiled = compiled
         if self.max_len > cfg.max_seq_len:
@@ -334,9 +365,26 @@ class NumpyDecoder:
         self.blocks = [Block(cfg, w, i, self.max_len, kernels) for i in range(cfg.n_layers)]
         self.length = 0
 
+    def prefill(self, prompts: list[list[int]], max_len: int | None = None) -> np.ndarray:
+        """Decoder.prefill for one prompt: logits (1, V) of its last token; the cache starts over."""
+        if len(prompts) != 1:
+            raise ValueError(f"the CPU engine decodes one sequence at a time; got {len(prompts)} (use --engine torch)")
+        if max_len is not None and max_len > self.max_len:
+            raise ValueError(f"the decoder's cache holds {self.max_len} tokens; {max_len} are needed")
+        self.reset()
+        return self.forward(list(prompts[0]))[None]
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        """Decoder.step: one token (a list of one) -> logits (1, V)."""
+        return self.forward([int(tokens[0])])[None]
+
     @classmethod
-    def from_model(cls, model: object, max_len: int | None = None, compiled: bool = False) -> NumpyDecoder:
+    def from_model(
+        cls, model: object, max_len: int | None = None, compiled: bool = False, quantize: str = "none"
+    ) -> NumpyDecoder:
         """From a torch `Transformer` (its current weights, copied)."""
+        if quantize != "none":
+            raise ValueError(f"quantize={quantize!r} is not available")
         state = {name: t.detach().float().cpu().numpy() for name, t in model.state_dict().items()}
         return cls(model.cfg, state, max_len, compiled)
 
