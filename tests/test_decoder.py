@@ -1,0 +1,81 @@
+"""The Decoder interface: every engine behind it decodes the same, the CPU engine refuses what it does not know."""
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+
+from moemla.config import ConfigError, ModelConfig
+from moemla.inference.cpu.decoder import NumpyDecoder, check_supported
+from moemla.inference.decoder import TorchDecoder, make_decoder
+from moemla.inference.generate import generate_ids
+
+from .conftest import ALL_VARIANTS, build
+
+ENGINES = ["torch", "numpy"] + (["numba"] if importlib.util.find_spec("numba") else [])
+
+
+def _perturbed(variant: str) -> torch.nn.Module:
+    model = build(variant)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_every_engine_decodes_the_same_greedy_tokens(variant: str) -> None:
+    model = _perturbed(variant)
+    prompt = torch.randint(0, model.cfg.vocab_size, (9,)).tolist()
+    tokens = {e: generate_ids(make_decoder(model, e), prompt, 12, temperature=0.0) for e in ENGINES}
+    assert len(set(tokens["torch"])) > 1
+    assert all(t == tokens["torch"] for t in tokens.values()), tokens
+
+
+@pytest.mark.parametrize("variant", ["mla-rope", "moe-mla-drope", "mla"])
+def test_torch_decoder_chooses_absorbed_or_naive_mla_with_equal_logits(variant: str) -> None:
+    model = _perturbed(variant)
+    prompts = [[5, 9, 23, 40, 7], [17, 2, 60]]
+    out = {}
+    for absorbed in (True, False):
+        dec = TorchDecoder(model, absorbed=absorbed)
+        steps = [dec.prefill(prompts, 16)]
+        steps += [dec.step([3, 4]) for _ in range(5)]
+        assert dec.cache.absorbed is absorbed
+        out[absorbed] = torch.stack(steps)
+    torch.testing.assert_close(out[True], out[False], atol=1e-4, rtol=0)
+
+
+def test_left_padded_prefill_equals_each_prompt_alone() -> None:
+    model = _perturbed("moe-mla-rope")
+    dec = TorchDecoder(model)
+    both = dec.prefill([[5, 9, 23, 40, 7], [17, 2]])
+    alone = TorchDecoder(model).prefill([[17, 2]])
+    torch.testing.assert_close(both[1], alone[0], atol=1e-4, rtol=0)
+    assert dec.length == 5 and dec.max_len == model.cfg.max_seq_len
+
+
+def test_cpu_engine_refuses_config_fields_it_does_not_implement() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class WithNorm(ModelConfig):
+        norm: str = "layernorm"  # a field added to the model that the CPU engine has never heard of
+
+    check_supported(WithNorm())  # at its default the field changes nothing
+    with pytest.raises(ConfigError, match=r"does not implement ModelConfig.norm='rmsnorm'; use --engine torch"):
+        check_supported(WithNorm(norm="rmsnorm"))
+    model = build("mha")
+    with pytest.raises(ConfigError, match="norm"):
+        NumpyDecoder(WithNorm(**{**model.cfg.to_dict(), "norm": "rmsnorm"}), model.state_dict())
+
+
+def test_make_decoder_refuses_what_an_engine_cannot_do() -> None:
+    model = build("mha")
+    with pytest.raises(ConfigError, match="one sequence at a time"):
+        make_decoder(model, "numpy", batch_size=4)
+    with pytest.raises(ConfigError, match="CPU engine"):
+        make_decoder(model, "torch", quantize="int8")
+    assert isinstance(make_decoder(model, "auto", batch_size=4), TorchDecoder)
+    assert isinstance(make_decoder(model, "auto"), NumpyDecoder)
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        make_decoder(model, "numpy").prefill([[1, 2], [3]])
