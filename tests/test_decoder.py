@@ -20,7 +20,7 @@ def _perturbed(variant: str) -> torch.nn.Module:
     model = build(variant)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+            p.add_(0.5 * torch.randn_like(p))
     return model
 
 
