@@ -2,7 +2,9 @@
 
 import dataclasses
 import importlib.util
+import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +81,45 @@ def test_make_decoder_refuses_what_an_engine_cannot_do() -> None:
     assert isinstance(make_decoder(model, "auto"), NumpyDecoder)
     with pytest.raises(ValueError, match="one sequence at a time"):
         make_decoder(model, "numpy").prefill([[1, 2], [3]])
+
+
+def test_int8_rounds_each_weight_within_half_a_step_of_its_column() -> None:
+    from moemla.inference.cpu.quant import to_int8
+
+    w = torch.randn(3, 64, 40).numpy()
+    w[1, :, 7] = 0.0  # an all-zero column keeps a usable scale
+    q, scale = to_int8(w)
+    assert q.dtype == np.int8 and scale.shape == (3, 40)
+    assert np.all(np.abs(w - q * scale[:, None, :]) <= scale[:, None, :] / 2 + 1e-7)
+    assert np.abs(q).max() == 127
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_int8_engines_agree_and_hold_a_quarter_of_the_bytes(variant: str) -> None:
+    model = _perturbed(variant)
+    prompt = torch.randint(0, model.cfg.vocab_size, (9,)).tolist()
+    fp32 = NumpyDecoder.from_model(model)
+    engines = ["numpy", "numba"] if "numba" in ENGINES else ["numpy"]
+    decs = {e: make_decoder(model, e, quantize="int8") for e in engines}
+    assert all(d.wte_t.dtype == np.int8 for d in decs.values())
+    assert decs["numpy"].weight_nbytes < 0.4 * fp32.weight_nbytes
+    if "numba" in decs:  # the compiled int8 kernels compute what the numpy int8 path computes
+        a, b = decs["numpy"], decs["numba"]
+        steps = [np.asarray(a.prefill([prompt])) - np.asarray(b.prefill([prompt]))]
+        steps += [np.asarray(a.step([t])) - np.asarray(b.step([t])) for t in (3, 17, 42)]
+        assert max(np.abs(s).max() for s in steps) < 1e-3
+    tokens = {e: generate_ids(d, prompt, 10, temperature=0.0) for e, d in decs.items()}
+    assert len({tuple(t) for t in tokens.values()}) == 1
+
+
+def test_quantize_flag_on_generate_and_bench(trained_debug_run, capsys: pytest.CaptureFixture[str]) -> None:
+    from moemla.cli import main
+
+    run = str(trained_debug_run)
+    assert main(["generate", run, "--engine", "numpy", "--quantize", "int8", "--max-new-tokens", "5"]) == 0
+    assert main(["generate", run, "--engine", "torch", "--quantize", "int8", "--max-new-tokens", "5"]) == 2
+    assert "--quantize int8 is for the CPU engine" in capsys.readouterr().err
+    argv = ["bench", "--preset", "debug", "--variants", "moe-mla-rope", "--engine", "numpy", "--quantize", "int8"]
+    assert main([*argv, "--context", "32", "--new-tokens", "4", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["quantize"] == "int8" and row["engine"] == "numpy" and row["decode_tokens_per_s"] > 0

@@ -19,6 +19,7 @@ import numpy as np
 from scipy.special import erf
 
 from moemla.config import ConfigError, ModelConfig
+from moemla.inference.cpu.quant import matmul, quantize_layer, to_int8
 
 Weights = Mapping[str, np.ndarray]
 
@@ -72,11 +73,12 @@ class Linear:
 
     def __init__(self, w: Weights, name: str, bias: bool = True) -> None:
         self.wt = np.ascontiguousarray(w[f"{name}.weight"].T)
+        self.scale: np.ndarray | None = None  # per-column scales once quantized to int8 (quant.py)
         self.b = w.get(f"{name}.bias") if bias else None
         self.b0 = np.zeros(self.wt.shape[1], np.float32) if self.b is None else self.b  # for the kernels
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = x @ self.wt
+        y = matmul(x, self.wt, self.scale)
         return y if self.b is None else y + self.b
 
 
@@ -85,6 +87,7 @@ class Fused:
 
     def __init__(self, parts: list[Linear]) -> None:
         self.wt = np.concatenate([part.wt for part in parts], axis=1)  # (in, sum of outs)
+        self.scale: np.ndarray | None = None
         self.b = None
         if any(part.b is not None for part in parts):
             self.b = np.concatenate(
@@ -94,7 +97,7 @@ class Fused:
         self.b0 = np.zeros(self.wt.shape[1], np.float32) if self.b is None else self.b
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        y = x @ self.wt
+        y = matmul(x, self.wt, self.scale)
         return np.split(y if self.b is None else y + self.b, self.ends, axis=-1)
 
 
@@ -132,6 +135,7 @@ class Block:
             self.router_bias = w[p + "ffn.router.bias"]
             self.e1 = np.ascontiguousarray(w[p + "ffn.experts.w1"])  # (E, C, h)
             self.e2 = np.ascontiguousarray(w[p + "ffn.experts.w2"])  # (E, h, C)
+            self.s1 = self.s2 = None  # per-expert, per-output-channel scales once quantized to int8
             self.shared = None
             if cfg.n_shared_experts:
                 self.shared = Linear(w, p + "ffn.shared.w2")
@@ -152,14 +156,14 @@ class Block:
         cos_sin = (rope.cos[pos], rope.sin[pos]) if rope is not None else None
         a = kern.layer_norm(x, *self.ln1, 1e-5)
         if cfg.attention == "mha":
-            q, k, v = kern.gemv(a, self.wqkv.wt, self.wqkv.b0).reshape(3, h, d)
+            q, k, v = self.gemv(a, self.wqkv).reshape(3, h, d)
             if cos_sin is not None:
                 q, k = kern.rope_rows(q, *cos_sin), kern.rope_rows(k, *cos_sin)
             self.k[:, pos], self.v[:, pos] = k, v
             o = kern.mha_attend(q, self.k, self.v, end, d**-0.5)
         else:
             r, p = cfg.kv_lora_rank, (cfg.rope_dim if cfg.decoupled else 0)
-            qkv = kern.gemv(a, self.wq_kv_a.wt, self.wq_kv_a.b0)
+            qkv = self.gemv(a, self.wq_kv_a)
             q, kv = qkv[: h * (d + p)].reshape(h, d + p), qkv[h * (d + p) :]
             c = self.cache
             c["c_k"][pos], c["c_v"][pos] = kv[:r], kv[r : 2 * r]
@@ -178,15 +182,18 @@ class Block:
                     q_pe = kern.rope_rows(np.ascontiguousarray(q[:, d:]), *cos_sin)
                 scores = kern.absorbed_scores(q[:, :d], q_pe, self.wk, c["c_k"], c["k_pe"], end, (d + p) ** -0.5)
             o = kern.latent_values(scores, c["c_v"], self.wv, self.bv0)
-        x = x + kern.gemv(o, self.wo.wt, self.wo.b0)
+        x = x + self.gemv(o, self.wo)
         a = kern.layer_norm(x, *self.ln2, 1e-5)
         if cfg.ffn == "dense":
-            return x + kern.gemv(kern.gelu(kern.gemv(a, self.w1.wt, self.w1.b0)), self.w2.wt, self.w2.b0)
-        both = kern.gemv(a, self.router_shared.wt, self.router_shared.b0)
+            return x + self.gemv(kern.gelu(self.gemv(a, self.w1)), self.w2)
+        both = self.gemv(a, self.router_shared)
         logits, shared = both[: cfg.n_routed_experts], both[cfg.n_routed_experts :]
-        y = np.zeros_like(x) if self.shared is None else kern.gemv(kern.gelu(shared), self.shared.wt, self.shared.b0)
+        y = np.zeros_like(x) if self.shared is None else self.gemv(kern.gelu(shared), self.shared)
         idx, gates = kern.route(logits, self.router_bias, cfg.n_activated_experts, cfg.bias_in_gate)
-        kern.routed_experts(a, self.e1, self.e2, idx, gates, y)
+        if self.s1 is None:
+            kern.routed_experts(a, self.e1, self.e2, idx, gates, y)
+        else:
+            kern.routed_experts_q8(a, self.e1, self.s1, self.e2, self.s2, idx, gates, y)
         return x + y
 
     def mha(self, x: np.ndarray, start: int, rope: Rope | None) -> np.ndarray:
@@ -269,14 +276,34 @@ class Block:
         y = self.shared(gelu(shared[0])) if self.shared is not None else np.zeros_like(x)
         if x.shape[0] == 1:  # decode: K matrix-vector products, no grouping
             experts = idx[0].tolist()
-            hidden = gelu(np.concatenate([x @ self.e1[e] for e in experts])) * gates[0, :, None]  # (K, h)
+            hidden = gelu(np.concatenate([self.expert(x, e, 1) for e in experts])) * gates[0, :, None]  # (K, h)
             for k, e in enumerate(experts):
-                y += hidden[k : k + 1] @ self.e2[e]
+                y += self.expert(hidden[k : k + 1], e, 2)
             return y
         for e in np.unique(idx).tolist():  # prefill: each chosen expert once, over all its tokens
             tokens, slot = np.nonzero(idx == e)
-            y[tokens] += gates[tokens, slot, None] * (gelu(x[tokens] @ self.e1[e]) @ self.e2[e])
+            y[tokens] += gates[tokens, slot, None] * self.expert(gelu(self.expert(x[tokens], e, 1)), e, 2)
         return y
+
+    def expert(self, x: np.ndarray, e: int, which: int) -> np.ndarray:
+        """x @ W1[e] (which=1) or x @ W2[e] (which=2), fp32 or int8 with its scales."""
+        w, scale = (self.e1, self.s1) if which == 1 else (self.e2, self.s2)
+        return matmul(x, w[e], None if scale is None else scale[e])
+
+    def gemv(self, x: np.ndarray, layer: Linear | Fused) -> np.ndarray:
+        """One token through a Linear or Fused layer with the compiled kernels, fp32 or int8."""
+        if layer.scale is None:
+            return self.kernels.gemv(x, layer.wt, layer.b0)
+        return self.kernels.gemv_q8(x, layer.wt, layer.scale, layer.b0)
+
+    def quantize(self) -> None:
+        """Every large matrix of this block to int8 with per-output-channel scales (quant.py)."""
+        for layer in vars(self).values():
+            if isinstance(layer, Linear | Fused) and layer.wt.dtype == np.float32:
+                quantize_layer(layer)
+        if self.cfg.ffn == "moe":
+            self.e1, self.s1 = to_int8(self.e1)
+            self.e2, self.s2 = to_int8(self.e2)
 
 
 def load_kernels() -> ModuleType:
@@ -349,9 +376,20 @@ class NumpyDecoder:
 
     max_batch = 1
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, max_len: int | None = None, compiled: bool = False) -> None:
-        """compiled=True runs one-token steps through the numba kernels (pip install "moemla[fast]")."""
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Weights,
+        max_len: int | None = None,
+        compiled: bool = False,
+        quantize: str = "none",
+    ) -> None:
+        """compiled=True runs one-token steps through the numba kernels (pip install "moemla[fast]");
+        quantize="int8" holds the large matrices as int8 with per-output-channel scales (quant.py)."""
         check_supported(cfg)
+        if quantize not in ("none", "int8"):
+            raise ConfigError(f"quantize must be none or int8, not {quantize!r}")
+        self.quantized = quantize == "int8"
         self.cfg, self.max_len = cfg, max_len or cfg.max_seq_len
         self.compiled = compiled
         if self.max_len > cfg.max_seq_len:
@@ -363,6 +401,11 @@ class NumpyDecoder:
         self.rope = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_base) if cfg.positions == "rope" else None
         kernels = load_kernels() if compiled else None
         self.blocks = [Block(cfg, w, i, self.max_len, kernels) for i in range(cfg.n_layers)]
+        self.wte_scale: np.ndarray | None = None  # (V,): the tied embedding's per-token scales once int8
+        if quantize == "int8":
+            for block in self.blocks:
+                block.quantize()
+            self.wte_t, self.wte_scale = to_int8(self.wte_t)
         self.length = 0
 
     def prefill(self, prompts: list[list[int]], max_len: int | None = None) -> np.ndarray:
@@ -383,10 +426,8 @@ class NumpyDecoder:
         cls, model: object, max_len: int | None = None, compiled: bool = False, quantize: str = "none"
     ) -> NumpyDecoder:
         """From a torch `Transformer` (its current weights, copied)."""
-        if quantize != "none":
-            raise ValueError(f"quantize={quantize!r} is not available")
         state = {name: t.detach().float().cpu().numpy() for name, t in model.state_dict().items()}
-        return cls(model.cfg, state, max_len, compiled)
+        return cls(model.cfg, state, max_len, compiled, quantize)
 
     @classmethod
     def from_safetensors(
@@ -422,11 +463,18 @@ class NumpyDecoder:
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got {ids.min()}..{ids.max()}")
         x = self.wte_t[:, ids].T  # (T, C)
+        if self.wte_scale is not None:
+            x = x * self.wte_scale[ids, None]
         if self.wpe is not None:
             x = x + self.wpe[start : start + t]
         for block in self.blocks:
             x = block(x, start, self.rope)
         self.length += t
         h = layer_norm(x if all_logits else x[-1:], *self.ln_f)
-        logits = h @ self.wte_t  # (T or 1, V); tied embedding
+        if self.wte_scale is None:
+            logits = h @ self.wte_t  # (T or 1, V); tied embedding
+        elif self.compiled and h.shape[0] == 1:
+            logits = self.blocks[0].kernels.lm_head_q8(h[0], self.wte_t, self.wte_scale)[None]
+        else:
+            logits = matmul(h, self.wte_t, self.wte_scale)
         return logits if all_logits else logits[0]

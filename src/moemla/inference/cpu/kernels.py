@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 _SQRT_HALF = np.float32(0.7071067811865476)
 
@@ -229,3 +229,73 @@ def post_rope_combine(ab: np.ndarray, cos_sin: np.ndarray, ab0: np.ndarray, scal
                 acc += (ab[s, h * head_dim + j] + ab0[h, j]) * cos_sin[s, j]
             scores[h, s] = acc * scale
     return scores
+
+
+# int8 weights (quant.py): the same loops reading a quarter of the bytes; each sum is scaled once per output
+
+
+@njit(fastmath=True, cache=True)
+def gemv_q8(x: np.ndarray, wq: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """x (in,) @ (wq (in, out) int8 * scale (out,)) + bias (out,)."""
+    acc = np.zeros(wq.shape[1], np.float32)
+    for c in range(wq.shape[0]):
+        xc = x[c]
+        for j in range(wq.shape[1]):
+            acc[j] += xc * np.float32(wq[c, j])
+    return acc * scale + bias
+
+
+@njit(fastmath=True, cache=True)
+def routed_experts_q8(
+    x: np.ndarray,
+    w1: np.ndarray,
+    s1: np.ndarray,
+    w2: np.ndarray,
+    s2: np.ndarray,
+    idx: np.ndarray,
+    gates: np.ndarray,
+    y: np.ndarray,
+) -> None:
+    """routed_experts with int8 experts: w1 (E, C, h) and w2 (E, h, C) int8, scales s1 (E, h) and s2 (E, C)."""
+    n_in, hidden, n_out = w1.shape[1], w1.shape[2], w2.shape[2]
+    h = np.empty(hidden, np.float32)
+    acc = np.empty(n_out, np.float32)
+    for k in range(idx.shape[0]):
+        e = idx[k]
+        h[:] = 0.0
+        for c in range(n_in):
+            xc = x[c]
+            for j in range(hidden):
+                h[j] += xc * np.float32(w1[e, c, j])
+        for j in range(hidden):
+            h[j] = _gelu(h[j] * s1[e, j]) * gates[k]
+        acc[:] = 0.0
+        for i in range(hidden):
+            hi = h[i]
+            for c in range(n_out):
+                acc[c] += hi * np.float32(w2[e, i, c])
+        for c in range(n_out):
+            y[c] += acc[c] * s2[e, c]
+
+
+@njit(fastmath=True, cache=True, parallel=True)
+def lm_head_q8(h: np.ndarray, wq: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Logits h (C,) @ int8 embedding^T (C, V) * scale (V,), split over the cores by blocks of the vocabulary.
+
+    The LM head is the largest matrix a small model reads per token; numpy's BLAS streams it on every core
+    in fp32, so the int8 one needs both cores too to come out ahead.
+    """
+    n_in, vocab = wq.shape
+    block = 2048
+    out = np.empty(vocab, np.float32)
+    for b in prange((vocab + block - 1) // block):
+        lo = b * block
+        hi = min(vocab, lo + block)
+        acc = np.zeros(hi - lo, np.float32)
+        for c in range(n_in):
+            hc = h[c]
+            for j in range(hi - lo):
+                acc[j] += hc * np.float32(wq[c, lo + j])
+        for j in range(hi - lo):
+            out[lo + j] = acc[j] * scale[lo + j]
+    return out
