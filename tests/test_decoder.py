@@ -123,3 +123,23 @@ def test_quantize_flag_on_generate_and_bench(trained_debug_run, capsys: pytest.C
     assert main([*argv, "--context", "32", "--new-tokens", "4", "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["quantize"] == "int8" and row["engine"] == "numpy" and row["decode_tokens_per_s"] > 0
+
+
+def test_bench_memory_fits_the_largest_batch_whose_weights_and_cache_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from moemla.cli import main
+    from moemla.inference.bench import fit_batch
+
+    cfg = ModelConfig.from_preset("debug", "moe-mla-rope")
+    budget = 3 * 2**20
+    batch, weights, per_seq = fit_batch(cfg, 64, "float32", budget)
+    assert batch > 0 and weights + batch * per_seq <= budget < weights + (batch + 1) * per_seq
+    argv = ["bench", "--preset", "debug", "--variants", "mha,moe-mla-rope", "--memory", str(budget / 2**30)]
+    assert main([*argv, "--context", "64", "--new-tokens", "4", "--max-batch", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    mha, moe = rows
+    assert moe["fits_batch"] == batch and moe["batch"] == min(batch, 8)
+    assert mha["cache_bytes_per_sequence"] == 2 * moe["cache_bytes_per_sequence"]  # MLA's half-size cache
+    assert moe["peak_memory_bytes"] <= budget  # measured on the real tensors, at the measured batch
+    assert main([*argv, "--context", "64", "--batch", "4"]) == 2

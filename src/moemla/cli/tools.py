@@ -85,6 +85,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--naive and --compile apply to the torch engine; drop them with --engine {args.engine}")
     device, dtype = resolve_device("cpu" if cpu_engine else args.device), DTYPES[args.dtype]
     overrides = config_overrides(args)
+    if args.memory is not None:
+        return _bench_memory(args, variants, device, dtype, overrides)
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
         for v in variants:
@@ -104,6 +106,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     title = f"{args.preset}, {args.engine} engine, {rows[0]['device']}, {args.dtype}, context {args.context}"
     print_table(rows, title + ", random weights")
     print(f"memory: {rows[0]['peak_memory_kind']}" + (f"; plot: {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _bench_memory(args: argparse.Namespace, variants: list[str], device, dtype, overrides: dict) -> int:
+    """moemla bench --memory GiB: the largest batch each variant fits, and its decode speed there."""
+    from moemla.inference.bench import bench_memory, print_memory_table
+
+    if args.batch != "1" or args.engine != "torch":
+        raise ConfigError("--memory chooses the batch for the torch engine; drop --batch and --engine")
+    if args.memory <= 0:
+        raise ConfigError(f"--memory must be a positive number of GiB, got {args.memory}")
+    rows = []
+    for v in variants:
+        cfg = ModelConfig.from_preset(args.preset, v, **overrides)
+        if not args.json:
+            print(f"{v}: fitting {args.memory} GiB ...", file=sys.stderr, flush=True)
+        rows.append(bench_memory(
+            cfg, args.context, args.new_tokens, args.memory, cap=args.max_batch, device=device, dtype=dtype,
+            absorbed=not args.naive, compile=args.compile,
+        ))  # fmt: skip
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print_memory_table(rows, f"{args.preset}, {device}, {args.dtype}, context {args.context}, {args.memory} GiB")
     return 0
 
 
@@ -263,6 +289,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (prefill and decode step)")
     p.add_argument("--engine", default="torch", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
+    p.add_argument(
+        "--memory", type=float, metavar="GiB",
+        help="for this memory budget, the largest batch of --context-token sequences each variant fits (weights + "
+        "KV cache) and its decode speed at that batch; add --max-seq-len 4096 --context 4096 for long contexts",
+    )  # fmt: skip
+    p.add_argument("--max-batch", type=int, help="with --memory: measure at most this batch (the fit is still shown)")
     p.add_argument("--plot", help="write a bar chart to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
     add_config_flags(p, "xs")

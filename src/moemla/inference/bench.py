@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from moemla import accounting
 from moemla.config import ModelConfig, variant_name
 from moemla.inference.decoder import Engine, Quantize, TorchDecoder, make_decoder
 from moemla.model import Transformer
@@ -89,6 +90,27 @@ def bench(
     }
 
 
+def fit_batch(cfg: ModelConfig, context: int, dtype: str, budget_bytes: float) -> tuple[int, int, int]:
+    """(largest batch, weight bytes, cache bytes per sequence) whose weights + KV cache fit the budget."""
+    weights = accounting.total_params(cfg) * accounting.DTYPE_BYTES[dtype]
+    per_sequence = context * accounting.kv_cache_bytes_per_token(cfg, dtype)
+    return max(0, int((budget_bytes - weights) // per_sequence)), weights, per_sequence
+
+
+def bench_memory(
+    cfg: ModelConfig, context: int, new_tokens: int, budget_gib: float, *, cap: int | None = None, **kwargs: object
+) -> dict[str, object]:
+    """For a memory budget: the largest batch of `context`-token sequences that fits, and its decode speed there."""
+    dtype = str(kwargs.get("dtype", torch.float32)).removeprefix("torch.")
+    batch, weights, per_sequence = fit_batch(cfg, context, dtype, budget_gib * 2**30)
+    info = {"memory_budget_gib": budget_gib, "fits_batch": batch, "weights_bytes": weights,
+            "cache_bytes_per_sequence": per_sequence}  # fmt: skip
+    if batch == 0:
+        return {"variant": variant_name(cfg) or "custom", "batch": 0, "context": context, **info}
+    run = min(batch, cap) if cap else batch
+    return {**bench(cfg, run, context, new_tokens, **kwargs), **info}  # type: ignore[arg-type]
+
+
 def decoder_bytes(dec: object) -> tuple[int, int]:
     """(KV-cache bytes, weight bytes) a decoder holds: its real tensors, not a formula."""
     if isinstance(dec, TorchDecoder):
@@ -142,6 +164,30 @@ def print_table(rows: list[dict[str, object]], title: str) -> None:
             f"{r['decode_speedup_vs_mha']:.2f}x" if rel else "-",
             f"{r['latency_ms_p50']:.2f}", f"{r['latency_ms_p95']:.2f}",
             f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
+        )  # fmt: skip
+    Console(width=None if sys.stdout.isatty() else 130).print(table)
+
+
+def print_memory_table(rows: list[dict[str, object]], title: str) -> None:
+    """bench --memory rows: what fits the budget, and how fast it decodes there."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    base = next((r for r in rows if r["variant"] == "mha" and r["batch"]), None)
+    table = Table(title=title)
+    for name in ("variant", "KV MiB/sequence", "weights MiB", "fits batch", "measured batch", "decode tok/s",
+                 "vs mha", "memory"):  # fmt: skip
+        table.add_column(name, justify="left" if name == "variant" else "right")
+    for r in rows:
+        measured = bool(r["batch"])
+        speed = f"{r['decode_tokens_per_s']:,.0f}" if measured else "does not fit"
+        rel = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if measured and base else "-"
+        table.add_row(
+            str(r["variant"]), f"{r['cache_bytes_per_sequence'] / 2**20:,.2f}", f"{r['weights_bytes'] / 2**20:,.0f}",
+            f"{r['fits_batch']:,}", str(r["batch"]), speed, rel,
+            f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB" if measured else "-",
         )  # fmt: skip
     Console(width=None if sys.stdout.isatty() else 130).print(table)
 
