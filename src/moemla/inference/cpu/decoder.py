@@ -73,12 +73,13 @@ class Linear:
 
     def __init__(self, w: Weights, name: str, bias: bool = True) -> None:
         self.wt = np.ascontiguousarray(w[f"{name}.weight"].T)
-        self.scale: np.ndarray | None = None  # per-column scales once quantized to int8 (quant.py)
+        self.wq: np.ndarray | None = None  # int8 rows (out, in) once quantized (quant.py); wt is then None
+        self.scale: np.ndarray | None = None
         self.b = w.get(f"{name}.bias") if bias else None
         self.b0 = np.zeros(self.wt.shape[1], np.float32) if self.b is None else self.b  # for the kernels
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = matmul(x, self.wt, self.scale)
+        y = matmul(x, self.wt, self.wq, self.scale)
         return y if self.b is None else y + self.b
 
 
@@ -87,6 +88,7 @@ class Fused:
 
     def __init__(self, parts: list[Linear]) -> None:
         self.wt = np.concatenate([part.wt for part in parts], axis=1)  # (in, sum of outs)
+        self.wq: np.ndarray | None = None
         self.scale: np.ndarray | None = None
         self.b = None
         if any(part.b is not None for part in parts):
@@ -97,7 +99,7 @@ class Fused:
         self.b0 = np.zeros(self.wt.shape[1], np.float32) if self.b is None else self.b
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        y = matmul(x, self.wt, self.scale)
+        y = matmul(x, self.wt, self.wq, self.scale)
         return np.split(y if self.b is None else y + self.b, self.ends, axis=-1)
 
 
@@ -135,7 +137,7 @@ class Block:
             self.router_bias = w[p + "ffn.router.bias"]
             self.e1 = np.ascontiguousarray(w[p + "ffn.experts.w1"])  # (E, C, h)
             self.e2 = np.ascontiguousarray(w[p + "ffn.experts.w2"])  # (E, h, C)
-            self.s1 = self.s2 = None  # per-expert, per-output-channel scales once quantized to int8
+            self.s1 = self.s2 = None  # once int8: e1 (E, h, C) and e2 (E, C, h) as rows, scales (E, h), (E, C)
             self.shared = None
             if cfg.n_shared_experts:
                 self.shared = Linear(w, p + "ffn.shared.w2")
@@ -288,22 +290,24 @@ class Block:
     def expert(self, x: np.ndarray, e: int, which: int) -> np.ndarray:
         """x @ W1[e] (which=1) or x @ W2[e] (which=2), fp32 or int8 with its scales."""
         w, scale = (self.e1, self.s1) if which == 1 else (self.e2, self.s2)
-        return matmul(x, w[e], None if scale is None else scale[e])
+        if scale is None:
+            return x @ w[e]
+        return matmul(x, None, w[e], scale[e])
 
     def gemv(self, x: np.ndarray, layer: Linear | Fused) -> np.ndarray:
         """One token through a Linear or Fused layer with the compiled kernels, fp32 or int8."""
-        if layer.scale is None:
+        if layer.wq is None:
             return self.kernels.gemv(x, layer.wt, layer.b0)
-        return self.kernels.gemv_q8(x, layer.wt, layer.scale, layer.b0)
+        return self.kernels.gemv_q8(x, layer.wq, layer.scale, layer.b0)
 
     def quantize(self) -> None:
         """Every large matrix of this block to int8 with per-output-channel scales (quant.py)."""
         for layer in vars(self).values():
-            if isinstance(layer, Linear | Fused) and layer.wt.dtype == np.float32:
+            if isinstance(layer, Linear | Fused) and layer.wq is None:
                 quantize_layer(layer)
-        if self.cfg.ffn == "moe":
-            self.e1, self.s1 = to_int8(self.e1)
-            self.e2, self.s2 = to_int8(self.e2)
+        if self.cfg.ffn == "moe":  # as rows: (E, h, C) and (E, C, h)
+            self.e1, self.s1 = to_int8(self.e1.transpose(0, 2, 1))
+            self.e2, self.s2 = to_int8(self.e2.transpose(0, 2, 1))
 
 
 def load_kernels() -> ModuleType:
@@ -401,11 +405,13 @@ class NumpyDecoder:
         self.rope = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_base) if cfg.positions == "rope" else None
         kernels = load_kernels() if compiled else None
         self.blocks = [Block(cfg, w, i, self.max_len, kernels) for i in range(cfg.n_layers)]
-        self.wte_scale: np.ndarray | None = None  # (V,): the tied embedding's per-token scales once int8
+        self.wte_q: np.ndarray | None = None  # once int8: the tied embedding as rows (V, C), scales (V,)
+        self.wte_scale: np.ndarray | None = None
         if quantize == "int8":
             for block in self.blocks:
                 block.quantize()
-            self.wte_t, self.wte_scale = to_int8(self.wte_t)
+            self.wte_q, self.wte_scale = to_int8(self.wte_t.T)
+            self.wte_t = None
         self.length = 0
 
     def prefill(self, prompts: list[list[int]], max_len: int | None = None) -> np.ndarray:
@@ -462,19 +468,20 @@ class NumpyDecoder:
         ids = np.asarray(tokens)
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); got {ids.min()}..{ids.max()}")
-        x = self.wte_t[:, ids].T  # (T, C)
-        if self.wte_scale is not None:
-            x = x * self.wte_scale[ids, None]
+        if self.wte_q is None:
+            x = self.wte_t[:, ids].T  # (T, C)
+        else:
+            x = self.wte_q[ids].astype(np.float32) * self.wte_scale[ids, None]
         if self.wpe is not None:
             x = x + self.wpe[start : start + t]
         for block in self.blocks:
             x = block(x, start, self.rope)
         self.length += t
         h = layer_norm(x if all_logits else x[-1:], *self.ln_f)
-        if self.wte_scale is None:
+        if self.wte_q is None:
             logits = h @ self.wte_t  # (T or 1, V); tied embedding
         elif self.compiled and h.shape[0] == 1:
-            logits = self.blocks[0].kernels.lm_head_q8(h[0], self.wte_t, self.wte_scale)[None]
+            logits = self.blocks[0].kernels.lm_head_q8(h[0], self.wte_q, self.wte_scale)[None]
         else:
-            logits = matmul(h, self.wte_t, self.wte_scale)
+            logits = matmul(h, None, self.wte_q, self.wte_scale)
         return logits if all_logits else logits[0]
