@@ -83,14 +83,14 @@ def test_make_decoder_refuses_what_an_engine_cannot_do() -> None:
         make_decoder(model, "numpy").prefill([[1, 2], [3]])
 
 
-def test_int8_rounds_each_weight_within_half_a_step_of_its_column() -> None:
+def test_int8_rounds_each_weight_within_half_a_step_of_its_row() -> None:
     from moemla.inference.cpu.quant import to_int8
 
-    w = torch.randn(3, 64, 40).numpy()
-    w[1, :, 7] = 0.0  # an all-zero column keeps a usable scale
+    w = torch.randn(3, 40, 64).numpy()  # (E, out, in): one scale per output row
+    w[1, 7] = 0.0  # an all-zero row keeps a usable scale
     q, scale = to_int8(w)
     assert q.dtype == np.int8 and scale.shape == (3, 40)
-    assert np.all(np.abs(w - q * scale[:, None, :]) <= scale[:, None, :] / 2 + 1e-7)
+    assert np.all(np.abs(w - q * scale[..., None]) <= scale[..., None] / 2 + 1e-7)
     assert np.abs(q).max() == 127
 
 
