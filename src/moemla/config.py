@@ -13,6 +13,11 @@ BalanceRule = Literal["paper", "sign"]
 RopeMode = Literal["post", "decoupled"]
 
 
+# the one place for these defaults: what `moemla train` and the demo build (tiny trains on a CPU in minutes),
+# and what `moemla info`, `moemla bench` and the API describe (the paper's smallest size, Table 1)
+DEFAULT_PRESET, DEFAULT_VARIANT, PAPER_PRESET = "tiny", "moe-mla-rope", "xs"
+
+
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model; the message says what to change."""
 
@@ -100,7 +105,7 @@ class ModelConfig:
         return cls(**data)
 
     @classmethod
-    def from_preset(cls, size: str = "xs", variant: str = "moe-mla-rope", **overrides: object) -> ModelConfig:
+    def from_preset(cls, size: str = PAPER_PRESET, variant: str = DEFAULT_VARIANT, **overrides: object) -> ModelConfig:
         if size not in SIZES:
             raise ConfigError(f"unknown size preset {size!r}; choose one of {list(SIZES)}")
         if variant not in VARIANTS:
@@ -140,7 +145,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "moe-mla-drope": dict(attention="mla", positions="rope", ffn="moe", rope_mode="decoupled"),
 }
 # what `moemla train` builds when neither --preset nor --variant nor a config file says: CPU-sized
-DEFAULT_PRESET, DEFAULT_VARIANT = "tiny", "moe-mla-rope"
 
 
 def variant_name(cfg: ModelConfig) -> str | None:

@@ -9,7 +9,7 @@ import typing
 
 from moemla import accounting
 from moemla.cli.flags import add_config_flags, add_dataclass_flags, config_overrides, flag_values
-from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, SIZES, VARIANTS, ModelConfig
+from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, PAPER_PRESET, SIZES, VARIANTS, ModelConfig
 from moemla.data.prepare import STORIES, VAL_FRACTION, VOCAB_SIZE
 from moemla.train.config import TrainConfig
 
@@ -220,7 +220,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         help="parameters, active parameters, FLOPs and KV-cache bytes per token of a configuration",
         description="Closed-form accounting of a model configuration (no model is built).",
     )
-    info.add_argument("--preset", default="xs", choices=list(SIZES), help="size preset (Table 1, plus tiny and debug)")
+    info.add_argument(
+        "--preset", default=PAPER_PRESET, choices=list(SIZES), help="size preset (Table 1, plus tiny and debug)"
+    )
     info.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS), help="architecture variant")
     info.add_argument("--all-variants", action="store_true", help="compare all variants side by side")
     info.add_argument("--context", type=int, default=None, help="context length for FLOPs (default max_seq_len)")
@@ -228,7 +230,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         "--dtype", default="float32", choices=sorted(accounting.DTYPE_BYTES), help="KV-cache element type"
     )
     info.add_argument("--json", action="store_true", help="print JSON (one object, or a list with --all-variants)")
-    add_config_flags(info, "xs")
+    add_config_flags(info, PAPER_PRESET)
     info.set_defaults(func=cmd_info)
 
 

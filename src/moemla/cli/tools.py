@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from moemla.cli.flags import add_config_flags, config_overrides
-from moemla.config import SIZES, VARIANTS, ConfigError, ModelConfig
+from moemla.config import DEFAULT_PRESET, PAPER_PRESET, SIZES, VARIANTS, ConfigError, ModelConfig
 from moemla.data.sources import DataError
 from moemla.experiments.tables import TABLES
 
@@ -226,7 +226,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="; ".join(f"{name}: {t.help}" for name, t in TABLES.items()) + "; summary: all claims from results/",
     )
     p.add_argument(
-        "--preset", default="tiny",
+        "--preset", default=DEFAULT_PRESET,
         help=f"size preset ({', '.join(SIZES)}); table7 takes a list, or one size meaning every size up to it",
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=250, help="optimizer steps per run (16 x 256 tokens each)")
@@ -278,7 +278,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         help="KV-cache bytes, prefill/decode speed, latency and memory per variant (random weights)",
         description="Measure inference per variant with random weights (speed does not depend on training).",
     )
-    p.add_argument("--preset", default="xs", choices=list(SIZES), help="size preset")
+    p.add_argument("--preset", default=PAPER_PRESET, choices=list(SIZES), help=f"size preset (default {PAPER_PRESET})")
     p.add_argument("--variants", default="mha,moe-mla-rope,moe-mla-drope", help="comma-separated, or all")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,16")
     p.add_argument("--context", type=int, default=512, help="positions filled at the end of decoding")
@@ -297,7 +297,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, help="with --memory: measure at most this batch (the fit is still shown)")
     p.add_argument("--plot", help="write a bar chart to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows")
-    add_config_flags(p, "xs")
+    add_config_flags(p, PAPER_PRESET)
     p.set_defaults(func=cmd_bench)
 
 
