@@ -143,3 +143,47 @@ def test_bench_memory_fits_the_largest_batch_whose_weights_and_cache_fit(
     assert mha["cache_bytes_per_sequence"] == 2 * moe["cache_bytes_per_sequence"]  # MLA's half-size cache
     assert moe["peak_memory_bytes"] <= budget  # measured on the real tensors, at the measured batch
     assert main([*argv, "--context", "64", "--batch", "4"]) == 2
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_static_steps_decode_as_the_eager_ones(variant: str) -> None:
+    """The fixed-shape step a CUDA graph captures (device write slot, full-length masked attention, a reused
+    bucket cache with dummy rows) gives the eager decoder's logits, batch after batch."""
+    model = _perturbed(variant)
+    eager, static = TorchDecoder(model), TorchDecoder(model, mode="static")
+    batches = ([[5, 9, 23, 40, 7], [17, 2, 60]], [[8, 1], [3, 3, 3, 3, 3, 3], [42]], [[4], [5, 6], [7], [8, 9, 10]],
+               [[11, 12, 13]])  # fmt: skip
+    for prompts in batches:
+        got = [static.prefill(prompts, 24)]
+        want = [eager.prefill(prompts, 24)]
+        for i in range(6):
+            tokens = [(7 * i + j) % model.cfg.vocab_size for j in range(len(prompts))]
+            got.append(static.step(tokens))
+            want.append(eager.step(tokens))
+        assert static.cache.batch_size == 1 << (len(prompts) - 1).bit_length() and static.cache.max_len == 64
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-4, rtol=0)
+    assert sorted(static._static) == [(1, 64), (2, 64), (4, 64)]  # 3 and 4 rows share the 4-row bucket
+    tokens = generate_ids(TorchDecoder(model, mode="static"), [5, 9, 23], 10, temperature=0.0)
+    assert tokens == generate_ids(model, [5, 9, 23], 10, temperature=0.0)
+
+
+def test_cuda_graph_mode_needs_cuda_on_a_cpu_machine() -> None:
+    model = build("mha")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: test_cuda_graph_decode_equals_eager covers it")
+    with pytest.raises(ConfigError, match="CUDA"):
+        TorchDecoder(model, mode="cuda-graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["mha", "moe-mla-rope", "moe-mla-drope"])
+def test_cuda_graph_decode_equals_eager(variant: str) -> None:
+    model = _perturbed(variant).cuda()
+    prompts = [[5, 9, 23, 40, 7], [17, 2, 60]]
+    graph, eager = TorchDecoder(model, mode="cuda-graph"), TorchDecoder(model)
+    for _ in range(2):  # the second batch replays the graph captured during the first
+        got, want = [graph.prefill(prompts, 32)], [eager.prefill(prompts, 32)]
+        for i in range(8):
+            got.append(graph.step([i, i + 1]))
+            want.append(eager.step([i, i + 1]))
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-3, rtol=1e-3)

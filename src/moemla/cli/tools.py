@@ -18,6 +18,10 @@ ENGINE_HELP = (
     "(needs pip install 'moemla[fast]'; BENCHMARKS.md)"
 )
 ENGINES = ["torch", "numpy", "numba"]
+CUDA_GRAPH_HELP = (
+    "torch engine on CUDA: capture the one-token step as a CUDA graph per batch and length bucket over a static "
+    "cache, then replay it (one launch per token)"
+)
 QUANTIZE_HELP = (
     "int8: the CPU engine's weights as int8 with one scale per output channel (routed experts included); default none"
 )
@@ -44,7 +48,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--engine {args.engine} runs on the CPU; drop --device {args.device} or use --engine torch")
     device = "cpu" if args.engine in ("numpy", "numba") else args.device
     model, tok, _ = load_model(args.run, resolve_device(device), args.checkpoint)
-    model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize)
+    mode = "cuda-graph" if args.cuda_graph else "eager"
+    model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize, mode=mode)
     if args.batch_size > 1:  # whole texts, printed as each batch finishes
         for lo in range(0, len(prompts), args.batch_size):
             group = prompts[lo : lo + args.batch_size]
@@ -81,7 +86,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"--engine {args.engine} decodes one sequence in float32 on the CPU: use --batch 1, --dtype float32, "
             "no --device"
         )
-    if cpu_engine and (args.naive or args.compile):
+    if args.compile and args.cuda_graph:
+        raise ConfigError("--compile and --cuda-graph are two ways to run the step; pick one")
+    if cpu_engine and (args.naive or args.compile or args.cuda_graph):
         raise ConfigError(f"--naive and --compile apply to the torch engine; drop them with --engine {args.engine}")
     device, dtype = resolve_device("cpu" if cpu_engine else args.device), DTYPES[args.dtype]
     overrides = config_overrides(args)
@@ -95,7 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"{v}, batch {batch} ...", file=sys.stderr, flush=True)
             rows.append(bench(
                 cfg, batch, args.context, args.new_tokens, engine=args.engine, device=device, dtype=dtype,
-                absorbed=not args.naive, compile=args.compile, quantize=args.quantize,
+                absorbed=not args.naive, compile=args.compile, quantize=args.quantize, cuda_graph=args.cuda_graph,
             ))  # fmt: skip
     add_relative(rows)
     if args.plot:
@@ -124,7 +131,7 @@ def _bench_memory(args: argparse.Namespace, variants: list[str], device, dtype, 
             print(f"{v}: fitting {args.memory} GiB ...", file=sys.stderr, flush=True)
         rows.append(bench_memory(
             cfg, args.context, args.new_tokens, args.memory, cap=args.max_batch, device=device, dtype=dtype,
-            absorbed=not args.naive, compile=args.compile,
+            absorbed=not args.naive, compile=args.compile, cuda_graph=args.cuda_graph,
         ))  # fmt: skip
     if args.json:
         print(json.dumps(rows))
@@ -269,6 +276,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         help=ENGINE_HELP + "; auto (default): numba on a CPU when installed, else numpy there, torch on a GPU",
     )  # fmt: skip
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
+    p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     p.set_defaults(func=cmd_generate)
 
 
@@ -287,6 +295,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and cache")
     p.add_argument("--naive", action="store_true", help="MLA decode through re-expanded K and V (no absorption)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (prefill and decode step)")
+    p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     p.add_argument("--engine", default="torch", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
     p.add_argument(

@@ -38,6 +38,7 @@ def bench(
     dtype: torch.dtype = torch.float32,
     absorbed: bool = True,
     compile: bool = False,
+    cuda_graph: bool = False,
     quantize: Quantize = "none",
     repeats: int = 2,
 ) -> dict[str, object]:
@@ -46,7 +47,7 @@ def bench(
     device = torch.device(device)
     torch.manual_seed(0)
     model = Transformer(cfg.replace(dropout=0.0)).to(device=device, dtype=dtype)
-    mode = "compile" if compile else "eager"
+    mode = "compile" if compile else "cuda-graph" if cuda_graph else "eager"
     dec = make_decoder(model, engine, batch_size=batch, quantize=quantize, absorbed=absorbed, mode=mode)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (batch, context - new_tokens), generator=gen).tolist()
@@ -83,6 +84,7 @@ def bench(
         "quantize": quantize,
         "decode_path": "absorbed" if (absorbed or cpu_engine) and cfg.attention == "mla" else "naive",
         "compiled": compile or engine == "numba",
+        "cuda_graph": cuda_graph,
         "kv_cache_bytes_per_token": cache_bytes // (batch * context),
         **best,  # type: ignore[dict-item]
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else weight_bytes + cache_bytes,

@@ -8,7 +8,7 @@ fp32 or int8 weights). generate, bench, serve, the CLI's --engine and reproduce 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import numpy as np
@@ -19,7 +19,7 @@ from moemla.config import ConfigError, ModelConfig
 from moemla.model import KVCache, Transformer
 
 Engine = Literal["torch", "numpy", "numba"]
-Mode = Literal["eager", "compile"]
+Mode = Literal["eager", "compile", "static", "cuda-graph"]
 Quantize = Literal["none", "int8"]
 
 
@@ -62,16 +62,31 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[in
     return [[0] * n + list(p) for n, p in zip(pad, prompts, strict=True)], pad
 
 
+def bucket(n: int, floor: int = 1) -> int:
+    """The power of two >= n (and >= floor): batch and cache sizes share a few shapes, so a few captured graphs."""
+    return max(floor, 1 << max(0, n - 1).bit_length())
+
+
 class TorchDecoder:
-    """The Transformer behind the Decoder interface, on any device and dtype, with its preallocated KVCache."""
+    """The Transformer behind the Decoder interface, on any device and dtype, with its preallocated KVCache.
+
+    mode: eager; compile (torch.compile, dynamic shapes); static (one-token steps with fixed shapes over a
+    cache reused per batch and length bucket: what a CUDA graph captures, checkable on a CPU); cuda-graph
+    (the static step captured once per bucket and replayed: one launch per token instead of hundreds).
+    """
 
     max_batch = None
 
     def __init__(self, model: Transformer, *, absorbed: bool = True, mode: Mode = "eager") -> None:
-        self.model, self.cfg, self.absorbed = model.eval(), model.cfg, absorbed
+        self.model, self.cfg, self.absorbed, self.mode = model.eval(), model.cfg, absorbed, mode
         self.param = next(model.parameters())
         self.device = self.param.device
+        if mode == "cuda-graph" and self.device.type != "cuda":
+            raise ConfigError("CUDA-graph decoding needs the model on a CUDA device; use mode eager or static")
         self.cache: KVCache | None = None
+        self.rows = 0  # real sequences in the batch (a static bucket may hold more)
+        self._static: dict[tuple[int, int], KVCache] = {}  # bucket -> its reused cache
+        self._graphs: dict[tuple[int, int], _CapturedStep] = {}
         # dynamic shapes: the cache grows every step, and one graph per length would recompile each time
         self._hidden = torch.compile(model.hidden, dynamic=True) if mode == "compile" else model.hidden
 
@@ -85,17 +100,37 @@ class TorchDecoder:
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], max_len: int | None = None) -> torch.Tensor:
-        rows, pad = left_pad(prompts)
         size = min(self.cfg.max_seq_len, max_len or self.cfg.max_seq_len)
-        self.cache = KVCache(self.cfg, len(rows), max_len=size, dtype=self.param.dtype, device=self.device, pad=pad,
-                             absorbed=self.absorbed)  # fmt: skip
-        return self._logits(torch.tensor(rows, device=self.device))
+        self.rows = len(prompts)
+        if self.mode in ("static", "cuda-graph"):  # a bucket's cache, filled with dummy one-token rows
+            key = (bucket(len(prompts)), min(self.cfg.max_seq_len, bucket(size, 64)))
+            prompts = [*prompts, *[[0]] * (key[0] - len(prompts))]
+            rows, pad = left_pad(prompts)
+            if key not in self._static:
+                self._static[key] = KVCache(self.cfg, key[0], max_len=key[1], dtype=self.param.dtype,
+                                            device=self.device, absorbed=self.absorbed, static=True)  # fmt: skip
+            self.cache = self._static[key]
+            self.cache.rewind(pad)
+        else:
+            rows, pad = left_pad(prompts)
+            self.cache = KVCache(self.cfg, len(rows), max_len=size, dtype=self.param.dtype, device=self.device,
+                                 pad=pad, absorbed=self.absorbed)  # fmt: skip
+        return self._logits(torch.tensor(rows, device=self.device))[: self.rows]
 
     @torch.no_grad()
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         if self.cache is None:
             raise ValueError("step before prefill: prefill the prompts first")
-        return self._logits(torch.as_tensor(tokens, device=self.device).view(-1, 1))
+        ids = torch.zeros(self.cache.batch_size, 1, dtype=torch.long, device=self.device)
+        ids[: self.rows, 0] = torch.as_tensor(tokens, device=self.device).view(-1)
+        if self.mode != "cuda-graph":
+            return self._logits(ids)[: self.rows]
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} tokens; {self.cache.length + 1} requested")
+        key = (self.cache.batch_size, self.cache.max_len)
+        if key not in self._graphs:
+            self._graphs[key] = _CapturedStep(self._logits, self.cache, ids)
+        return self._graphs[key].replay(ids)[: self.rows]
 
     def reset(self) -> None:
         self.cache = None
@@ -103,6 +138,32 @@ class TorchDecoder:
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         h = self._hidden(ids, self.cache)  # (B, T, C)
         return lm_head(h[:, -1], self.model.wte.weight)  # (B, V): only the last position is sampled from
+
+
+class _CapturedStep:
+    """One static decode step (B tokens in, (B, V) logits out) captured as a CUDA graph over a static cache."""
+
+    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], cache: KVCache, ids: torch.Tensor) -> None:
+        self.cache, self.ids = cache, ids.clone()
+        length, pos = cache.length, cache.pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: allocator pools, cuBLAS handles, lazy inits
+            for _ in range(2):
+                step(self.ids)  # writes the slot the real step will overwrite; then undo its advance
+                cache.length = length
+                cache.pos.copy_(pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step(self.ids)  # writes slot `pos`, then pos += 1, on every replay
+        cache.length = length  # capturing ran the Python side once; replays do not
+
+    def replay(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.out.clone()
 
 
 def make_decoder(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +12,17 @@ from moemla.config import ModelConfig
 from moemla.model.kv_cache import KVCache
 from moemla.model.rope import apply_rope
 
-Rope = tuple[torch.Tensor, torch.Tensor] | None  # cos, sin of positions 0..S-1, (S, D/2) each
+
+class Angles(NamedTuple):
+    """RoPE angles: of the T new queries (and the keys written with them), and of every key slot 0..S-1."""
+
+    q_cos: torch.Tensor  # (T, D/2)
+    q_sin: torch.Tensor
+    k_cos: torch.Tensor  # (S, D/2)
+    k_sin: torch.Tensor
+
+
+Rope = Angles | None
 
 
 def causal_attention(
@@ -21,14 +33,15 @@ def causal_attention(
     key_ok (B, start+T): False at left-padding slots, which no query reads (see KVCache.pad).
     """
     t, s = q.shape[2], k.shape[2]
+    if t == 1:  # one new token reads every slot written so far that holds a real token
+        mask = None if key_ok is None else key_ok[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     if key_ok is not None:
         q_pos, k_pos = torch.arange(start, start + t, device=q.device), torch.arange(s, device=q.device)
         # a padding query attends to itself alone: its row stays finite (never read), so no NaN enters the cache
         own = k_pos[None, :] == q_pos[:, None]  # (T, S)
         mask = (k_pos[None, :] <= q_pos[:, None]) & (key_ok[:, None, :] | own)  # (B, T, S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout)
-    if t == 1:  # one new token sees the whole prefix: no mask needed
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     # a chunk after a cached prefix: query i sits at absolute position start + i
@@ -52,7 +65,7 @@ def post_rope_scores(
     w1, w2 = w_k[:, :half], w_k[:, half:]  # (H, D/2, R) each
     uv = torch.cat([qa * w1 + qb * w2, qb * w1 - qa * w2], dim=2)  # (B, H, D, R)
     ab = (c_k @ uv.flatten(1, 2).transpose(1, 2)).view(b, s, h, d)  # (B, S, H, D): every A and B
-    cos_sin = torch.cat([rope[0][:s], rope[1][:s]], dim=-1)  # (S, D): [cos | sin]
+    cos_sin = torch.cat([rope.k_cos[:s], rope.k_sin[:s]], dim=-1)  # (S, D): [cos | sin]
     scores = torch.einsum("bshd,sd->bhs", ab, cos_sin)
     if b_k is not None:  # the bias of W^Kr turns with the position too
         b1, b2 = b_k.view(h, 2, half, 1).unbind(1)
@@ -75,8 +88,7 @@ class MHA(nn.Module):
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim).unbind(2)  # (B, T, H, D) each
         start = 0 if cache is None else cache.length
         if rope is not None:
-            cos, sin = rope[0][start:], rope[1][start:]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cached keys are stored rotated
+            q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.q_cos, rope.q_sin)  # keys cached rotated
         key_ok = None
         if cache is not None:
             kv = cache.append(layer, k=k, v=v)
@@ -116,16 +128,17 @@ class MLA(nn.Module):
         c_k, c_v, k_pe = self.wkv_a(x).split([self.rank, self.rank, p], dim=-1)  # (B, T, R) x 2, (B, T, P)
         start = 0 if cache is None else cache.length
         if self.decoupled:
-            cos, sin = rope[0][start:], rope[1][start:]
-            q_pe = apply_rope(q_pe, cos, sin)
-            k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]  # one key for all heads, cached rotated
+            q_pe = apply_rope(q_pe, rope.q_cos, rope.q_sin)
+            k_pe = apply_rope(k_pe[:, :, None], rope.q_cos, rope.q_sin)[
+                :, :, 0
+            ]  # one key for all heads, cached rotated
         key_ok = None
         if cache is not None:
             kv = cache.append(layer, c_k=c_k, c_v=c_v, **({"k_pe": k_pe} if self.decoupled else {}))
             c_k, c_v, k_pe = kv["c_k"], kv["c_v"], kv.get("k_pe")  # (B, S, R), S = start + T
             key_ok = cache.key_mask(start + t)
             if t == 1 and cache.absorbed and not self.training:  # one-token steps attend over the latents
-                return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, start, key_ok)
+                return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, key_ok)
         s = c_k.shape[1]
         k = self.wk_b(c_k).view(b, s, h, d)  # (B, S, H, D)
         v = self.wv_b(c_v).view(b, s, h, d)
@@ -135,9 +148,8 @@ class MLA(nn.Module):
         elif rope is not None:
             # §3.1: RoPE after the head-specific up-projection, so every cached key is rotated
             # again when re-expanded (the DeepSeek-V2 report's reason to decouple RoPE).
-            cos, sin = rope
-            q = apply_rope(q, cos[start:], sin[start:])
-            k = apply_rope(k, cos, sin)
+            q = apply_rope(q, rope.q_cos, rope.q_sin)
+            k = apply_rope(k, rope.k_cos[:s], rope.k_sin[:s])
         dropout = self.dropout if self.training else 0.0
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, dropout, key_ok)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
@@ -150,7 +162,6 @@ class MLA(nn.Module):
         c_v: torch.Tensor,
         k_pe: torch.Tensor | None,
         rope: Rope,
-        start: int,
         key_ok: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One new token (q (B, 1, H, D)) over S cached latents without expanding V or K; key_ok (B, S): real slots."""
@@ -166,7 +177,7 @@ class MLA(nn.Module):
             scale = (d + self.rope_dim) ** -0.5
         else:
             # RoPE after the up-projection blocks absorbing W^Kr (see post_rope_scores)
-            q = apply_rope(q, rope[0][start:], rope[1][start:])[:, 0]  # (B, H, D)
+            q = apply_rope(q, rope.q_cos, rope.q_sin)[:, 0]  # (B, H, D)
             scores = post_rope_scores(q, c_k, self.wk_b.weight.view(h, d, self.rank), self.wk_b.bias, rope)
             scale = d**-0.5
         if key_ok is not None:

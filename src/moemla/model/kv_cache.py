@@ -36,6 +36,7 @@ class KVCache:
         device: torch.device | str | None = None,
         pad: Sequence[int] | None = None,
         absorbed: bool = True,
+        static: bool = False,
     ) -> None:
         self.max_len = max_len or cfg.max_seq_len
         if self.max_len > cfg.max_seq_len:
@@ -45,11 +46,13 @@ class KVCache:
         # MLA decode steps over the latents (absorbed, DeepSeek-V2's inference path) or through re-expanded
         # K and V (naive); a property of the cache, which inference code owns, not a flag on the model
         self.absorbed = absorbed
-        self.pad = None
-        if pad is not None and any(pad):
-            if len(pad) != batch_size or not all(0 <= n < self.max_len for n in pad):
-                raise ValueError(f"pad needs {batch_size} counts in [0, {self.max_len}); got {list(pad)}")
-            self.pad = torch.tensor(list(pad), device=device)  # (B,)
+        # static: one-token steps keep every shape fixed (the write slot and the mask read a device tensor, the
+        # attention spans all max_len slots), so a step can be captured once as a CUDA graph and replayed
+        self.static = static
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # next slot to write, for static steps
+        self.pad: torch.Tensor | None = None
+        self.pad_counts = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,), read by static steps
+        self.rewind(pad)
         spec = cache_spec(cfg)
         self.layers: list[dict[str, torch.Tensor]] = [
             {
@@ -59,8 +62,29 @@ class KVCache:
             for _ in range(cfg.n_layers)
         ]
 
+    def rewind(self, pad: Sequence[int] | None = None) -> None:
+        """Empty the cache for a new batch of prompts (the buffers stay: a captured step keeps reading them)."""
+        self.length = 0
+        self.pos.zero_()
+        counts = list(pad) if pad is not None else [0] * self.batch_size
+        if len(counts) != self.batch_size or not all(0 <= n < self.max_len for n in counts):
+            raise ValueError(f"pad needs {self.batch_size} counts in [0, {self.max_len}); got {counts}")
+        self.pad_counts.copy_(torch.tensor(counts))
+        self.pad = self.pad_counts if any(counts) else None
+
+    def stepping(self, t: int) -> bool:
+        """Whether a forward of t tokens is a static one-token step (fixed shapes, see `static`)."""
+        return self.static and t == 1
+
     def append(self, layer: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Write new entries (B, T, ...) after the filled prefix; return the filled prefix plus them."""
+        """Write new entries (B, T, ...) after the filled prefix; return the filled prefix plus them.
+
+        A static step writes at the device slot `pos` and returns every slot; the mask says which are filled.
+        """
+        if self.stepping(next(iter(new.values())).shape[1]):
+            for name, value in new.items():
+                self.layers[layer][name].index_copy_(1, self.pos.view(1), value)
+            return dict(self.layers[layer])
         start = self.length
         out = {}
         for name, value in new.items():
@@ -71,21 +95,33 @@ class KVCache:
         return out
 
     def key_mask(self, end: int) -> torch.Tensor | None:
-        """(B, end): True at the slots that hold real tokens; None when nothing is padded."""
+        """(B, end): True at the slots that hold real tokens; None when nothing is padded.
+
+        In a static step: (B, max_len), the filled slots (up to `pos`) that are not padding."""
+        if self.stepping(end - self.length):
+            slots = torch.arange(self.max_len, device=self.pos.device)
+            return (slots[None, :] <= self.pos) & (slots[None, :] >= self.pad_counts[:, None])
         if self.pad is None:
             return None
         return torch.arange(end, device=self.pad.device)[None, :] >= self.pad[:, None]
 
     def positions(self, start: int, end: int, device: torch.device) -> torch.Tensor:
         """Position ids of slots start..end-1: (T,), or (B, T) counted from each sequence's first real token."""
+        if self.stepping(end - start):
+            return (self.pos - self.pad_counts).clamp(min=0)[:, None]  # (B, 1)
         slots = torch.arange(start, end, device=device)
         return slots if self.pad is None else (slots[None, :] - self.pad[:, None]).clamp(min=0)
 
     def advance(self, n_tokens: int) -> None:
+        # NOTE: in a captured step only the device update replays; the decoder keeps `length` itself
         self.length += n_tokens
+        if self.stepping(n_tokens):
+            self.pos.add_(1)
+        else:
+            self.pos.fill_(self.length)
 
     def reset(self) -> None:
-        self.length = 0
+        self.rewind()
 
     @property
     def nbytes(self) -> int:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemla.config import ModelConfig
-from moemla.model.attention import MHA, MLA
+from moemla.model.attention import MHA, MLA, Angles
 from moemla.model.kv_cache import KVCache
 from moemla.model.moe import MLP, MoE, RoutedExperts, Router, load_cv
 from moemla.model.rope import rope_tables
@@ -25,9 +25,7 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg.dim, cfg.dense_inter_dim, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Angles | None, cache: KVCache | None) -> torch.Tensor:
         h = x + self.drop(self.attn(self.ln1(x), rope, cache, self.layer))  # Eq. 11
         return h + self.drop(self.ffn(self.ln2(h)))  # Eq. 12
 
@@ -81,12 +79,21 @@ class Transformer(nn.Module):
                 pos = cache.positions(start, end, idx.device)  # (B, T) with left padding
             x = x + self.wpe(pos)
         x = self.drop(x)
-        rope = (self.rope_cos[:end], self.rope_sin[:end]) if self.cfg.positions == "rope" else None
+        rope = self.angles(start, end, cache) if self.cfg.positions == "rope" else None
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
             cache.advance(t)
         return self.ln_f(x)
+
+    def angles(self, start: int, end: int, cache: KVCache | None) -> Angles:
+        """RoPE angles of the new tokens (slots start..end-1) and of every key slot; a static step gathers its
+        query's angle at the cache's device slot, so nothing in the step depends on a Python int."""
+        if cache is not None and cache.stepping(end - start):
+            at = cache.pos.view(1)
+            return Angles(self.rope_cos.index_select(0, at), self.rope_sin.index_select(0, at),
+                          self.rope_cos[: cache.max_len], self.rope_sin[: cache.max_len])  # fmt: skip
+        return Angles(self.rope_cos[start:end], self.rope_sin[start:end], self.rope_cos[:end], self.rope_sin[:end])
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
