@@ -144,7 +144,9 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, C), gates and idx (N, K), counts (E,) -> sum_k gates[:, k] * E_idx[:, k](x), (N, C). Dropless."""
-        if idx.numel() < self.n_experts and self.w1.dtype == x.dtype and not torch.is_grad_enabled():
+        few = idx.numel() < self.n_experts
+        # NOTE: a captured CUDA graph cannot hold the grouped path's host sync (its fallback reads group sizes)
+        if (few or _capturing(x)) and self.w1.dtype == x.dtype and not torch.is_grad_enabled():
             return self.forward_gathered(x, gates, idx)
         n, k = idx.shape
         # NOTE: autocast does not cover torch._grouped_mm, so under bf16/fp16 autocast it would get the fp32
@@ -189,6 +191,10 @@ def _gather(w: torch.Tensor, rows: torch.Tensor, name: str) -> torch.Tensor:
     if key not in _SCRATCH:
         _SCRATCH[key] = torch.empty(key[1], dtype=w.dtype, device=w.device)
     return torch.index_select(w, 0, rows, out=_SCRATCH[key])
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The server's decoder: one worker thread owns the model and decodes queued requests in batches.
 
-Requests that arrive together (within `window_s`, up to `max_batch`) share one left-padded batch and one
-KV cache (KVCache.pad); each row keeps its own sampling settings, seed, token budget and cancel flag.
+Requests that arrive together (within `window_s`, up to `max_batch`) share one left-padded batch of a
+TorchDecoder (the one Decoder interface); each row keeps its own sampling settings, seed, token budget and cancel flag.
 Requests that arrive while a batch runs wait for the next one.
 """
 
@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moemla.inference.decoder import TorchDecoder
 from moemla.inference.sampling import check_sampling, sample
-from moemla.model import KVCache, Transformer
+from moemla.model import Transformer
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Engine:
 
     def __init__(self, model: Transformer, stop: int | None, max_batch: int = 16, window_s: float = 0.005) -> None:
         self.model, self.stop = model.eval(), stop
+        self.decoder = TorchDecoder(self.model)  # generation goes through the one Decoder interface
         self.max_batch, self.window_s = max_batch, window_s
         self.device = next(model.parameters()).device
         self.stats = {"batches": 0, "jobs": 0, "largest_batch": 0, "cancelled": 0, "tokens": 0}
@@ -93,6 +95,14 @@ class Engine:
                 )
         for job in jobs:
             self._queue.put(job)
+
+    def _score(self, job: Job) -> None:
+        """Emit the prompt's tokens with the log-probability the model gives each after its prefix."""
+        ids = torch.tensor([job.prompt], device=self.device)
+        lp = self.model(ids)[0][0, :-1].float().log_softmax(-1)  # (T - 1, V)
+        job.emit(Token(job.prompt[0], None, prompt=True))
+        for t, token in enumerate(job.prompt[1:]):
+            job.emit(Token(token, float(lp[t, token]), _top(lp[t], job.logprobs), prompt=True))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -124,19 +134,12 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["jobs"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        for job in jobs:
+            if job.echo:  # the prompt's tokens as scored by the model: what lm-eval's loglikelihood reads
+                self._score(job)
         longest = max(len(j.prompt) for j in jobs)
         budget = max(j.max_tokens for j in jobs)
-        pad = [longest - len(j.prompt) for j in jobs]
-        cache = KVCache(self.model.cfg, len(jobs), max_len=min(self.context, longest + budget), pad=pad,
-                        device=self.device)  # fmt: skip
-        ids = torch.tensor([[0] * n + j.prompt for n, j in zip(pad, jobs, strict=True)], device=self.device)
-        logits = self.model(ids, cache=cache)[0]  # (B, T, V): prefill
-        for i, job in enumerate(jobs):
-            if job.echo:  # the prompt's tokens as scored by the model: what lm-eval's loglikelihood reads
-                lp = logits[i, pad[i] : -1].float().log_softmax(-1)  # (T_i - 1, V)
-                job.emit(Token(job.prompt[0], None, prompt=True))
-                for t, token in enumerate(job.prompt[1:]):
-                    job.emit(Token(token, float(lp[t, token]), _top(lp[t], job.logprobs), prompt=True))
+        last = torch.as_tensor(self.decoder.prefill([j.prompt for j in jobs], min(self.context, longest + budget)))
         generators = [torch.Generator(device=self.device).manual_seed(j.seed) for j in jobs]
         made = [0] * len(jobs)
         done = [False] * len(jobs)
@@ -144,7 +147,6 @@ class Engine:
             if job.max_tokens == 0:
                 done[i] = True
                 job.emit(Finish("length"))
-        last = logits[:, -1]  # (B, V)
         while not all(done):
             step = []
             for i, job in enumerate(jobs):
@@ -168,10 +170,10 @@ class Engine:
                     job.emit(Finish("stop" if token == self.stop else "length"))
             if all(done):
                 break
-            if cache.length == cache.max_len:  # the context is full
+            if self.decoder.length == self.decoder.max_len:  # the context is full
                 for i, job in enumerate(jobs):
                     if not done[i]:
                         done[i] = True
                         job.emit(Finish("length"))
                 break
-            last = self.model(torch.tensor(step, device=self.device)[:, None], cache=cache)[0][:, -1]
+            last = torch.as_tensor(self.decoder.step(step))  # (B, V)
