@@ -216,3 +216,32 @@ def test_cli_serves_on_loopback_to_the_openai_client(run: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_engine_decodes_the_same_with_static_steps(run: Path) -> None:
+    """The step a CUDA graph captures (mode static, checkable on a CPU) serves the same tokens as eager."""
+    import queue as q
+
+    from moemla.serve.engine import Engine, Finish, Job, Token
+
+    model, tok, _ = load_model(run)
+    out = {}
+    for mode in ("eager", "static"):
+        engine = Engine(model, tok.token_to_id("<|endoftext|>"), window_s=0.2, mode=mode)
+        events: q.Queue = q.Queue()
+        prompts = [[5, 9, 23], [17, 2, 60, 61, 62], [8]]
+        jobs = [
+            Job(p, 12, lambda e, i=i, sink=events: sink.put((i, e)), temperature=0.0) for i, p in enumerate(prompts)
+        ]
+        engine.submit(jobs)
+        tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        done = 0
+        while done < len(jobs):
+            i, event = events.get(timeout=60)
+            if isinstance(event, Token):
+                tokens[i].append(event.id)
+            elif isinstance(event, Finish):
+                done += 1
+        engine.close()
+        out[mode] = tokens
+    assert out["static"] == out["eager"] and all(out["eager"].values())

@@ -298,6 +298,7 @@ def serve(
     checkpoint: str | None = None,
     name: str | None = None,
     max_batch: int = 16,
+    cuda_graph: bool = False,
 ) -> None:
     """Load the run and serve it until interrupted."""
     import uvicorn
@@ -306,7 +307,7 @@ def serve(
     from moemla.train.run_folder import load_model
 
     model, tok, _ = load_model(run_dir, resolve_device(device), checkpoint)
-    engine = Engine(model, eot_id(tok), max_batch=max_batch)
+    engine = Engine(model, eot_id(tok), max_batch=max_batch, mode="cuda-graph" if cuda_graph else "eager")
     app = create_app(engine, tok, name or Path(run_dir).resolve().name)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")

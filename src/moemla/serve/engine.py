@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moemla.inference.decoder import TorchDecoder
+from moemla.inference.decoder import Mode, TorchDecoder
 from moemla.inference.sampling import check_sampling, sample
 from moemla.model import Transformer
 
@@ -73,9 +73,11 @@ def _top(logprobs: torch.Tensor, n: int | None) -> list[tuple[int, float]]:
 class Engine:
     """Batches jobs through a Transformer on its own thread; `submit` returns at once."""
 
-    def __init__(self, model: Transformer, stop: int | None, max_batch: int = 16, window_s: float = 0.005) -> None:
+    def __init__(
+        self, model: Transformer, stop: int | None, max_batch: int = 16, window_s: float = 0.005, mode: Mode = "eager"
+    ) -> None:
         self.model, self.stop = model.eval(), stop
-        self.decoder = TorchDecoder(self.model)  # generation goes through the one Decoder interface
+        self.decoder = TorchDecoder(self.model, mode=mode)  # generation goes through the one Decoder interface
         self.max_batch, self.window_s = max_batch, window_s
         self.device = next(model.parameters()).device
         self.stats = {"batches": 0, "jobs": 0, "largest_batch": 0, "cancelled": 0, "tokens": 0}
