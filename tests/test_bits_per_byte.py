@@ -44,7 +44,7 @@ def test_bits_per_byte_is_the_loss_in_bits_over_the_text_bytes() -> None:
     ids = np.array([i for t in TEXT for i in [*tok.encode(t).ids, 0]], dtype=np.int64)
     model = build("moe-mla-rope", vocab_size=tok.get_vocab_size())
     table = token_bytes(tok)
-    result = evaluate(model, [ids], 32, 4, None, torch.device("cpu"), token_bytes=table)
+    result = evaluate(model, [ids], seq_len=32, batch_size=4, token_bytes=table)
     tokens, n_bytes = window_bytes([ids], 32, 4, None, table)
     assert tokens == result["tokens"]
     expected = result["val_loss"] * tokens / math.log(2) / n_bytes

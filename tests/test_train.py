@@ -78,7 +78,7 @@ def test_train_checkpoint_resume_eval(data: Path, tmp_path: Path) -> None:
     assert tok.get_vocab_size() == 300
     from moemla.data.shards import PreparedData
 
-    ev = evaluate(model, PreparedData.open(data).shards("val"), 32, 4, 1024, torch.device("cpu"))
+    ev = evaluate(model, PreparedData.open(data).shards("val"), seq_len=32, batch_size=4, max_tokens=1024)
     assert ev["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
     assert len(ev["expert_load_cv"]) == 2 and ev["val_ppl_ci95"][0] < ev["val_ppl"] < ev["val_ppl_ci95"][1]
 

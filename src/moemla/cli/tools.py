@@ -50,13 +50,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tok, _ = load_model(args.run, resolve_device(device), args.checkpoint)
     mode = "cuda-graph" if args.cuda_graph else "eager"
     model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize, mode=mode)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "truncate": args.truncate}  # fmt: skip
     if args.batch_size > 1:  # whole texts, printed as each batch finishes
         for lo in range(0, len(prompts), args.batch_size):
             group = prompts[lo : lo + args.batch_size]
-            texts = generate(
-                model, tok, group, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed + lo,
-                truncate=args.truncate, batch_size=args.batch_size,
-            )  # fmt: skip
+            texts = generate(model, tok, group, seed=args.seed + lo, batch_size=args.batch_size, **sampling)
             for i, text in enumerate(texts, start=lo):
                 print(f"--- {i + 1}/{len(prompts)}\n{text}", flush=True)
         return 0
@@ -64,10 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(prompts) > 1:
             print(f"--- {i + 1}/{len(prompts)}")
         print(prompt, end="", flush=True)
-        generate(
-            model, tok, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed + i,
-            truncate=args.truncate, stream=lambda text: print(text, end="", flush=True),
-        )  # fmt: skip
+        generate(model, tok, [prompt], seed=args.seed + i, stream=lambda text: print(text, end="", flush=True),
+                 **sampling)  # fmt: skip
         print()
     return 0
 

@@ -31,10 +31,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def evaluate(
     model: Transformer,
     shards: list[np.ndarray],
+    *,
     seq_len: int,
     batch_size: int,
-    max_tokens: int | None,
-    device: torch.device,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     token_bytes: np.ndarray | None = None,
 ) -> dict[str, object]:

@@ -49,5 +49,8 @@ def evaluate_run(
             )
         shards = data.shards(split)
     batch = tc.micro_batch_size if batch_size is None else batch_size
-    result = evaluate(model, shards, tc.seq_len, batch, max_tokens, dev, amp_dtype(dev, tc.amp), token_bytes(tok))
+    result = evaluate(
+        model, shards, seq_len=tc.seq_len, batch_size=batch, max_tokens=max_tokens, device=dev,
+        dtype=amp_dtype(dev, tc.amp), token_bytes=token_bytes(tok),
+    )  # fmt: skip
     return {"run": str(run_dir), **result}

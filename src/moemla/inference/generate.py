@@ -108,6 +108,7 @@ def generate(
     model: Transformer | Decoder,
     tokenizer: Tokenizer,
     prompts: list[str],
+    *,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int | None = 40,

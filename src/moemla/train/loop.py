@@ -145,8 +145,10 @@ def _train(
                 recorder.record(last)
                 speed.new_window()
             if d.main and (s.step % tc.eval_interval == 0 or s.step == total):
-                ev = evaluate(s.model, val_shards, tc.seq_len, tc.micro_batch_size, tc.eval_tokens, d.device, s.dtype,
-                              val_bytes)  # fmt: skip
+                ev = evaluate(
+                    s.model, val_shards, seq_len=tc.seq_len, batch_size=tc.micro_batch_size, max_tokens=tc.eval_tokens,
+                    device=d.device, dtype=s.dtype, token_bytes=val_bytes,
+                )  # fmt: skip
                 recorder.record({"step": s.step, "split": "val", **ev})
                 last = {**last, **{k: v for k, v in ev.items() if k != "tokens"}, "val_tokens": ev["tokens"]}
                 log(_eval_line(s.step, total, train_loss, ev, tps, eta))
