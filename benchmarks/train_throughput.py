@@ -105,7 +105,8 @@ def batch_tokens(args: argparse.Namespace, vocab: int, data: Path | None) -> tor
         return torch.randint(0, vocab, (args.batch, args.seq + 1))
     from moemla.data.shards import PreparedData, train_batch
 
-    x, y = train_batch(PreparedData.open(data).shards("train"), args.seq, 1337, 0, args.batch, slice(None))
+    shards = PreparedData.open(data).shards("train")
+    x, y = train_batch(shards, args.seq, seed=1337, step=0, batch=args.batch, rows=slice(None))
     return torch.cat([x, y[:, -1:]], dim=1)
 
 

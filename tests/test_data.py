@@ -126,7 +126,7 @@ def test_train_batches_are_pure_and_split_across_processes(tmp_path: Path) -> No
     shards = PreparedData.open(_prepare(tmp_path)).shards("train")
     x, y = train_batch(shards, 32, seed=1, step=7, batch=8, rows=slice(0, 8))
     x2, _ = train_batch(shards, 32, seed=1, step=7, batch=8, rows=slice(0, 8))
-    halves = [train_batch(shards, 32, 1, 7, 8, slice(i, i + 4))[0] for i in (0, 4)]
+    halves = [train_batch(shards, 32, seed=1, step=7, batch=8, rows=slice(i, i + 4))[0] for i in (0, 4)]
     assert x.equal(x2) and x.equal(torch.cat(halves))
     assert x[:, 1:].equal(y[:, :-1])
     assert not x.equal(train_batch(shards, 32, seed=1, step=8, batch=8, rows=slice(0, 8))[0])

@@ -87,8 +87,8 @@ def test_batched_generation_draws_what_each_prompt_draws_alone(variant: str) -> 
     model = build(variant)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [1, 2, 3, 4, 5]]
     for temperature in (0.0, 1.0):
-        got = generate_ids_batch(model, prompts, 8, temperature, seeds=[7, 8, 9], stop=17)
-        want = [generate_ids(model, p, 8, temperature, seed=7 + i, stop=17) for i, p in enumerate(prompts)]
+        got = generate_ids_batch(model, prompts, 8, temperature=temperature, seeds=[7, 8, 9], stop=17)
+        want = [generate_ids(model, p, 8, temperature=temperature, seed=7 + i, stop=17) for i, p in enumerate(prompts)]
         assert got == want
 
 

@@ -45,7 +45,10 @@ def prepare_data(
     else:
         raise DataError(f"unknown dataset {dataset!r}: use builtin or tinystories, or local files with --text")
     folder = Path(out or f"data/{name}")
-    manifest = prepare(source, folder, description, tokenizer, vocab_size, val_fraction, overwrite=overwrite)
+    manifest = prepare(
+        source, folder, description, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
+        overwrite=overwrite,
+    )  # fmt: skip
     return folder, manifest
 
 

@@ -85,6 +85,7 @@ def prepare(
     source: StorySource,
     out: str | Path,
     description: dict[str, object],
+    *,
     tokenizer: str = "bpe",
     vocab_size: int = 4096,
     val_fraction: float = 0.05,
@@ -227,7 +228,7 @@ def _windows(shards: list[np.ndarray], seq_len: int) -> np.ndarray:
 
 
 def train_batch(
-    shards: list[np.ndarray], seq_len: int, seed: int, step: int, batch: int, rows: slice
+    shards: list[np.ndarray], seq_len: int, *, seed: int, step: int, batch: int, rows: slice
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows `rows` of step `step`'s global batch of random windows: a pure function of (seed, step)."""
     counts = _windows(shards, seq_len)

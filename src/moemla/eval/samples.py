@@ -113,8 +113,9 @@ def _generate(
             ids = [tok.encode(prompts[i % len(prompts)]).ids[-room:] for i in group]
             seeds = [settings.seed + i for i in group]
             drawn = generate_ids_batch(
-                model, ids, settings.max_new_tokens, settings.temperature, settings.top_k, None, stop, seeds
-            )
+                model, ids, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+                stop=stop, seeds=seeds,
+            )  # fmt: skip
             for i, new in zip(group, drawn, strict=True):
                 ended = bool(new) and new[-1] == stop
                 text = tok.decode([t for t in new if t != stop])

@@ -110,7 +110,7 @@ class MoemlaLM(LM):
                 keep = max(1, self.max_length - max_new)
                 prompts = [(self._encode(reqs[i].args[0]) or [self.eot])[-keep:] for i in chunk]
                 outs = generate_ids_batch(
-                    self.model, prompts, max_new, temperature, None, None, self.eot, [0] * len(chunk)
+                    self.model, prompts, max_new, temperature=temperature, stop=self.eot, seeds=[0] * len(chunk)
                 )
                 for i, ids in zip(chunk, outs, strict=True):
                     text = self.tok.decode([t for t in ids if t != self.eot])

@@ -30,6 +30,7 @@ def generate_ids(
     model: Transformer | Decoder,
     prompt: list[int],
     max_new_tokens: int,
+    *,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -66,6 +67,7 @@ def generate_ids_batch(
     model: Transformer | Decoder,
     prompts: list[list[int]],
     max_new_tokens: int,
+    *,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -138,7 +140,9 @@ def generate(
         for lo in range(0, len(encoded), batch_size):
             group = encoded[lo : lo + batch_size]
             seeds = [seed + lo + j for j in range(len(group))]
-            outs = generate_ids_batch(model, group, max_new_tokens, temperature, top_k, top_p, stop, seeds)
+            outs = generate_ids_batch(
+                model, group, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seeds=seeds
+            )
             texts += [
                 tokenizer.decode(ids + [t for t in out if t != stop]) for ids, out in zip(group, outs, strict=True)
             ]
@@ -154,6 +158,9 @@ def generate(
             new.append(token)
             stream(tokenizer.decode(new)[len(before) :])  # decoded as a whole: multi-byte characters stay intact
 
-        out = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, stop, seed + i, emit)
+        out = generate_ids(
+            model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed + i,
+            on_token=emit,
+        )  # fmt: skip
         texts.append(tokenizer.decode(ids + [t for t in out if t != stop]))
     return texts

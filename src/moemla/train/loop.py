@@ -203,9 +203,8 @@ def _train_step(s: _Session, shards: list) -> tuple[float, float, float, list[fl
     loss_sum = torch.zeros((), device=d.device)
     for m in range(accum):
         first = (m * d.world + d.rank) * tc.micro_batch_size
-        x, y = train_batch(
-            shards, tc.seq_len, tc.seed, s.step, tc.batch_size, slice(first, first + tc.micro_batch_size)
-        )
+        rows = slice(first, first + tc.micro_batch_size)
+        x, y = train_batch(shards, tc.seq_len, seed=tc.seed, step=s.step, batch=tc.batch_size, rows=rows)
         sync = m == accum - 1 or d.world == 1
         ctx = s.ddp.no_sync() if not sync and s.ddp is not None else contextlib.nullcontext()
         with ctx, autocast(d.device, s.dtype):
