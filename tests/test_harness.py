@@ -175,3 +175,18 @@ def test_lm_eval_local_completions_against_moemla_serve_scores_the_same(run: Pat
     direct = _lm_eval(argv, ["moemla_ppl"], tmp_path)
     got, want = served["moemla_ppl"]["bits_per_byte,none"], direct["moemla_ppl"]["bits_per_byte,none"]
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_bare_lm_eval_runs_an_exported_folder_with_its_hf_backend(run: Path, tmp_path: Path) -> None:
+    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True` scores as --model moemla."""
+    pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
+    from moemla.export.hf import export_hf
+
+    _write_tasks(tmp_path)
+    export_hf(run, tmp_path / "hf")
+    args = f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32"
+    hf = _lm_eval(["lm_eval", "--model", "hf", "--model_args", args], ["moemla_ppl"], tmp_path)
+    argv = [sys.executable, "-m", "moemla", "lm-eval", "--model", "moemla", "--model_args", f"run={run}"]
+    direct = _lm_eval(argv, ["moemla_ppl"], tmp_path)
+    got, want = hf["moemla_ppl"]["bits_per_byte,none"], direct["moemla_ppl"]["bits_per_byte,none"]
+    assert got == pytest.approx(want, rel=1e-4)
