@@ -107,7 +107,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    title = f"{args.preset}, {args.engine} engine, {rows[0]['device']}, {args.dtype}, context {args.context}"
+    weights = "int8 weights" if args.quantize == "int8" else args.dtype
+    title = f"{args.preset}, {args.engine} engine, {rows[0]['device']}, {weights}, context {args.context}"
     print_table(rows, title + ", random weights")
     print(f"memory: {rows[0]['peak_memory_kind']}" + (f"; plot: {args.plot}" if args.plot else ""))
     return 0
