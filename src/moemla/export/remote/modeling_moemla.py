@@ -94,6 +94,8 @@ class MoemlaMLA(nn.Module):
             # the cache's "keys" are [C^K | k_pe] and its "values" C^V, one pseudo-head each: (B, 1, S, R (+P))
             key, val = cache.update(torch.cat([c_k, k_pe], dim=-1)[:, None], c_v[:, None], self.layer)
             (c_k, k_pe), c_v = key[:, 0].split([r, p], dim=-1), val[:, 0]
+            if t == 1 and not self.training and (self.decoupled or rope_q is None):
+                return self.decode_absorbed(q[:, 0], q_pe[:, 0], c_k, c_v, k_pe, mask)
         s = c_k.shape[1]
         k = self.wk_b(c_k).view(b, s, h, d)  # (B, S, H, D): expanded per step, never cached
         v = self.wv_b(c_v).view(b, s, h, d)
@@ -105,6 +107,27 @@ class MoemlaMLA(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+    def decode_absorbed(self, q, q_pe, c_k, c_v, k_pe, mask):
+        """One new token q (B, H, D) over the cached latents c_k, c_v (B, S, R), K and V never expanded.
+
+        W^Kr moves onto the query and W^Vr applies once to the attended latent (DeepSeek-V2 §2.1.3); the bias
+        of W^Kr adds the same q . b to every position, which the softmax ignores. Not for the paper's RoPE after
+        the up-projection, whose rotation sits between W^Kr and the score.
+        """
+        b, h = q.shape[:2]
+        d, r = self.cfg.dim // h, self.cfg.kv_lora_rank
+        q_lat = torch.einsum("bhd,hdr->bhr", q, self.wk_b.weight.view(h, d, r))
+        scores = q_lat @ c_k.transpose(1, 2)  # (B, H, S)
+        if self.p:
+            scores = scores + q_pe @ k_pe.transpose(1, 2)  # the decoupled RoPE channels
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, 0, 0, None, :], float("-inf"))
+        probs = (scores * (d + self.p) ** -0.5).softmax(dim=-1)
+        o = torch.einsum("bhr,hdr->bhd", probs @ c_v, self.wv_b.weight.view(h, d, r))  # (B, H, D)
+        if self.wv_b.bias is not None:
+            o = o + self.wv_b.bias.view(h, d)
+        return self.wo(o.reshape(b, 1, h * d))
 
 
 class MoemlaMLP(nn.Module):
