@@ -121,8 +121,9 @@ class TorchDecoder:
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         if self.cache is None:
             raise ValueError("step before prefill: prefill the prompts first")
-        ids = torch.zeros(self.cache.batch_size, 1, dtype=torch.long, device=self.device)
-        ids[: self.rows, 0] = torch.as_tensor(tokens, device=self.device).view(-1)
+        ids = torch.as_tensor(tokens, device=self.device).view(-1, 1)  # (B, 1)
+        if self.rows < self.cache.batch_size:  # a static bucket's dummy rows step on token 0
+            ids = torch.cat([ids, ids.new_zeros(self.cache.batch_size - self.rows, 1)])
         if self.mode != "cuda-graph":
             return self._logits(ids)[: self.rows]
         if self.cache.length >= self.cache.max_len:

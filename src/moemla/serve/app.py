@@ -72,12 +72,9 @@ class Server:
         seed = req.seed if req.seed is not None else next(self.seeds) * 1000
         top_p = None if req.top_p >= 1.0 else req.top_p
 
-        def ignore(event: Event) -> None:  # replaced by stream_events before submit
-            pass
-
         try:
             return [
-                Job(p, max_tokens, ignore, req.temperature, req.top_k, top_p, seed + k, **extra)  # type: ignore[arg-type]
+                Job(p, max_tokens, _unbound, req.temperature, req.top_k, top_p, seed + k, **extra)  # type: ignore[arg-type]
                 for p in prompts
                 for k in range(req.n)
             ]
@@ -106,6 +103,22 @@ class Server:
             for job in jobs:  # a client that went away stops its rows at the next decode step
                 job.cancelled.set()
 
+    async def pieces(
+        self, jobs: list[Job], texts: list[ChoiceText], echoed: list[list[Token]] | None = None
+    ) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(choice, new text, finish reason or None) for each generated event; echoed prompt tokens go to
+        `echoed`, and a stop string found in a choice's text cancels its row."""
+        async for i, event in self.events(jobs):
+            if isinstance(event, Finish):
+                yield i, texts[i].flush(), _finish(texts[i], event)
+            elif event.prompt:
+                echoed[i].append(event)  # type: ignore[index]
+            else:
+                piece = texts[i].add(event)
+                if texts[i].stopped:
+                    jobs[i].cancelled.set()
+                yield i, piece, None
+
     def max_tokens(self, prompts: list[list[int]], requested: int | None) -> int:
         """Tokens to generate: as requested, cut to what the context leaves (then finish_reason is length)."""
         longest = max(len(p) for p in prompts)
@@ -118,6 +131,10 @@ class Server:
                 "context_length_exceeded",
             )
         return room if requested is None else min(requested, room)
+
+
+def _unbound(event: Event) -> None:
+    """A job's emit until Server.events connects it to the request's queue."""
 
 
 def _finish(text: ChoiceText, event: Finish) -> str:
@@ -172,15 +189,6 @@ def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         head["model"] = name
 
-        def on_token(i: int, event: Token) -> str:
-            if event.prompt:
-                echoed[i].append(event)
-                return ""
-            piece = texts[i].add(event)
-            if texts[i].stopped:
-                jobs[i].cancelled.set()
-            return piece
-
         def prompt_text(i: int) -> str:
             return server.tok.decode(jobs[i].prompt) if req.echo else ""
 
@@ -188,11 +196,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
 
             async def stream() -> AsyncIterator[str]:
                 sent_prompt = [False] * len(jobs)
-                async for i, event in server.events(jobs):
-                    piece = on_token(i, event) if isinstance(event, Token) else texts[i].flush()
-                    if req.echo and not sent_prompt[i] and not (isinstance(event, Token) and event.prompt):
+                async for i, piece, finish in server.pieces(jobs, texts, echoed):
+                    if not sent_prompt[i]:  # an echoed prompt goes out with the choice's first chunk
                         piece, sent_prompt[i] = prompt_text(i) + piece, True
-                    finish = _finish(texts[i], event) if isinstance(event, Finish) else None
                     if piece or finish:
                         choice = {"index": i, "text": piece, "logprobs": None, "finish_reason": finish}
                         yield _sse(head | {"choices": [choice]})
@@ -200,13 +206,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
 
             return StreamingResponse(_guard(stream()), media_type="text/event-stream")
 
-        finishes: dict[int, str] = {}
-        async for i, event in server.events(jobs):
-            if isinstance(event, Token):
-                on_token(i, event)
-            else:
-                texts[i].flush()
-                finishes[i] = _finish(texts[i], event)
+        finishes = {i: finish async for i, _, finish in server.pieces(jobs, texts, echoed) if finish}
         choices = []
         for i, text in enumerate(texts):
             logprobs = None
@@ -237,13 +237,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
                 for i in range(len(jobs)):
                     delta = {"role": "assistant", "content": ""}
                     yield _sse(chunk | {"choices": [{"index": i, "delta": delta, "finish_reason": None}]})
-                async for i, event in server.events(jobs):
-                    if isinstance(event, Token):
-                        piece, finish = texts[i].add(event), None
-                        if texts[i].stopped:
-                            jobs[i].cancelled.set()
-                    else:
-                        piece, finish = texts[i].flush(), _finish(texts[i], event)
+                async for i, piece, finish in server.pieces(jobs, texts):
                     if piece or finish:
                         choice = {"index": i, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
                         yield _sse(chunk | {"choices": [choice]})
@@ -251,15 +245,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
 
             return StreamingResponse(_guard(stream()), media_type="text/event-stream")
 
-        finishes: dict[int, str] = {}
-        async for i, event in server.events(jobs):
-            if isinstance(event, Token):
-                texts[i].add(event)
-                if texts[i].stopped:
-                    jobs[i].cancelled.set()
-            else:
-                texts[i].flush()
-                finishes[i] = _finish(texts[i], event)
+        finishes = {i: finish async for i, _, finish in server.pieces(jobs, texts) if finish}
         choices = [
             {
                 "index": i,

@@ -106,7 +106,7 @@ class NumpyDecoder:
         self.wpe = w.get("wpe.weight")
         self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
         self.rope = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_base) if cfg.positions == "rope" else None
-        kernels = load_kernels() if compiled else None
+        self.kernels = kernels = load_kernels() if compiled else None
         self.blocks = [Block(cfg, w, i, self.max_len, kernels) for i in range(cfg.n_layers)]
         self.wte_q: np.ndarray | None = None  # once int8: the tied embedding as rows (V, C), scales (V,)
         self.wte_scale: np.ndarray | None = None
@@ -184,7 +184,7 @@ class NumpyDecoder:
         if self.wte_q is None:
             logits = h @ self.wte_t  # (T or 1, V); tied embedding
         elif self.compiled and h.shape[0] == 1:
-            logits = self.blocks[0].kernels.lm_head_q8(h[0], self.wte_q, self.wte_scale)[None]
+            logits = self.kernels.lm_head_q8(h[0], self.wte_q, self.wte_scale)[None]
         else:
             logits = matmul(h, None, self.wte_q, self.wte_scale)
         return logits if all_logits else logits[0]
