@@ -167,6 +167,47 @@ def test_static_steps_decode_as_the_eager_ones(variant: str) -> None:
     assert tokens == generate_ids(model, [5, 9, 23], 10, temperature=0.0)
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("variant", ["moe-mla-rope", "mla", pytest.param("moe-mla-drope", marks=pytest.mark.slow)])
+def test_compiled_steps_compile_once_per_bucket_and_decode_as_the_eager_ones(variant: str) -> None:
+    """The static step reads no Python int, so torch.compile traces it once per bucket with no graph break
+    (fullgraph) and replays it at every later length and batch of that bucket, with the eager logits."""
+    torch._dynamo.reset()
+    model = _perturbed(variant)
+    compiled, eager = TorchDecoder(model, compile=True), TorchDecoder(model)
+    before = _compiled_graphs()
+    for prompts in ([[5, 9, 23, 40, 7], [17, 2, 60]], [[8, 1], [3, 3, 3, 3]], [[4], [5, 6], [7]]):
+        got, want = [compiled.prefill(prompts, 24)], [eager.prefill(prompts, 24)]
+        for i in range(5):
+            tokens = [(7 * i + j) % model.cfg.vocab_size for j in range(len(prompts))]
+            got.append(compiled.step(tokens))
+            want.append(eager.step(tokens))
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-4, rtol=0)
+    # buckets (2, 64) and (4, 64), each traced once for all its lengths
+    assert compiled.static and _compiled_graphs() - before == 2
+    assert generate_ids(compiled, [5, 9, 23], 8, temperature=0.0) == generate_ids(model, [5, 9, 23], 8, temperature=0.0)
+
+
+def test_a_static_step_checks_the_room_left_in_its_bucket() -> None:
+    dec = TorchDecoder(build("mha"), mode="static")
+    dec.prefill([list(range(1, 64))], 64)
+    dec.step([1])  # slot 63, the bucket's last
+    with pytest.raises(ValueError, match="KV cache holds 64 tokens; 65 requested"):
+        dec.step([2])
+
+
+def test_compile_and_cuda_graph_choose_the_torch_engine() -> None:
+    model = build("mha")
+    assert isinstance(make_decoder(model, "auto", compile=True), TorchDecoder)
+    with pytest.raises(ConfigError, match="drop them with --engine numpy"):
+        make_decoder(model, "numpy", compile=True)
+
+
 def test_cuda_graph_mode_needs_cuda_on_a_cpu_machine() -> None:
     model = build("mha")
     if torch.cuda.is_available():
@@ -176,11 +217,12 @@ def test_cuda_graph_mode_needs_cuda_on_a_cpu_machine() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
 @pytest.mark.parametrize("variant", ["mha", "moe-mla-rope", "moe-mla-drope"])
-def test_cuda_graph_decode_equals_eager(variant: str) -> None:
+def test_cuda_graph_decode_equals_eager(variant: str, compile: bool) -> None:
     model = _perturbed(variant).cuda()
     prompts = [[5, 9, 23, 40, 7], [17, 2, 60]]
-    graph, eager = TorchDecoder(model, mode="cuda-graph"), TorchDecoder(model)
+    graph, eager = TorchDecoder(model, mode="cuda-graph", compile=compile), TorchDecoder(model)
     for _ in range(2):  # the second batch replays the graph captured during the first
         got, want = [graph.prefill(prompts, 32)], [eager.prefill(prompts, 32)]
         for i in range(8):

@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"moemla serve: listening on {args.host}: the server has no authentication", file=sys.stderr)
     serve(args.run, host=args.host, port=args.port, device=args.device, checkpoint=args.checkpoint, name=args.name,
-          max_batch=args.max_batch, cuda_graph=args.cuda_graph)  # fmt: skip
+          max_batch=args.max_batch, cuda_graph=args.cuda_graph, compile=args.compile)  # fmt: skip
     return 0
 
 
@@ -87,6 +87,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cuda-graph", action="store_true",
         help="on CUDA: decode steps replay a captured CUDA graph per batch and length bucket",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the decode step once per batch and length bucket (fused kernels; combines with "
+        "--cuda-graph)",
     )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 

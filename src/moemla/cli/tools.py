@@ -20,7 +20,11 @@ ENGINE_HELP = (
 ENGINES = ["torch", "numpy", "numba"]
 CUDA_GRAPH_HELP = (
     "torch engine on CUDA: capture the one-token step as a CUDA graph per batch and length bucket over a static "
-    "cache, then replay it (one launch per token)"
+    "cache, then replay it (one launch per token); with --compile the compiled step is captured"
+)
+COMPILE_HELP = (
+    "torch engine: torch.compile the one-token step once per batch and length bucket over a static cache (fused "
+    "kernels; the first step of each bucket compiles, which takes a while); prefill stays eager"
 )
 QUANTIZE_HELP = (
     "int8: the CPU engine's weights as int8 with one scale per output channel (routed experts included); default none"
@@ -49,7 +53,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = "cpu" if args.engine in ("numpy", "numba") else args.device
     model, tok, _ = load_model(args.run, resolve_device(device), args.checkpoint)
     mode = "cuda-graph" if args.cuda_graph else "eager"
-    model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize, mode=mode)
+    model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize, mode=mode,
+                         compile=args.compile)  # fmt: skip
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "truncate": args.truncate}  # fmt: skip
     if args.batch_size > 1:  # whole texts, printed as each batch finishes
@@ -83,8 +88,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"--engine {args.engine} decodes one sequence in float32 on the CPU: use --batch 1, --dtype float32, "
             "no --device"
         )
-    if args.compile and args.cuda_graph:
-        raise ConfigError("--compile and --cuda-graph are two ways to run the step; pick one")
     if cpu_engine and (args.naive or args.compile or args.cuda_graph):
         raise ConfigError(f"--naive and --compile apply to the torch engine; drop them with --engine {args.engine}")
     device, dtype = resolve_device("cpu" if cpu_engine else args.device), DTYPES[args.dtype]
@@ -274,6 +277,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         help=ENGINE_HELP + "; auto (default): numba on a CPU when installed, else numpy there, torch on a GPU",
     )  # fmt: skip
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     p.set_defaults(func=cmd_generate)
 
@@ -292,7 +296,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and cache")
     p.add_argument("--naive", action="store_true", help="MLA decode through re-expanded K and V (no absorption)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (prefill and decode step)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     p.add_argument("--engine", default="torch", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)

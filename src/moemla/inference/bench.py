@@ -47,8 +47,9 @@ def bench(
     device = torch.device(device)
     torch.manual_seed(0)
     model = Transformer(cfg.replace(dropout=0.0)).to(device=device, dtype=dtype)
-    mode = "compile" if compile else "cuda-graph" if cuda_graph else "eager"
-    dec = make_decoder(model, engine, batch_size=batch, quantize=quantize, absorbed=absorbed, mode=mode)
+    mode = "cuda-graph" if cuda_graph else "eager"
+    dec = make_decoder(model, engine, batch_size=batch, quantize=quantize, absorbed=absorbed, mode=mode,
+                       compile=compile)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (batch, context - new_tokens), generator=gen).tolist()
     steps = torch.randint(0, cfg.vocab_size, (new_tokens, batch), generator=gen).tolist()

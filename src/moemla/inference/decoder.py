@@ -1,8 +1,9 @@
 """One Decoder interface for every engine: prefill a left-padded batch, then one token per sequence per step.
 
-Implemented by TorchDecoder (the Transformer and its KVCache: eager or torch.compile; absorbed or naive MLA
-decode chosen here, not on the model) and by the torch-free CPU engine (inference/cpu: numpy or numba kernels,
-fp32 or int8 weights). generate, bench, serve, the CLI's --engine and reproduce reach a model only through it.
+Implemented by TorchDecoder (the Transformer and its KVCache: eager, static, compiled or a captured CUDA
+graph; absorbed or naive MLA decode chosen here, not on the model) and by the torch-free CPU engine
+(inference/cpu: numpy or numba kernels, fp32 or int8 weights). generate, bench, serve, the CLI's --engine and
+reproduce reach a model only through it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from moemla.config import ConfigError, ModelConfig
 from moemla.model import KVCache, Transformer
 
 Engine = Literal["torch", "numpy", "numba"]
-Mode = Literal["eager", "compile", "static", "cuda-graph"]
+Mode = Literal["eager", "static", "cuda-graph"]
 Quantize = Literal["none", "int8"]
 
 
@@ -70,25 +71,32 @@ def bucket(n: int, floor: int = 1) -> int:
 class TorchDecoder:
     """The Transformer behind the Decoder interface, on any device and dtype, with its preallocated KVCache.
 
-    mode: eager; compile (torch.compile, dynamic shapes); static (one-token steps with fixed shapes over a
-    cache reused per batch and length bucket: what a CUDA graph captures, checkable on a CPU); cuda-graph
-    (the static step captured once per bucket and replayed: one launch per token instead of hundreds).
+    mode: eager (the cache grows by one slot per step); static (one-token steps with fixed shapes over a cache
+    reused per batch and length bucket: what a CUDA graph captures, checkable on a CPU); cuda-graph (the static
+    step captured once per bucket and replayed: one launch per token instead of hundreds).
+    compile: torch.compile the one-token step, once per bucket (fixed shapes, no graph break: static steps read
+    no Python int), fusing its small kernels; implies static steps, and combines with cuda-graph (the compiled
+    step is what is captured). Prefill stays eager: one call per request, of any length.
     """
 
     max_batch = None
 
-    def __init__(self, model: Transformer, *, absorbed: bool = True, mode: Mode = "eager") -> None:
+    def __init__(
+        self, model: Transformer, *, absorbed: bool = True, mode: Mode = "eager", compile: bool = False
+    ) -> None:
         self.model, self.cfg, self.absorbed, self.mode = model.eval(), model.cfg, absorbed, mode
         self.param = next(model.parameters())
         self.device = self.param.device
         if mode == "cuda-graph" and self.device.type != "cuda":
             raise ConfigError("CUDA-graph decoding needs the model on a CUDA device; use mode eager or static")
+        self.static = mode != "eager" or compile
         self.cache: KVCache | None = None
         self.rows = 0  # real sequences in the batch (a static bucket may hold more)
         self._static: dict[tuple[int, int], KVCache] = {}  # bucket -> its reused cache
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
-        # dynamic shapes: the cache grows every step, and one graph per length would recompile each time
-        self._hidden = torch.compile(model.hidden, dynamic=True) if mode == "compile" else model.hidden
+        self._step: Callable[[Transformer, torch.Tensor, KVCache], torch.Tensor] = _step_logits
+        if compile:
+            self._step = _compiled(torch.compile(_step_logits, fullgraph=True, dynamic=False))
 
     @property
     def length(self) -> int:
@@ -102,7 +110,7 @@ class TorchDecoder:
     def prefill(self, prompts: Sequence[Sequence[int]], max_len: int | None = None) -> torch.Tensor:
         size = min(self.cfg.max_seq_len, max_len or self.cfg.max_seq_len)
         self.rows = len(prompts)
-        if self.mode in ("static", "cuda-graph"):  # a bucket's cache, filled with dummy one-token rows
+        if self.static:  # a bucket's cache, filled with dummy one-token rows
             key = (bucket(len(prompts)), min(self.cfg.max_seq_len, bucket(size, 64)))
             prompts = [*prompts, *[[0]] * (key[0] - len(prompts))]
             rows, pad = left_pad(prompts)
@@ -115,55 +123,70 @@ class TorchDecoder:
             rows, pad = left_pad(prompts)
             self.cache = KVCache(self.cfg, len(rows), max_len=size, dtype=self.param.dtype, device=self.device,
                                  pad=pad, absorbed=self.absorbed)  # fmt: skip
-        return self._logits(torch.tensor(rows, device=self.device))[: self.rows]
+        h = self.model.hidden(torch.tensor(rows, device=self.device), self.cache)  # (B, T, C)
+        return lm_head(h[:, -1], self.model.wte.weight)[: self.rows]  # only the last position is sampled from
 
     @torch.no_grad()
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
-        if self.cache is None:
+        cache = self.cache
+        if cache is None:
             raise ValueError("step before prefill: prefill the prompts first")
         ids = torch.as_tensor(tokens, device=self.device).view(-1, 1)  # (B, 1)
-        if self.rows < self.cache.batch_size:  # a static bucket's dummy rows step on token 0
-            ids = torch.cat([ids, ids.new_zeros(self.cache.batch_size - self.rows, 1)])
-        if self.mode != "cuda-graph":
-            return self._logits(ids)[: self.rows]
-        if self.cache.length >= self.cache.max_len:
-            raise ValueError(f"KV cache holds {self.cache.max_len} tokens; {self.cache.length + 1} requested")
-        key = (self.cache.batch_size, self.cache.max_len)
-        if key not in self._graphs:
-            self._graphs[key] = _CapturedStep(self._logits, self.cache, ids)
-        return self._graphs[key].replay(ids)[: self.rows]
+        if not self.static:
+            return _step_logits(self.model, ids, cache)
+        if cache.length >= cache.max_len:  # a static step does not check (it reads no Python int)
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + 1} requested")
+        if self.rows < cache.batch_size:  # a static bucket's dummy rows step on token 0
+            ids = torch.cat([ids, ids.new_zeros(cache.batch_size - self.rows, 1)])
+        if self.mode == "cuda-graph":
+            key = (cache.batch_size, cache.max_len)
+            if key not in self._graphs:
+                self._graphs[key] = _CapturedStep(lambda x: self._step(self.model, x, cache), cache, ids)
+            logits = self._graphs[key].replay(ids)
+        else:
+            logits = self._step(self.model, ids, cache)
+        cache.length += 1  # the static step advanced only the device slot `pos`
+        return logits[: self.rows]
 
     def reset(self) -> None:
         self.cache = None
 
-    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self._hidden(ids, self.cache)  # (B, T, C)
-        return lm_head(h[:, -1], self.model.wte.weight)  # (B, V): only the last position is sampled from
+
+def _step_logits(model: Transformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per sequence, ids (B, 1) -> logits (B, V), appending to the cache."""
+    return lm_head(model.hidden(ids, cache)[:, -1], model.wte.weight)
+
+
+def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """fn compiled once per bucket: a few batch x length buckets can pass dynamo's default of 8 graphs per function."""
+
+    def call(*args: object) -> torch.Tensor:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return fn(*args)
+
+    return call
 
 
 class _CapturedStep:
     """One static decode step (B tokens in, (B, V) logits out) captured as a CUDA graph over a static cache."""
 
     def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], cache: KVCache, ids: torch.Tensor) -> None:
-        self.cache, self.ids = cache, ids.clone()
-        length, pos = cache.length, cache.pos.clone()
+        self.ids = ids.clone()
+        pos = cache.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph: allocator pools, cuBLAS handles, lazy inits
+        with torch.cuda.stream(side):  # warm-up outside the graph: allocator pools, cuBLAS handles, compiling
             for _ in range(2):
                 step(self.ids)  # writes the slot the real step will overwrite; then undo its advance
-                cache.length = length
                 cache.pos.copy_(pos)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = step(self.ids)  # writes slot `pos`, then pos += 1, on every replay
-        cache.length = length  # capturing ran the Python side once; replays do not
 
     def replay(self, ids: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
         self.graph.replay()
-        self.cache.length += 1
         return self.out.clone()
 
 
@@ -175,17 +198,22 @@ def make_decoder(
     quantize: Quantize = "none",
     absorbed: bool = True,
     mode: Mode = "eager",
+    compile: bool = False,
 ) -> Decoder:
-    """The decoder for an engine; "auto": the numba CPU engine for one sequence on a CPU, else torch."""
+    """The decoder for an engine; "auto": the numba CPU engine for one sequence on a CPU, else torch (and torch
+    whenever a torch mode or compile is asked for)."""
+    torch_only = compile or mode != "eager"
     if engine == "auto":
-        one_on_cpu = model.wte.weight.device.type == "cpu" and batch_size == 1
+        one_on_cpu = model.wte.weight.device.type == "cpu" and batch_size == 1 and not torch_only
         engine = ("numba" if importlib.util.find_spec("numba") else "numpy") if one_on_cpu else "torch"
     if engine == "torch":
         if quantize != "none":
             raise ConfigError("--quantize int8 is for the CPU engine; use --engine numba or numpy")
-        return TorchDecoder(model, absorbed=absorbed, mode=mode)
+        return TorchDecoder(model, absorbed=absorbed, mode=mode, compile=compile)
     if batch_size > 1:
         raise ConfigError(f"--engine {engine} decodes one sequence at a time; use --engine torch for --batch-size")
+    if torch_only:
+        raise ConfigError(f"--compile and --cuda-graph run the torch engine's step; drop them with --engine {engine}")
     from moemla.inference.cpu.decoder import NumpyDecoder
 
     return NumpyDecoder.from_model(model, compiled=engine == "numba", quantize=quantize)

@@ -86,14 +86,14 @@ class MHA(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim).unbind(2)  # (B, T, H, D) each
-        start = 0 if cache is None else cache.length
+        start = 0 if cache is None else cache.start(t)
         if rope is not None:
             q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.q_cos, rope.q_sin)  # keys cached rotated
         key_ok = None
         if cache is not None:
             kv = cache.append(layer, k=k, v=v)
             k, v = kv["k"], kv["v"]  # (B, S, H, D), S = start + T
-            key_ok = cache.key_mask(start + t)
+            key_ok = cache.key_mask(t)
         dropout = self.dropout if self.training else 0.0
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, dropout, key_ok)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
@@ -126,7 +126,7 @@ class MLA(nn.Module):
         h, d, p = self.n_heads, self.head_dim, self.rope_dim
         q, q_pe = self.wq(x).view(b, t, h, d + p).split([d, p], dim=-1)  # (B, T, H, D), (B, T, H, P)
         c_k, c_v, k_pe = self.wkv_a(x).split([self.rank, self.rank, p], dim=-1)  # (B, T, R) x 2, (B, T, P)
-        start = 0 if cache is None else cache.length
+        start = 0 if cache is None else cache.start(t)
         if self.decoupled:
             q_pe = apply_rope(q_pe, rope.q_cos, rope.q_sin)
             k_pe = apply_rope(k_pe[:, :, None], rope.q_cos, rope.q_sin)[
@@ -136,7 +136,7 @@ class MLA(nn.Module):
         if cache is not None:
             kv = cache.append(layer, c_k=c_k, c_v=c_v, **({"k_pe": k_pe} if self.decoupled else {}))
             c_k, c_v, k_pe = kv["c_k"], kv["c_v"], kv.get("k_pe")  # (B, S, R), S = start + T
-            key_ok = cache.key_mask(start + t)
+            key_ok = cache.key_mask(t)
             if t == 1 and cache.absorbed and not self.training:  # one-token steps attend over the latents
                 return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, key_ok)
         s = c_k.shape[1]

@@ -47,7 +47,9 @@ class KVCache:
         # K and V (naive); a property of the cache, which inference code owns, not a flag on the model
         self.absorbed = absorbed
         # static: one-token steps keep every shape fixed (the write slot and the mask read a device tensor, the
-        # attention spans all max_len slots), so a step can be captured once as a CUDA graph and replayed
+        # attention spans all max_len slots) and read no Python int, so a step compiles once per shape and can be
+        # captured once as a CUDA graph and replayed. Such a step advances only `pos`: whoever runs static steps
+        # counts `length` outside them (TorchDecoder does), since a compiled step would guard on its value.
         self.static = static
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # next slot to write, for static steps
         self.pad: torch.Tensor | None = None
@@ -94,16 +96,21 @@ class KVCache:
             out[name] = buf[:, :end]
         return out
 
-    def key_mask(self, end: int) -> torch.Tensor | None:
-        """(B, end): True at the slots that hold real tokens; None when nothing is padded.
+    def start(self, t: int) -> int:
+        """Where a chunk of t new tokens begins: `length`; 0 for a static step, which reads no Python int
+        (its one query ignores where it starts: the mask says which slots it reads)."""
+        return 0 if self.stepping(t) else self.length
+
+    def key_mask(self, t: int) -> torch.Tensor | None:
+        """(B, length + t): True at the slots that hold real tokens, after t new ones; None when nothing is padded.
 
         In a static step: (B, max_len), the filled slots (up to `pos`) that are not padding."""
-        if self.stepping(end - self.length):
+        if self.stepping(t):
             slots = torch.arange(self.max_len, device=self.pos.device)
             return (slots[None, :] <= self.pos) & (slots[None, :] >= self.pad_counts[:, None])
         if self.pad is None:
             return None
-        return torch.arange(end, device=self.pad.device)[None, :] >= self.pad[:, None]
+        return torch.arange(self.length + t, device=self.pad.device)[None, :] >= self.pad[:, None]
 
     def positions(self, start: int, end: int, device: torch.device) -> torch.Tensor:
         """Position ids of slots start..end-1: (T,), or (B, T) counted from each sequence's first real token."""
@@ -113,12 +120,11 @@ class KVCache:
         return slots if self.pad is None else (slots[None, :] - self.pad[:, None]).clamp(min=0)
 
     def advance(self, n_tokens: int) -> None:
-        # NOTE: in a captured step only the device update replays; the decoder keeps `length` itself
-        self.length += n_tokens
         if self.stepping(n_tokens):
-            self.pos.add_(1)
-        else:
-            self.pos.fill_(self.length)
+            self.pos.add_(1)  # `length` is the caller's to count (see `static`)
+            return
+        self.length += n_tokens
+        self.pos.fill_(self.length)
 
     def reset(self) -> None:
         self.rewind()

@@ -194,7 +194,8 @@ def _gather(w: torch.Tensor, rows: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _capturing(x: torch.Tensor) -> bool:
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+    # NOTE: a compiled step traces the grouped path, which is sync-free in bf16 (PyTorch's _grouped_mm)
+    return x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
 def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:

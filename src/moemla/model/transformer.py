@@ -30,6 +30,17 @@ class Block(nn.Module):
         return h + self.drop(self.ffn(self.ln2(h)))  # Eq. 12
 
 
+def _check_room(end: int, max_seq_len: int, cache: KVCache | None) -> None:
+    """A forward that ends at position `end` fits the model's context and the cache."""
+    if end > max_seq_len:
+        raise ValueError(
+            f"sequence of {end} tokens exceeds the model's context (max_seq_len={max_seq_len}); "
+            "shorten the input or use a model with a longer context"
+        )
+    if cache is not None and end > cache.max_len:
+        raise ValueError(f"KV cache holds {cache.max_len} tokens; {end} requested")
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -62,15 +73,10 @@ class Transformer(nn.Module):
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> final hidden states (B, T, C), after ln_f; appends to `cache` if given."""
         t = idx.shape[1]
-        start = 0 if cache is None else cache.length
+        start = 0 if cache is None else cache.start(t)
         end = start + t
-        if end > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence of {end} tokens exceeds the model's context (max_seq_len={self.cfg.max_seq_len}); "
-                "shorten the input or use a model with a longer context"
-            )
-        if cache is not None and end > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {end} requested")
+        if cache is None or not cache.stepping(t):  # a static step's caller checks the room (see KVCache.static)
+            _check_room(end, self.cfg.max_seq_len, cache)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             if cache is None:

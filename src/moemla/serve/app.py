@@ -285,6 +285,7 @@ def serve(
     name: str | None = None,
     max_batch: int = 16,
     cuda_graph: bool = False,
+    compile: bool = False,
 ) -> None:
     """Load the run and serve it until interrupted."""
     import uvicorn
@@ -293,7 +294,8 @@ def serve(
     from moemla.train.run_folder import load_model
 
     model, tok, _ = load_model(run_dir, resolve_device(device), checkpoint)
-    engine = Engine(model, eot_id(tok), max_batch=max_batch, mode="cuda-graph" if cuda_graph else "eager")
+    mode = "cuda-graph" if cuda_graph else "eager"
+    engine = Engine(model, eot_id(tok), max_batch=max_batch, mode=mode, compile=compile)
     app = create_app(engine, tok, name or Path(run_dir).resolve().name)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")

@@ -74,10 +74,17 @@ class Engine:
     """Batches jobs through a Transformer on its own thread; `submit` returns at once."""
 
     def __init__(
-        self, model: Transformer, stop: int | None, max_batch: int = 16, window_s: float = 0.005, mode: Mode = "eager"
+        self,
+        model: Transformer,
+        stop: int | None,
+        max_batch: int = 16,
+        window_s: float = 0.005,
+        mode: Mode = "eager",
+        compile: bool = False,
     ) -> None:
         self.model, self.stop = model.eval(), stop
-        self.decoder = TorchDecoder(self.model, mode=mode)  # generation goes through the one Decoder interface
+        # generation goes through the one Decoder interface
+        self.decoder = TorchDecoder(self.model, mode=mode, compile=compile)
         self.max_batch, self.window_s = max_batch, window_s
         self.device = next(model.parameters()).device
         self.stats = {"batches": 0, "jobs": 0, "largest_batch": 0, "cancelled": 0, "tokens": 0}
