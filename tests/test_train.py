@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,38 @@ def test_compile_failure_falls_back_to_eager_with_one_message(
 def test_compiled_training_runs(data: Path, tmp_path: Path) -> None:
     result = train(data, tmp_path / "r", cfg(), TC.replace(max_steps=2, compile=True), log=lambda _: None)
     assert result["step"] == 2 and math.isfinite(result["val_loss"])
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of one tensor element into Python (item, float, bool, `if tensor`): each a host sync on a GPU.
+    AdamW's own reads are left out: it keeps its step counters on the host (and fused AdamW on CUDA reads none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += not any("torch/optim/" in f.filename for f in traceback.extract_stack())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["moe-mla-rope", "mha"])
+def test_a_training_step_reads_the_device_once(data: Path, tmp_path: Path, monkeypatch, variant: str) -> None:
+    """No scalar read inside a step (the divergence checks and per-layer load CVs used to be one host sync
+    each): loss, gradient norm and CVs come back in one transfer after every kernel of the step is queued."""
+    from moemla.train import loop
+
+    steps, real = [], loop._train_step
+
+    def counted(s, shards):
+        with _ScalarReads() as mode:
+            out = real(s, shards)
+        steps.append(mode.reads)
+        return out
+
+    monkeypatch.setattr(loop, "_train_step", counted)
+    train(data, tmp_path / "run", cfg(variant), TC.replace(max_steps=2, eval_interval=2), log=lambda _: None)
+    assert steps == [0, 0]
+    cvs = [r["load_cv"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert cvs == [None, None] if variant == "mha" else all(len(c) == 2 and max(c) > 0 for c in cvs)

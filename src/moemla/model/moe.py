@@ -243,8 +243,8 @@ class MoE(nn.Module):
     def update_bias(self, rate: float, rule: BalanceRule) -> torch.Tensor:
         """Algorithm 1 step on the accumulated train loads; returns those loads and clears them."""
         load = self.train_load.clone()
-        if load.sum() > 0:
-            self.router.bias += balance_delta(load, rate, rule)
+        # no step without loads (Algorithm 1's shares are 0/0 then), chosen on the device: no host sync
+        self.router.bias += torch.where(load.sum() > 0, balance_delta(load, rate, rule), 0.0)
         self.train_load.zero_()
         return load
 
@@ -261,6 +261,11 @@ def balance_delta(load: torch.Tensor, rate: float, rule: BalanceRule) -> torch.T
 
 def load_cv(load: torch.Tensor) -> float:
     """Coefficient of variation of expert loads (population std / mean); 0 is perfectly balanced."""
-    load = load.double()
-    mean = load.mean()
-    return float(load.std(unbiased=False) / mean) if mean > 0 else 0.0
+    return float(load_cvs(load[None])[0])
+
+
+def load_cvs(loads: torch.Tensor) -> torch.Tensor:
+    """load_cv of each row of loads (L, E), as a float64 tensor (L,) on their device: no host sync."""
+    loads = loads.double()
+    mean = loads.mean(dim=-1)
+    return torch.where(mean > 0, loads.std(dim=-1, unbiased=False) / mean, 0.0)

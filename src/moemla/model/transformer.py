@@ -11,7 +11,7 @@ from torch import nn
 from moemla.config import ModelConfig
 from moemla.model.attention import MHA, MLA, Angles
 from moemla.model.kv_cache import KVCache
-from moemla.model.moe import MLP, MoE, RoutedExperts, Router, load_cv
+from moemla.model.moe import MLP, MoE, RoutedExperts, Router, load_cvs
 from moemla.model.rope import rope_tables
 
 
@@ -114,11 +114,17 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [blk.ffn for blk in self.blocks if isinstance(blk.ffn, MoE)]
 
-    @torch.no_grad()
     def update_routing_biases(self) -> list[float]:
         """Once per optimizer step (Algorithm 1): move each layer's biases; return per-layer load CV."""
+        return self.routing_bias_step().tolist()
+
+    @torch.no_grad()
+    def routing_bias_step(self) -> torch.Tensor:
+        """update_routing_biases with the CVs left on the device, (L,) (empty for a dense model): no host sync,
+        so a GPU training step can read them with its loss in one transfer."""
         cfg = self.cfg
-        return [load_cv(moe.update_bias(cfg.balance_rate, cfg.balance_rule)) for moe in self.moe_layers()]
+        loads = [moe.update_bias(cfg.balance_rate, cfg.balance_rule) for moe in self.moe_layers()]
+        return load_cvs(torch.stack(loads)) if loads else torch.zeros(0, dtype=torch.float64)
 
     def expert_loads(self, split: str = "eval") -> list[torch.Tensor]:
         """Per-layer routed-assignment counts (E,) accumulated in train or eval mode."""

@@ -212,15 +212,10 @@ def _train_step(s: _Session, shards: list) -> tuple[float, float, float, list[fl
         scaled = loss / accum
         (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
         loss_sum += loss.detach()
-    # NOTE: one check per step, not per micro-batch: reading the loss waits for the GPU to finish
-    if not torch.isfinite(loss_sum):
-        raise TrainingDiverged(_diverged(s.run_dir, s.step + 1, f"the loss became {float(loss_sum) / accum}"))
     if s.scaler is not None:
         s.scaler.unscale_(s.optimizer)
     params = [p for p in s.model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-    if s.scaler is None and not torch.isfinite(norm):
-        raise TrainingDiverged(_diverged(s.run_dir, s.step + 1, f"the gradient norm became {float(norm)}"))
     if s.scaler is not None:
         s.scaler.step(s.optimizer)
         s.scaler.update()
@@ -229,9 +224,18 @@ def _train_step(s: _Session, shards: list) -> tuple[float, float, float, list[fl
     s.optimizer.zero_grad(set_to_none=True)
     # Algorithm 1: one bias update per optimizer step, from the loads of every micro-batch and process
     distributed.all_reduce_sum([moe.train_load for moe in s.model.moe_layers()] + [loss_sum], d)
-    cvs = s.model.update_routing_biases()
+    cvs = s.model.routing_bias_step()
+    # NOTE: the step's one host sync, after every kernel of the step is queued: loss, norm and CVs in one
+    # transfer. A non-finite loss or norm stops the run before anything is saved, so the weights this step
+    # wrote never reach a checkpoint (with fp16's scaler an inf norm is a skipped step, not a divergence).
+    loss, grad_norm, *cv = torch.cat([loss_sum.view(1).double(), norm.view(1).double(), cvs.to(d.device)]).tolist()
+    loss /= accum * d.world
+    if not math.isfinite(loss):
+        raise TrainingDiverged(_diverged(s.run_dir, s.step + 1, f"the loss became {loss}"))
+    if s.scaler is None and not math.isfinite(grad_norm):
+        raise TrainingDiverged(_diverged(s.run_dir, s.step + 1, f"the gradient norm became {grad_norm}"))
     s.step += 1
-    return lr, float(loss_sum) / (accum * d.world), float(norm), cvs
+    return lr, loss, grad_norm, cv
 
 
 def _save(s: _Session, train_loss: float) -> None:
