@@ -29,8 +29,12 @@ run decode-eager python3 -m moemla bench --device cuda --dtype bfloat16 --varian
     --context 512 --json
 run decode-graph python3 -m moemla bench --device cuda --dtype bfloat16 --variants $VARIANTS --batch 1,16 \
     --context 512 --cuda-graph --json
+run decode-compiled-graph python3 -m moemla bench --device cuda --dtype bfloat16 --variants $VARIANTS --batch 1,16 \
+    --context 512 --compile --cuda-graph --json
 run decode-2048-graph python3 -m moemla bench --device cuda --dtype bfloat16 --variants $VARIANTS --batch 16 \
     --context 2048 --max-seq-len 2048 --cuda-graph --json
+run decode-2048-compiled-graph python3 -m moemla bench --device cuda --dtype bfloat16 --variants $VARIANTS \
+    --batch 16 --context 2048 --max-seq-len 2048 --compile --cuda-graph --json
 run memory-4096 python3 -m moemla bench --device cuda --dtype bfloat16 --variants $VARIANTS --memory 8 \
     --context 4096 --max-seq-len 4096 --new-tokens 32 --cuda-graph --json
 run cuda-tests python3 -m pytest -q tests/test_decoder.py tests/test_train.py -k "cuda" -p no:cacheprovider
