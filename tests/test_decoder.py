@@ -229,3 +229,19 @@ def test_cuda_graph_decode_equals_eager(variant: str, compile: bool) -> None:
             got.append(graph.step([i, i + 1]))
             want.append(eager.step([i, i + 1]))
         torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-3, rtol=1e-3)
+
+
+def test_a_step_that_fails_to_compile_decodes_uncompiled_with_one_message(monkeypatch, capsys) -> None:
+    def broken_compile(fn, **options):  # what a machine without a C compiler gives at the first call
+        def run(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found\nlong details")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = _perturbed("moe-mla-rope")
+    dec = TorchDecoder(model, compile=True)
+    tokens = generate_ids(dec, [5, 9, 23], 6, temperature=0.0)
+    assert tokens == generate_ids(model, [5, 9, 23], 6, temperature=0.0)
+    err = capsys.readouterr().err
+    assert err.count("torch.compile is unavailable") == 1 and "no working C++ compiler" in err and "--compile" in err

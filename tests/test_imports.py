@@ -10,7 +10,15 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "moemla"
 # lowest first; a module's layer is that of its longest matching prefix ("moemla" alone: the package's __init__)
 LAYERS = [
     ["moemla.config"],
-    ["moemla", "moemla.model", "moemla.data", "moemla.accounting", "moemla.progress", "moemla.plots"],
+    [
+        "moemla",
+        "moemla.model",
+        "moemla.data",
+        "moemla.accounting",
+        "moemla.progress",
+        "moemla.plots",
+        "moemla.compiling",
+    ],
     ["moemla.train", "moemla.eval", "moemla.inference"],
     ["moemla.experiments", "moemla.demo", "moemla.export", "moemla.serve"],
     ["moemla.cli", "moemla.__main__"],

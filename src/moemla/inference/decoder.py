@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moemla.compiling import CompiledOrEager
 from moemla.config import ConfigError, ModelConfig
 from moemla.model import KVCache, Transformer
 
@@ -96,7 +97,8 @@ class TorchDecoder:
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
         self._step: Callable[[Transformer, torch.Tensor, KVCache], torch.Tensor] = _step_logits
         if compile:
-            self._step = _compiled(torch.compile(_step_logits, fullgraph=True, dynamic=False))
+            then = "decoding continues with the uncompiled step (drop --compile to skip the attempt)"
+            self._step = CompiledOrEager(_step_logits, then=then, recompile_limit=64, fullgraph=True, dynamic=False)
 
     @property
     def length(self) -> int:
@@ -155,16 +157,6 @@ class TorchDecoder:
 def _step_logits(model: Transformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One token per sequence, ids (B, 1) -> logits (B, V), appending to the cache."""
     return lm_head(model.hidden(ids, cache)[:, -1], model.wte.weight)
-
-
-def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """fn compiled once per bucket: a few batch x length buckets can pass dynamo's default of 8 graphs per function."""
-
-    def call(*args: object) -> torch.Tensor:
-        with torch._dynamo.config.patch(recompile_limit=64):
-            return fn(*args)
-
-    return call
 
 
 class _CapturedStep:

@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from moemla import accounting
+from moemla.compiling import CompiledOrEager
 from moemla.config import ConfigError, ModelConfig
 from moemla.data.shards import PreparedData, train_batch
 from moemla.data.sources import DataError
@@ -87,7 +88,7 @@ class _Session:
     d: distributed.Dist
     tc: TrainConfig
     run_dir: Path
-    fwd: torch.nn.Module | _CompiledOrEager | None = None  # the model as called: DDP-wrapped, compiled
+    fwd: torch.nn.Module | CompiledOrEager | None = None  # the model as called: DDP-wrapped, compiled
     ddp: DistributedDataParallel | None = None
     step: int = 0
     elapsed: float = 0.0
@@ -190,7 +191,9 @@ def _wrap(s: _Session, log: Callable[[str], None]) -> None:
     if s.d.world > 1:  # buffers are not broadcast: routing biases stay equal through all-reduced loads instead
         s.fwd = s.ddp = DistributedDataParallel(s.model, broadcast_buffers=False)
     if s.tc.compile or (s.tc.compile is None and s.d.device.type == "cuda"):
-        s.fwd = _CompiledOrEager(s.fwd, log)
+        s.fwd = CompiledOrEager(
+            s.fwd, log=log, then="training continues without it (pass --compile false to skip the attempt)"
+        )
 
 
 def _train_step(s: _Session, shards: list) -> tuple[float, float, float, list[float]]:
@@ -319,29 +322,6 @@ def _to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tens
     if device.type != "cuda":
         return tensors
     return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
-
-
-class _CompiledOrEager:
-    """torch.compile(module); if compiling fails at the first call (no C compiler, no Triton), it says so once
-    and runs the module eagerly."""
-
-    def __init__(self, module: torch.nn.Module, log: Callable[[str], None]) -> None:
-        self.module, self.run, self.log, self.tried = module, torch.compile(module), log, False
-
-    def __call__(self, *args: torch.Tensor) -> tuple:
-        if self.tried:
-            return self.run(*args)
-        self.tried = True
-        try:
-            return self.run(*args)
-        except Exception as err:  # inductor raises many kinds; each means: run eagerly
-            first = str(err).splitlines()[0][:200] if str(err) else ""
-            self.log(
-                f"torch.compile is unavailable here ({type(err).__name__}: {first}); training continues without it "
-                "(pass --compile false to skip the attempt)"
-            )
-            self.run = self.module
-            return self.run(*args)
 
 
 def _diverged(run_dir: Path, step: int, what: str) -> str:
