@@ -7,7 +7,7 @@
 #
 # Suggested device calls, each well under 600 s on an H100 (compiling a step takes tens of seconds per bucket):
 #   1. decode-eager decode-graph cuda-tests      2. decode-compiled-graph
-#   3. decode-2048-graph decode-2048-compiled-graph memory-4096      4. train-throughput
+#   3. decode-2048-graph decode-2048-compiled-graph memory-4096      4. train-throughput moe-layer
 # Writes one log per measurement into $OUT (default gpu-results), the JSON rows at its end; BENCHMARKS.md's
 # "Pending on a GPU" section lists the targets each one is checked against. Each measurement stops after
 # $LIMIT seconds (default 500), so one that hangs cannot use up the call. Runs from a source checkout
@@ -29,12 +29,15 @@ declare -A CMD=(
     [decode-2048-compiled-graph]="$BENCH --batch 16 --context 2048 --max-seq-len 2048 --compile --cuda-graph"
     [memory-4096]="$BENCH --memory 8 --context 4096 --max-seq-len 4096 --new-tokens 32 --cuda-graph"
     [cuda-tests]="python3 -m pytest -q -p no:cacheprovider tests/test_decoder.py tests/test_train.py -k cuda"
-    # issue 12: training throughput, MFU, the HF anchors and the loop's own rate
+    # issue 12: training throughput, MFU, the HF anchors and the loop's own rate; the MoE layer against the same
+    # FLOPs dense and against torchtitan's / Megatron-LM's scatter combine, with a profile of where its time goes
+    [moe-layer]="python3 benchmarks/moe_layer.py --device cuda --dtype bf16 --compile --batch 64 --repeats 9 \
+--candidates grouped,scatter,dense --profile"
     [train-throughput]="python3 benchmarks/train_throughput.py --device cuda --dtype bf16 --compile --hf --loop \
 --cases xs:50257,m:50257 --batch 64 --seq 512"
 )
 ORDER=(decode-eager decode-graph cuda-tests decode-compiled-graph decode-2048-graph decode-2048-compiled-graph
-    memory-4096 train-throughput)
+    memory-4096 train-throughput moe-layer)
 
 if [[ "${1:-}" == "--list" ]]; then
     for name in "${ORDER[@]}"; do echo "$name: ${CMD[$name]}"; done
