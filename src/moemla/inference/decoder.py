@@ -173,8 +173,15 @@ class _CapturedStep:
                 cache.pos.copy_(pos)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = step(self.ids)  # writes slot `pos`, then pos += 1, on every replay
+        try:
+            with torch.cuda.graph(self.graph):
+                self.out = step(self.ids)  # writes slot `pos`, then pos += 1, on every replay
+        except RuntimeError as err:  # e.g. a step that reads the device from the host, which no graph can hold
+            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"capturing the decode step as a CUDA graph failed ({first}); decode without --cuda-graph, or in "
+                "bfloat16, where every step runs without host syncs"
+            ) from None
 
     def replay(self, ids: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
