@@ -91,7 +91,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile", action="store_true",
         help="torch.compile the decode step once per batch and length bucket (fused kernels; combines with "
-        "--cuda-graph)",
+        "--cuda-graph); the first request of each bucket waits for its compile (~10-20 s on a CPU)",
     )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
