@@ -30,6 +30,19 @@ def load_hf(folder: Path, remote: bool = True) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=remote).eval()
 
 
+def assert_hf_matches_moemla(hf: torch.nn.Module, model: torch.nn.Module, row: int, prompt_len: int, new: int) -> list:
+    """Equal logits on two random rows of 24 tokens, then equal greedy tokens after row `row`'s first
+    `prompt_len` ones; returns moemla's greedy tokens."""
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
+    prompt = ids[row, :prompt_len].tolist()
+    want = generate_ids(model, prompt, max_new_tokens=new, temperature=0.0)
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None)
+    assert got[0, len(prompt) :].tolist() == want
+    return want
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_remote_code_logits_and_greedy_tokens_match_moemla(variant: str, base_run: Path, tmp_path: Path) -> None:
     run = make_run(base_run, tmp_path / "run", variant)
@@ -37,15 +50,8 @@ def test_remote_code_logits_and_greedy_tokens_match_moemla(variant: str, base_ru
     assert info["architecture"] == "remote"
     hf = load_hf(tmp_path / "hf")
     model, _, _ = load_model(run)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
-
-    prompt = ids[0, :7].tolist()
-    want = generate_ids(model, prompt, max_new_tokens=16, temperature=0.0)
+    want = assert_hf_matches_moemla(hf, model, row=0, prompt_len=7, new=16)
     assert len(set(want)) > 3, "a model this random should not repeat one token"
-    got = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None)
-    assert got[0, len(prompt) :].tolist() == want
 
 
 @pytest.mark.parametrize("variant", ["mha", "moe-mla-rope", "mla-rope", "moe-mla-drope"])
@@ -78,14 +84,8 @@ def test_dense_baselines_export_to_native_architectures_without_remote_code(
     hf = load_hf(tmp_path / "hf", remote=False)
     assert hf.config.model_type == arch
     model, _, _ = load_model(run)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
-    with torch.no_grad():
-        # GPT-NeoX's rotate_half pairs the same channels as moemla's RoPE: proved by equal logits
-        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
-    prompt = ids[1, :5].tolist()
-    want = generate_ids(model, prompt, max_new_tokens=12, temperature=0.0)
-    got = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
-    assert got[0, len(prompt) :].tolist() == want
+    # GPT-NeoX's rotate_half pairs the same channels as moemla's RoPE: proved by equal logits
+    assert_hf_matches_moemla(hf, model, row=1, prompt_len=5, new=12)
 
 
 def test_native_is_refused_where_no_architecture_is_exact(base_run: Path, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ class CompiledOrEager:
             return self.run(*args)
 
     def _call(self, *args: Any) -> Any:
-        if self.limit is None or self.run is self.fn:
+        if self.limit is None:
             return self.run(*args)
         with torch._dynamo.config.patch(recompile_limit=self.limit):
             return self.run(*args)

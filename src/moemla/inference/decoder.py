@@ -95,10 +95,10 @@ class TorchDecoder:
         self.rows = 0  # real sequences in the batch (a static bucket may hold more)
         self._static: dict[tuple[int, int], KVCache] = {}  # bucket -> its reused cache
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
-        self._step: Callable[[Transformer, torch.Tensor, KVCache], torch.Tensor] = _step_logits
+        self._step: Callable[[Transformer, torch.Tensor, KVCache], torch.Tensor] = _last_logits
         if compile:
             then = "decoding continues with the uncompiled step (drop --compile to skip the attempt)"
-            self._step = CompiledOrEager(_step_logits, then=then, recompile_limit=64, fullgraph=True, dynamic=False)
+            self._step = CompiledOrEager(_last_logits, then=then, recompile_limit=64, fullgraph=True, dynamic=False)
 
     @property
     def length(self) -> int:
@@ -125,8 +125,7 @@ class TorchDecoder:
             rows, pad = left_pad(prompts)
             self.cache = KVCache(self.cfg, len(rows), max_len=size, dtype=self.param.dtype, device=self.device,
                                  pad=pad, absorbed=self.absorbed)  # fmt: skip
-        h = self.model.hidden(torch.tensor(rows, device=self.device), self.cache)  # (B, T, C)
-        return lm_head(h[:, -1], self.model.wte.weight)[: self.rows]  # only the last position is sampled from
+        return _last_logits(self.model, torch.tensor(rows, device=self.device), self.cache)[: self.rows]
 
     @torch.no_grad()
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
@@ -135,7 +134,7 @@ class TorchDecoder:
             raise ValueError("step before prefill: prefill the prompts first")
         ids = torch.as_tensor(tokens, device=self.device).view(-1, 1)  # (B, 1)
         if not self.static:
-            return _step_logits(self.model, ids, cache)
+            return _last_logits(self.model, ids, cache)
         if cache.length >= cache.max_len:  # a static step does not check (it reads no Python int)
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + 1} requested")
         if self.rows < cache.batch_size:  # a static bucket's dummy rows step on token 0
@@ -154,8 +153,9 @@ class TorchDecoder:
         self.cache = None
 
 
-def _step_logits(model: Transformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One token per sequence, ids (B, 1) -> logits (B, V), appending to the cache."""
+def _last_logits(model: Transformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """ids (B, T) appended to the cache -> logits (B, V) of each row's last token, the only one sampled from.
+    A prefill (any T) or a one-token step (T = 1, what compile and CUDA graphs take)."""
     return lm_head(model.hidden(ids, cache)[:, -1], model.wte.weight)
 
 
