@@ -1,7 +1,9 @@
 """moemla export --format hf: transformers computes the same logits and greedy tokens as moemla, every variant."""
 
 import ast
+import builtins
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,50 @@ def test_left_padded_batch_matches_each_prompt_alone(variant: str, base_run: Pat
     assert [row[7:].tolist() for row in got] == want
 
 
+def _no_prompt(*_: object) -> str:
+    raise AssertionError("transformers asked an interactive question")
+
+
+@pytest.mark.parametrize("variant", ["mha", "moe-mla-rope", "mla-rope"])
+def test_pipeline_text_generation_equals_moemla_greedy_text(
+    variant: str, base_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a user runs: pipeline() over the folder, its tokenizer and cached generate(), greedy."""
+    monkeypatch.setattr(builtins, "input", _no_prompt)
+    run = make_run(base_run, tmp_path / "run", variant, seed=4)
+    export_hf(run, tmp_path / "hf", architecture="remote")
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), trust_remote_code=True)
+    model, tok, _ = load_model(run)
+    text = "Once upon a time"
+    want = generate_ids(model, tok.encode(text).ids, max_new_tokens=12, temperature=0.0)
+    got = pipe(text, max_new_tokens=12, do_sample=False, eos_token_id=None)[0]["generated_text"]
+    assert got == text + tok.decode(want)
+
+
+def test_readme_hf_example_runs_as_written_and_equals_moemla(
+    base_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's export example: a left-padded batch through the folder's own tokenizer, loaded without remote code."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### `moemla export RUN OUT --format hf`") :]
+    code = re.search(r"```py\n(.*?)```", section, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(builtins, "input", _no_prompt)
+    run = make_run(base_run, tmp_path / "run", "moe-mla-rope", seed=5, max_seq_len=128)  # room for 60 new tokens
+    export_hf(run, Path("hf/moe-mla-rope"))
+    scope: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    model, tok, _ = load_model(run)
+    eot = tok.token_to_id(EOT)
+    prompts = [tok.encode(t).ids for t in ["Once upon a time", "The little fox"]]
+    want = generate_ids_batch(model, prompts, max_new_tokens=60, temperature=0.0, stop=eot)
+    longest = scope["batch"]["input_ids"].shape[1]
+    got = [row[longest:].tolist() for row in scope["out"]]
+    # generate() pads a finished row with the pad token (also <|endoftext|>); moemla's row ends at its stop
+    assert [row[: len(w)] for row, w in zip(got, want, strict=True)] == want
+    assert all(t == eot for row, w in zip(got, want, strict=True) for t in row[len(w) :])
+
+
 @pytest.mark.parametrize(("variant", "arch"), [("mha", "gpt2"), ("mha-rope", "gpt_neox")])
 def test_dense_baselines_export_to_native_architectures_without_remote_code(
     variant: str, arch: str, base_run: Path, tmp_path: Path
@@ -114,7 +160,7 @@ def test_bf16_export_keeps_the_routing_bias_in_fp32(base_run: Path, tmp_path: Pa
 def test_folder_carries_tokenizer_generation_config_and_self_contained_code(base_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     assert main(["export", str(base_run), str(out)]) == 0
-    tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))  # no remote code, no question
     _, ours, _ = load_model(base_run)
     text = "Once upon a time, a little fox found a red ball."
     assert tok(text)["input_ids"] == ours.encode(text).ids

@@ -201,6 +201,7 @@ def write_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
         eos_token=EOT,
         pad_token=EOT,
         padding_side="left",  # batched generation pads on the left, as moemla's batched decoder does
+        model_input_names=["input_ids", "attention_mask"],  # 4.x adds token_type_ids, which generate() refuses
         model_max_length=max_len,
     )
     fast.save_pretrained(str(out))

@@ -13,6 +13,9 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# transformers 5 names the cache `cache`, in forward's arguments and in its outputs; 4.x named it `past_key_values`
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 try:
     from .configuration_moemla import MoemlaConfig
 except ImportError:  # loaded as a plain module, outside a package
@@ -216,9 +219,13 @@ class MoemlaPreTrainedModel(PreTrainedModel):
     config_class = MoemlaConfig
     base_model_prefix = "model"
     _no_split_modules = ["MoemlaBlock"]
-    _keep_in_fp32_modules = ["router"]  # the routing bias moves by 1e-3 steps: bf16 would erase them
-    _keep_in_fp32_modules_strict = ["router"]
     _supports_sdpa = True
+
+    def post_init(self) -> None:
+        super().post_init()
+        if self.config.ffn == "moe":  # set per model: transformers 4.x refuses a name the model lacks (dense has none)
+            # the routing bias moves by 1e-3 steps: bf16 would erase them
+            self._keep_in_fp32_modules = self._keep_in_fp32_modules_strict = ["router"]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -302,12 +309,14 @@ class MoemlaForCausalLM(MoemlaPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        h = self.model(input_ids, attention_mask, position_ids, past_key_values if use_cache else None, inputs_embeds)
+        past = cache if cache is not None else past_key_values  # whichever name this transformers passes
+        if use_cache and past is None:
+            past = DynamicCache()
+        h = self.model(input_ids, attention_mask, position_ids, past if use_cache else None, inputs_embeds)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = F.linear(h, self.model.wte.weight)  # (B, T, V): input and output embeddings are one matrix
@@ -316,4 +325,4 @@ class MoemlaForCausalLM(MoemlaPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: past if use_cache else None})
