@@ -188,6 +188,88 @@ def test_bad_requests_get_4xx_json_and_the_server_lives_on(
     assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
+def test_a_body_over_the_limit_is_413_before_it_is_read(server: tuple[str, object]) -> None:
+    url, _ = server
+    body = json.dumps({"model": NAME, "prompt": "a" * (3 * 2**20)})  # the server's default limit is 2 MiB
+    start = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and time.perf_counter() - start < 10
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and "--max-body-mb" in err["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the server counts what arrives
+        for _ in range(48):
+            yield b"a" * 2**16
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_a_huge_prompt_is_refused_at_once_and_small_requests_go_on(server: tuple[str, object]) -> None:
+    """A prompt too long for any tokenization is refused by its length, never tokenized on the event loop."""
+    url, _ = server
+    huge = {"model": NAME, "prompt": "a" * (19 * 2**20 // 10), "max_tokens": 2}  # 1.9 MiB, under the body limit
+    small = {"model": NAME, "prompt": [5, 9, 23], "max_tokens": 2, "temperature": 0}
+    _post(url, "/v1/completions", small)  # warm
+
+    def timed(path: str, body: dict) -> tuple[float, httpx.Response]:
+        start = time.perf_counter()
+        r = _post(url, path, body)
+        return time.perf_counter() - start, r
+
+    chat = {"model": NAME, "messages": [{"role": "user", "content": huge["prompt"]}]}
+    with ThreadPoolExecutor(8) as pool:
+        big = [pool.submit(timed, "/v1/completions", huge) for _ in range(3)] + [
+            pool.submit(timed, "/v1/chat/completions", chat)
+        ]
+        time.sleep(0.05)
+        small_latency = [pool.submit(timed, "/v1/completions", small).result()[0] for _ in range(5)]
+    for future in big:
+        _, r = future.result()
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "shorten the prompt" in r.json()["error"]["message"]
+    assert max(small_latency) < 2.0, small_latency
+
+
+def test_openai_client_streams_usage_and_logprobs_and_reads_the_model(server: tuple[str, object]) -> None:
+    """What clients rely on beyond the basics, through the official client: stream_options.include_usage,
+    logprobs in streamed chunks, GET /v1/models/{id}, and OpenAI's temperature range."""
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=NAME, prompt="Once", max_tokens=2, temperature=2.5)
+
+    ask = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 8, "seed": 7, "logprobs": 2}
+    whole = client.completions.create(**ask)
+    chunks = list(client.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    streamed = [c.choices[0] for c in chunks[:-1]]
+    assert "".join(c.text for c in streamed) == whole.choices[0].text
+    tokens = [t for c in streamed if c.logprobs for t in c.logprobs.tokens]
+    logprobs = [lp for c in streamed if c.logprobs for lp in c.logprobs.token_logprobs]
+    offsets = [o for c in streamed if c.logprobs for o in c.logprobs.text_offset]
+    assert tokens == whole.choices[0].logprobs.tokens and logprobs == whole.choices[0].logprobs.token_logprobs
+    assert offsets == whole.choices[0].logprobs.text_offset
+
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "seed": 2}
+    whole = client.chat.completions.create(**chat, logprobs=True, top_logprobs=2)
+    chunks = list(
+        client.chat.completions.create(
+            **chat, logprobs=True, top_logprobs=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    content = [t for c in chunks[:-1] if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert content == whole.choices[0].logprobs.content and len(content) == whole.usage.completion_tokens
+    plain = list(client.chat.completions.create(**chat, stream=True))
+    assert all(c.usage is None for c in plain)
+
+
 def test_cli_serves_on_loopback_to_the_openai_client(run: Path) -> None:
     openai = pytest.importorskip("openai")
     port = free_port()

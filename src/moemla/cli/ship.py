@@ -62,10 +62,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"{missing}: pip install 'moemla[serve]'") from None
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"moemla serve: listening on {args.host}: the server has no authentication", file=sys.stderr)
     serve(args.run, host=args.host, port=args.port, device=args.device, checkpoint=args.checkpoint, name=args.name,
-          max_batch=args.max_batch, cuda_graph=args.cuda_graph, compile=args.compile)  # fmt: skip
+          max_batch=args.max_batch, cuda_graph=args.cuda_graph, compile=args.compile,
+          max_body_mb=args.max_body_mb)  # fmt: skip
     return 0
 
 
@@ -84,6 +87,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="step_N", help="serve this checkpoint (default: the newest)")
     p.add_argument("--name", help="model id clients pass as `model` (default: the run folder's name)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together (default 16)")
+    p.add_argument(
+        "--max-body-mb", type=float, default=2.0,
+        help="largest request body in MiB; a larger one is answered 413 before it is read (default 2)",
+    )  # fmt: skip
     p.add_argument(
         "--cuda-graph", action="store_true",
         help="on CUDA: decode steps replay a captured CUDA graph per batch and length bucket",

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
 from moemla.serve.engine import Engine, Event, Finish, Job, Token
+from moemla.serve.limits import BodyLimit, PromptEncoder
 from moemla.serve.protocol import (
     ChatRequest,
     ChoiceText,
@@ -39,15 +40,14 @@ class ApiError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
-def _prompts(req: CompletionRequest, tok: Tokenizer, vocab: int) -> list[list[int]]:
+async def _prompts(req: CompletionRequest, encoder: PromptEncoder, vocab: int) -> list[list[int]]:
     """The request's prompts as token ids: one string, several, one id list, or several."""
     p = req.prompt
-    if isinstance(p, str):
-        prompts = [tok.encode(p).ids]
-    elif p and all(isinstance(x, int) for x in p):
-        prompts = [list(p)]
-    else:
-        prompts = [tok.encode(x).ids if isinstance(x, str) else list(x) for x in p]
+    if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+        p = [p]  # type: ignore[list-item]
+    texts = [x for x in p if isinstance(x, str)]
+    encoded = iter(await _encode(encoder, texts))
+    prompts = [next(encoded) if isinstance(x, str) else list(x) for x in p]
     if not prompts or any(not ids for ids in prompts):
         raise ApiError(400, "prompt is empty; give at least one token of text")
     if any(not 0 <= t < vocab for ids in prompts for t in ids):
@@ -55,11 +55,19 @@ def _prompts(req: CompletionRequest, tok: Tokenizer, vocab: int) -> list[list[in
     return prompts
 
 
+async def _encode(encoder: PromptEncoder, texts: list[str]) -> list[list[int]]:
+    try:
+        return await encoder.encode(texts)
+    except ValueError as err:
+        raise ApiError(400, str(err), "context_length_exceeded") from None
+
+
 class Server:
     """Turns requests into engine jobs and engine events into OpenAI responses."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str) -> None:
         self.engine, self.tok, self.name = engine, tokenizer, name
+        self.encoder = PromptEncoder(tokenizer, engine.context)
         self.stop = eot_id(tokenizer)
         self.seeds = itertools.count(1)
         self.created = int(time.time())
@@ -145,9 +153,10 @@ def _sse(data: dict[str, object]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
+def create_app(engine: Engine, tokenizer: Tokenizer, name: str, max_body_mb: float = 2.0) -> FastAPI:
     server = Server(engine, tokenizer, name)
     app = FastAPI(title="moemla", description=f"OpenAI-compatible server for {name}")
+    app.add_middleware(BodyLimit, limit=int(max_body_mb * 2**20))
     app.state.server = server
 
     @app.exception_handler(ApiError)
@@ -174,14 +183,22 @@ def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
     async def health() -> dict[str, object]:
         return {"status": "ok", "model": name, **engine.stats}
 
+    card = {"id": name, "object": "model", "created": server.created, "owned_by": "moemla"}
+    card["max_model_len"] = engine.context
+
     @app.get("/v1/models")
     async def models() -> dict[str, object]:
-        card = {"id": name, "object": "model", "created": server.created, "owned_by": "moemla"}
-        return {"object": "list", "data": [card | {"max_model_len": engine.context}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, object]:
+        if model != name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {name!r}", "model_not_found")
+        return card
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest) -> dict[str, object] | StreamingResponse:
-        prompts = _prompts(req, server.tok, engine.model.cfg.vocab_size)
+        prompts = await _prompts(req, server.encoder, engine.model.cfg.vocab_size)
         max_tokens = server.max_tokens(prompts, req.max_tokens)
         jobs = server.jobs(req, prompts, max_tokens, logprobs=req.logprobs, echo=req.echo)
         texts = [ChoiceText(server.tok, req.stops(), server.stop) for _ in jobs]
@@ -196,12 +213,23 @@ def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
 
             async def stream() -> AsyncIterator[str]:
                 sent_prompt = [False] * len(jobs)
+                reported = [0] * len(jobs)  # tokens whose logprobs went out, per choice
+                offsets = [0 if req.echo else len(server.tok.decode(j.prompt)) for j in jobs]
+                extra = {"usage": None} if req.include_usage() else {}
                 async for i, piece, finish in server.pieces(jobs, texts, echoed):
                     if not sent_prompt[i]:  # an echoed prompt goes out with the choice's first chunk
                         piece, sent_prompt[i] = prompt_text(i) + piece, True
                     if piece or finish:
-                        choice = {"index": i, "text": piece, "logprobs": None, "finish_reason": finish}
-                        yield _sse(head | {"choices": [choice]})
+                        logprobs = None
+                        if req.logprobs is not None:
+                            new = (echoed[i] + texts[i].tokens)[reported[i] :]
+                            logprobs = completion_logprobs(server.tok, new, offsets[i], req.logprobs > 0)
+                            reported[i] += len(new)
+                            offsets[i] += sum(len(t) for t in logprobs["tokens"])
+                        choice = {"index": i, "text": piece, "logprobs": logprobs, "finish_reason": finish}
+                        yield _sse(head | {"choices": [choice]} | extra)
+                if extra:
+                    yield _sse(head | {"choices": [], "usage": _usage(jobs, texts, req.n)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(_guard(stream()), media_type="text/event-stream")
@@ -219,7 +247,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatRequest) -> dict[str, object] | StreamingResponse:
-        prompt = server.tok.encode(req.prompt_text()).ids
+        (prompt,) = await _encode(server.encoder, [req.prompt_text()])
         if not prompt:
             raise ApiError(400, "messages hold no text; give at least one non-empty message")
         requested = req.max_completion_tokens or req.max_tokens
@@ -234,13 +262,23 @@ def create_app(engine: Engine, tokenizer: Tokenizer, name: str) -> FastAPI:
 
             async def stream() -> AsyncIterator[str]:
                 chunk = head | {"object": "chat.completion.chunk"}
+                extra = {"usage": None} if req.include_usage() else {}
+                reported = [0] * len(jobs)
                 for i in range(len(jobs)):
                     delta = {"role": "assistant", "content": ""}
-                    yield _sse(chunk | {"choices": [{"index": i, "delta": delta, "finish_reason": None}]})
+                    choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+                    yield _sse(chunk | {"choices": [choice]} | extra)
                 async for i, piece, finish in server.pieces(jobs, texts):
                     if piece or finish:
-                        choice = {"index": i, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
-                        yield _sse(chunk | {"choices": [choice]})
+                        logprobs = None
+                        if req.logprobs:
+                            logprobs = chat_logprobs(server.tok, texts[i].tokens[reported[i] :])
+                            reported[i] = len(texts[i].tokens)
+                        delta = {"content": piece} if piece else {}
+                        choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+                        yield _sse(chunk | {"choices": [choice]} | extra)
+                if extra:
+                    yield _sse(chunk | {"choices": [], "usage": _usage(jobs, texts, req.n)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(_guard(stream()), media_type="text/event-stream")
@@ -286,6 +324,7 @@ def serve(
     max_batch: int = 16,
     cuda_graph: bool = False,
     compile: bool = False,
+    max_body_mb: float = 2.0,
 ) -> None:
     """Load the run and serve it until interrupted."""
     import uvicorn
@@ -296,7 +335,7 @@ def serve(
     model, tok, _ = load_model(run_dir, resolve_device(device), checkpoint)
     mode = "cuda-graph" if cuda_graph else "eager"
     engine = Engine(model, eot_id(tok), max_batch=max_batch, mode=mode, compile=compile)
-    app = create_app(engine, tok, name or Path(run_dir).resolve().name)
+    app = create_app(engine, tok, name or Path(run_dir).resolve().name, max_body_mb)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

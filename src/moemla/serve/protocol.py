@@ -8,19 +8,30 @@ from tokenizers import Tokenizer
 from moemla.serve.engine import Token
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class Sampling(BaseModel):
     # unknown OpenAI fields (user, presence_penalty, ...) are ignored rather than refused, as most servers do
     model_config = ConfigDict(extra="ignore")
 
     model: str
     max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)  # 0 is greedy
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 is greedy; OpenAI's range
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)  # not OpenAI's; vLLM and llama.cpp accept it too
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+
+    def include_usage(self) -> bool:
+        """A last chunk with the usage (and no choices) before [DONE], as OpenAI sends it."""
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
