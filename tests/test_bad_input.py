@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,11 @@ def test_corrupt_or_hostile_optimizer_state_is_one_line(
             return (print, ("pwned",))
 
     target.write_bytes(b"garbage" if content == "garbage" else pickle.dumps({"optimizer": Evil()}))
-    with pytest.raises(CheckpointError, match=r"optimizer.pt is not a moemla checkpoint.*--checkpoint step_N") as err:
+    with (
+        warnings.catch_warnings(),
+        pytest.raises(CheckpointError, match=r"optimizer.pt is not a moemla checkpoint.*--checkpoint step_N") as err,
+    ):
+        warnings.simplefilter("error")  # our line alone, no torch warning before it
         checkpoint.load(checkpoint.latest(copy))
     assert "weights_only" not in str(err.value)
     assert "pwned" not in capsys.readouterr().out
@@ -229,3 +234,44 @@ def test_training_says_how_long_it_will_take_from_the_first_step(data: Path, tmp
     train(data, tmp_path / "r", cfg(), TC, log=log.append)
     assert log[0].startswith("step 1/6 took ") and "for the remaining 5 steps" in log[0]
     assert all("| ETA " in line for line in log if line.startswith("step 3/6 |"))
+
+
+def test_resume_goes_on_with_the_recorded_data_and_refuses_other_data_unless_asked(
+    run: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    monkeypatch.chdir(tmp_path)  # a data/builtin here, same tokenizer, other stories: never picked silently
+    prepare(builtin_source(300), "data/builtin", {"dataset": "builtin", "stories": 300}, tokenizer=str(data))
+    flags = ["--max-steps", "7", "--batch-size", "4", "--micro-batch-size", "4", "--seq-len", "32"]
+    assert main(["train", "--out", str(copy), "--resume", *flags]) == 0
+    assert str(data) in capsys.readouterr().out  # "resuming ... on <the run's data>"
+    assert json.loads((copy / "run.json").read_text())["data"]["path"] == str(data)
+
+    before = (copy / "run.json").read_text()
+    assert main(["train", "--data", "data/builtin", "--out", str(copy), "--resume", "--max-steps", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "holds other data" in err and "--new-data" in err and len(err.strip().splitlines()) == 1
+    assert (copy / "run.json").read_text() == before
+    assert main(["train", "--data", "data/builtin", "--out", str(copy), "--resume", "--new-data", *flags[2:],
+                 "--max-steps", "8"]) == 0  # fmt: skip
+    assert json.loads((copy / "run.json").read_text())["data"]["path"] == "data/builtin"
+
+    shutil.rmtree("data/builtin")  # the run's data is gone: say so, and what to pass
+    assert main(["train", "--out", str(copy), "--resume", "--max-steps", "9"]) == 1
+    err = capsys.readouterr().err
+    assert "not a prepared data folder" in err and "--data FOLDER" in err and "moemla prepare" not in err
+
+
+def test_a_resume_that_fails_to_load_leaves_run_json_as_it_was(run: Path, data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = (copy / "run.json").read_text()
+    (checkpoint.latest(copy) / checkpoint.OPTIMIZER).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        train(data, copy, cfg(), TC.replace(max_steps=9, lr=1e-3), resume=True, log=lambda _: None)
+    assert (copy / "run.json").read_text() == before

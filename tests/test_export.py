@@ -173,6 +173,8 @@ def test_folder_carries_tokenizer_generation_config_and_self_contained_code(base
         modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert all(m.split(".")[0] in ("__future__", "torch", "transformers", "configuration_moemla") for m in modules)
     assert (out / "modeling_moemla.py").read_text() == (REMOTE / "modeling_moemla.py").read_text()
+    for weights in (out / "model.safetensors", *base_run.glob("checkpoints/*/model.safetensors")):
+        assert weights.stat().st_mode & 0o044 == 0o044, f"{weights} is not readable by others, unlike its folder"
 
 
 def test_export_errors_are_one_line(base_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_training(
         args.data, out=args.out, resume=args.resume, preset=args.preset, variant=args.variant,
         config_file=args.config, model_flags=flag_values(args, "cfg_"), train_flags=flag_values(args, "tc_"),
-        checkpoint_name=args.checkpoint,
+        checkpoint_name=args.checkpoint, new_data=args.new_data,
     )  # fmt: skip
     print(json.dumps(result) if args.json else f"done: step {result['step']}, val loss {result.get('val_loss')}")
     return 0
@@ -166,7 +166,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "written atomically; --resume continues a killed run exactly. For data parallelism launch with "
         "`torchrun --nproc-per-node N -m moemla train ...`.",
     )
-    p.add_argument("--data", default="data/builtin", help="prepared folder (from `moemla prepare`)")
+    p.add_argument(
+        "--data",
+        help="prepared folder (from `moemla prepare`; default data/builtin, and with --resume the run's own data)",
+    )
     p.add_argument("--out", help="run folder (default runs/PRESET-VARIANT)")
     p.add_argument("--preset", choices=list(SIZES), help=f"size preset (default {DEFAULT_PRESET})")
     p.add_argument("--variant", choices=list(VARIANTS), help=f"architecture variant (default {DEFAULT_VARIANT})")
@@ -175,6 +178,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", metavar="step_N", help="with --resume: continue from this checkpoint, not the newest"
     )
+    p.add_argument(
+        "--new-data", action="store_true",
+        help="with --resume and --data: go on with data other than the run was trained on (same tokenizer)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     add_config_flags(p, DEFAULT_PRESET)
     add_dataclass_flags(p, TrainConfig, "tc_", "training settings (default: the paper's recipe)")

@@ -198,6 +198,15 @@ class PreparedData:
         return self.manifest["tokenizer"]["vocab_size"]
 
     @property
+    def sha256(self) -> str:
+        """The data's identity: its tokenizer and every shard's checksum, read from the manifest."""
+        shards = [s["sha256"] for split in SPLITS for s in self.manifest["splits"][split]["shards"]]
+        return hashlib.sha256(json.dumps([self.tokenizer_sha256, shards]).encode()).hexdigest()
+
+    def tokens(self, split: str) -> int:
+        return sum(s["tokens"] for s in self.manifest["splits"][split]["shards"])
+
+    @property
     def tokenizer_sha256(self) -> str:
         return self.manifest["tokenizer"]["sha256"]
 

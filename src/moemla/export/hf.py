@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from moemla.config import ModelConfig, variant_name
 from moemla.data.sources import EOT
 from moemla.model import Transformer
-from moemla.train.checkpoint import write_text_atomic
+from moemla.train.checkpoint import save_safetensors, write_text_atomic
 from moemla.train.run_folder import TOKENIZER_FILE, load_model
 
 Architecture = Literal["auto", "native", "remote"]
@@ -247,7 +246,7 @@ def export_hf(
         "remote": (remote_config, remote_weights),
     }[kind]
     write_text_atomic(out / "config.json", json.dumps(config(cfg, eot, dtype), indent=2) + "\n")
-    save_file(_cast(weights(model), DTYPES[dtype]), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(_cast(weights(model), DTYPES[dtype]), out / "model.safetensors", metadata={"format": "pt"})
     if kind == "remote":
         for name in REMOTE_FILES:
             shutil.copyfile(REMOTE / name, out / name)

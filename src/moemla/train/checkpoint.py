@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,6 +45,14 @@ def _disk_full(err: Exception, folder: Path) -> bool:
         return shutil.disk_usage(folder).free < 1 << 20
     except OSError:
         return False
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, readable as any other file the user writes (it creates files 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -95,7 +104,7 @@ def save(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL))
+        save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / MODEL)
         torch.save(extra, tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps(state, indent=1))
         for f in tmp.iterdir():
@@ -146,7 +155,9 @@ def load(path: Path) -> tuple[dict[str, object], dict[str, object]]:
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path / STATE} is corrupt or unreadable ({err}); {EARLIER}") from None
     try:
-        extra = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before we can say why
+            warnings.simplefilter("ignore")
+            extra = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError):
         # NOTE: weights_only refuses any object but tensors and containers; never retry without it
         raise CheckpointError(

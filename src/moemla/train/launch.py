@@ -10,7 +10,7 @@ from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, ConfigError, ModelCon
 from moemla.data.shards import PreparedData
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
-from moemla.train.run_folder import RUN_FILE, check_same_model, configs, read_meta
+from moemla.train.run_folder import RUN_FILE, check_same_model, configs, read_meta, recorded_data
 
 CONFIG_KEYS = {"preset", "variant", "model", "train"}
 
@@ -65,8 +65,11 @@ def resolve_configs(
     return cfg, TrainConfig.from_dict(train_over)
 
 
+DEFAULT_DATA = "data/builtin"
+
+
 def run_training(
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     *,
     out: str | Path | None = None,
     resume: bool = False,
@@ -76,14 +79,18 @@ def run_training(
     model_flags: dict | None = None,
     train_flags: dict | None = None,
     checkpoint_name: str | None = None,
+    new_data: bool = False,
 ) -> dict:
-    """`moemla train`: resolve the settings, then train (or resume) the run in `out`; returns the final metrics."""
+    """`moemla train`: resolve the settings, then train (or resume) the run in `out`; returns the final metrics.
+    Without `data_dir` a new run trains on data/builtin and a resumed one on the data it was trained on."""
     file = read_config_file(config_file)
-    data = PreparedData.open(data_dir)
     name = f"{preset or file.get('preset', DEFAULT_PRESET)}-{variant or file.get('variant', DEFAULT_VARIANT)}"
     run_dir = Path(out or f"runs/{name}")
+    if data_dir is None:
+        data_dir = (recorded_data(run_dir) if resume else None) or DEFAULT_DATA
+    data = PreparedData.open(data_dir)
     cfg, tc = resolve_configs(
         data, run_dir, resume=resume, preset=preset, variant=variant, file=file, model_flags=model_flags,
         train_flags=train_flags,
     )  # fmt: skip
-    return train(data_dir, run_dir, cfg, tc, resume=resume, from_checkpoint=checkpoint_name)
+    return train(data_dir, run_dir, cfg, tc, resume=resume, from_checkpoint=checkpoint_name, new_data=new_data)

@@ -59,6 +59,7 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = print,
     from_checkpoint: str | None = None,
+    new_data: bool = False,
 ) -> dict[str, object]:
     """Train `cfg` on a prepared folder into `run_dir`; returns the final metrics.
 
@@ -72,7 +73,7 @@ def train(
     d = distributed.setup(tc.device)
     try:
         with lock_run(run_dir) if d.main else contextlib.nullcontext():
-            return _train(data, Path(run_dir), cfg, tc, resume, log, d, from_checkpoint)
+            return _train(data, Path(run_dir), cfg, tc, resume, log, d, from_checkpoint, new_data)
     finally:
         distributed.teardown(d)
 
@@ -103,16 +104,17 @@ def _train(
     log: Callable[[str], None],
     d: distributed.Dist,
     from_checkpoint: str | None,
+    new_data: bool,
 ) -> dict[str, object]:
-    if d.main:
-        run_folder.start(run_dir, cfg, tc, data, resume)
+    meta = run_folder.start(run_dir, cfg, tc, data, resume, new_data) if d.main else {}
     distributed.barrier(d)
     s = _build(cfg, tc, d, run_dir)
     ckpt = checkpoint.find(run_dir, from_checkpoint) if resume else None
     if ckpt is not None:
         _restore(s, ckpt)
-        log(f"resuming {run_dir} from step {s.step} ({ckpt.name})")
-    if d.main:
+        log(f"resuming {run_dir} from step {s.step} ({ckpt.name}) on {data.root}")
+    if d.main:  # a resume that failed to load has left run.json as it was
+        run_folder.write_meta(run_dir, meta)
         run_folder.truncate_metrics(run_dir / METRICS_FILE, s.step)
     _wrap(s, log)
     shards, val_shards = data.shards("train"), data.shards("val")

@@ -111,31 +111,75 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def start(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData, resume: bool) -> None:
-    """Write run.json and the tokenizer for a new run; for --resume check that the data is the same."""
-    meta = {
-        "model": cfg.to_dict(),
-        "train": tc.to_dict(),
-        "data": {"path": str(data.root), "tokenizer_sha256": data.tokenizer_sha256, "vocab_size": data.vocab_size},
-    }
+def data_meta(data: PreparedData) -> dict[str, object]:
+    return {"path": str(data.root), "sha256": data.sha256, "tokenizer_sha256": data.tokenizer_sha256,
+            "vocab_size": data.vocab_size, "train_tokens": data.tokens("train")}  # fmt: skip
+
+
+def recorded_data(run_dir: Path) -> Path | None:
+    """For --resume without --data: the prepared folder the run was trained on, if it records one."""
+    if not (run_dir / RUN_FILE).exists():
+        return None
+    path = read_meta(run_dir)["data"].get("path")
+    if not path or not (Path(path) / "manifest.json").is_file():
+        raise RunError(
+            f"{run_dir} was trained on {path or 'no recorded data'}, which is not a prepared data folder now; "
+            "pass --data FOLDER (with --new-data if it holds other data than the run was trained on)"
+        )
+    return Path(path)
+
+
+def check_same_data(run_dir: Path, old: dict, data: PreparedData, new_data: bool) -> None:
+    """The one resume check of the data: the run goes on with the data it was trained on, unless asked."""
+    if old["tokenizer_sha256"] != data.tokenizer_sha256:
+        raise DataError(
+            f"{data.root} was tokenized with a different tokenizer than the run {run_dir} was trained on "
+            f"({old['path']}); resume with data prepared by the same tokenizer"
+        )
+    if "sha256" in old:
+        same = old["sha256"] == data.sha256
+    else:  # runs from before data checksums were recorded, and imported runs: the folder is the identity
+        same = not (Path(old["path"]) / "manifest.json").is_file() or Path(old["path"]).resolve() == data.root.resolve()
+    if not same and not new_data:
+        was = f"{old['train_tokens']:,} training tokens" if "train_tokens" in old else "other data"
+        raise RunError(
+            f"--resume continues {run_dir} on the data it was trained on ({old['path']}, {was}); {data.root} holds "
+            f"other data ({data.tokens('train'):,} training tokens); drop --data to continue as trained, or pass "
+            "--new-data to go on with this data"
+        )
+
+
+def start(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData, resume: bool, new_data: bool) -> dict:
+    """Check a resume against run.json (model and data); a new run's run.json and tokenizer are written now.
+    Returns the run.json a resumed run writes (write_meta) once its checkpoint has loaded."""
+    meta = {"model": cfg.to_dict(), "train": tc.to_dict(), "data": data_meta(data)}
     if (run_dir / RUN_FILE).exists():
         old = read_meta(run_dir)
         if not resume:
             raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-        if old["data"]["tokenizer_sha256"] != data.tokenizer_sha256:
-            raise DataError(
-                f"{data.root} was tokenized with a different tokenizer than the run {run_dir} was trained on "
-                f"({old['data']['path']}); resume with data prepared by the same tokenizer"
-            )
+        check_same_data(run_dir, old["data"], data, new_data)
         check_same_model(run_dir, ModelConfig.from_dict(old["model"]), cfg)
+        return meta
+    write_meta(run_dir, meta)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=1))
         if not (run_dir / TOKENIZER_FILE).is_file():
             shutil.copyfile(data.root / "tokenizer.json", run_dir / TOKENIZER_FILE)
     except OSError as err:
+        raise RunError(f"could not write {run_dir / TOKENIZER_FILE}: {err.strerror}") from None
+    return meta
+
+
+def write_meta(run_dir: Path, meta: dict) -> None:
+    """run.json, atomically; left as it is when nothing changed."""
+    path = run_dir / RUN_FILE
+    if path.is_file() and read_meta(run_dir) == meta:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text_atomic(path, json.dumps(meta, indent=1))
+    except OSError as err:
         why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
-        raise RunError(f"could not write {run_dir / RUN_FILE}: {why}; the run folder is unchanged") from None
+        raise RunError(f"could not write {path}: {why}; the run folder is unchanged") from None
 
 
 def check_same_model(run_dir: Path, stored: ModelConfig, asked: ModelConfig) -> None:
