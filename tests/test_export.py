@@ -213,3 +213,23 @@ def test_an_imported_run_fine_tunes_with_a_fresh_optimizer(trained_debug_run: Pa
             "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "back" / "checkpoints" / "step_00000001").is_dir()
+
+
+def test_import_of_truncated_weights_or_a_config_that_does_not_fit_is_one_line(
+    base_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    export_hf(base_run, tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert "model.safetensors is truncated" in err and err.count("\n") == 1 and "Traceback" not in err
+    weights.write_bytes(good)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["moemla_config"]["dim"] *= 2
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "do not fit its moemla_config" in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from moemla.config import ConfigError, ModelConfig
@@ -49,6 +50,20 @@ def _from_gpt_neox(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     return out
 
 
+def check_fits(src: Path, state: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Every tensor the config needs, at the config's shape; else one line naming the first that is not."""
+    missing = sorted(set(want) - set(state))
+    if missing:
+        raise ExportError(f"{src}: the weights do not fit its moemla_config (no tensor {missing[0]!r})")
+    wrong = [k for k in want if state[k].shape != want[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ExportError(
+            f"{src}: the weights do not fit its moemla_config: {k} is {tuple(state[k].shape)} in the file but "
+            f"{tuple(want[k].shape)} for the config ({len(wrong)} tensor(s) differ); export it again"
+        )
+
+
 READERS = {"moemla": _from_remote, "gpt2": _from_gpt2, "gpt_neox": _from_gpt_neox}
 
 
@@ -70,16 +85,18 @@ def import_hf(folder: str | Path, run_dir: str | Path, *, overwrite: bool = Fals
         raise ExportError(f"{src} has no .safetensors weights")
     weights: dict[str, torch.Tensor] = {}
     for shard in shards:
-        weights |= load_file(str(shard))
+        try:
+            weights |= load_file(str(shard))
+        except (SafetensorError, OSError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ExportError(f"{shard} is truncated or not a safetensors file ({why}); export it again") from None
     model = Transformer(cfg)
     try:
         state = {k: v.float() for k, v in READERS[hf["model_type"]](weights, cfg).items()}
-        missing = sorted(set(model.state_dict()) - set(state))
-        if missing:
-            raise KeyError(missing[0])
-        model.load_state_dict(state)
     except (KeyError, RuntimeError) as err:
-        raise ExportError(f"{src}: the weights do not fit its moemla_config ({err})") from None
+        raise ExportError(f"{src}: the weights do not fit its moemla_config (no tensor {err})") from None
+    check_fits(src, state, model.state_dict())
+    model.load_state_dict(state)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ExportError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
