@@ -24,6 +24,7 @@ class FakeJudge:
         self.script = list(script or [])
         self.delay, self.key = delay, key
         self.requests = 0
+        self.bodies: list[dict] = []  # every judging request as received
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -68,6 +69,10 @@ class FakeJudge:
                     return self._error(401, "Incorrect API key provided", "invalid_request_error")
                 if body.get("model") != MODEL:
                     return self._error(404, f"The model `{body.get('model')}` does not exist", "invalid_request_error")
+                judging = [m["content"] for m in body["messages"] if "Completion: " in m["content"]]
+                if not judging:  # the judge's probe: answered, and not part of the script
+                    return self._reply("OK")
+                judge.bodies.append(body)
                 action = judge._next()
                 if action == "429":
                     return self._send(429, {"error": {"message": "slow down"}}, {"retry-after": "0"})
@@ -75,13 +80,17 @@ class FakeJudge:
                     return self._error(500, "internal error", "server_error")
                 if judge.delay or action == "slow":
                     time.sleep(judge.delay or 0.5)
-                text = body["messages"][-1]["content"]
+                text = judging[0]
                 completion = text.split("Completion: ", 1)[1].rsplit("\n\nReply with only", 1)[0]
                 scores = expected_scores(completion)
                 content = {
                     "garbage": "I cannot rate this story.",
                     "wrapped": f"Here are my scores:\n```json\n{json.dumps(scores)}\n```\nThanks!",
                 }.get(action, json.dumps(scores))
+                self._reply(content)
+
+            def _reply(self, content: str) -> None:
+                message = {"role": "assistant", "content": content}
                 self._send(
                     200,
                     {
@@ -89,9 +98,7 @@ class FakeJudge:
                         "object": "chat.completion",
                         "created": 0,
                         "model": MODEL,
-                        "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-                        ],
+                        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                     },
                 )
 

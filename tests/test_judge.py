@@ -204,3 +204,38 @@ def test_reproduce_table8_judges_the_four_variants_beside_the_paper(tmp_path: Pa
     claim = next(c for c in result["claims"] if "Table 8" in c.text)
     assert claim.verdict in ("holds", "partly holds", "does not hold") and "best on" in claim.ours
     assert (tmp_path / "t8" / "judge" / "judge.md").is_file()
+
+
+def test_an_unreachable_judge_fails_before_any_completion_is_generated(runs: list[str], tmp_path: Path) -> None:
+    with FakeJudge() as fake:
+        url = fake.url  # closed once the block ends: nothing listens there any more
+    judge = Judge(url, MODEL, retries=1, backoff=0.01)
+    start = time.perf_counter()
+    with pytest.raises(JudgeError, match="no endpoint reachable"):
+        judge_runs(runs, tmp_path / "out", judge=judge, settings=SETTINGS, log=lambda _: None)
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "out" / "completions.jsonl").exists()
+
+
+def test_an_unreadable_reply_is_asked_again_differently(tmp_path: Path) -> None:
+    with FakeJudge(["garbage"]) as fake:
+        judge = Judge(fake.url, MODEL, backoff=0.01, parse_retries=2)
+        record = judge_all(judge, [("p", "one")], JudgmentCache(tmp_path / "j.jsonl"), concurrency=1)[0]
+        first, second = fake.bodies
+    assert record["scores"] == expected_scores("one") and record["attempts"] == 2
+    assert first["temperature"] == 0.0 and second["temperature"] > 0.0
+    assert second["messages"][2] == {"role": "assistant", "content": "I cannot rate this story."}
+    assert "could not be read" in second["messages"][3]["content"]
+
+
+def test_judge_exits_nonzero_when_too_many_replies_are_unreadable(
+    runs: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--samples", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "out"), "--model", MODEL]
+    with FakeJudge(["garbage"] * 6) as fake:  # both completions: three unreadable replies each
+        assert main(["judge", runs[0], "--endpoint", fake.url, *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "2 of 2 replies (100%) could not be read" in err[-1] and "--max-unparsed" in err[-1]
+    assert (tmp_path / "out" / "judge.md").exists()  # the report is written all the same
+    with FakeJudge() as fake:  # cached unreadable replies still count; a looser bar passes
+        assert main(["judge", runs[0], "--endpoint", fake.url, *flags, "--max-unparsed", "1"]) == 0

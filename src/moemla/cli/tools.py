@@ -175,6 +175,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
         )
     if args.offline and args.endpoint:
         raise ConfigError("--offline sends nothing anywhere: drop --endpoint, or drop --offline to judge")
+    if not 0.0 <= args.max_unparsed <= 1.0:
+        raise ConfigError(f"--max-unparsed must be a share in [0, 1], got {args.max_unparsed}")
     settings = SampleSettings(
         samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         seed=args.seed, batch_size=args.batch_size,
@@ -184,6 +186,15 @@ def cmd_judge(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, device=args.device, log=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
     print(json.dumps(result) if args.json else (Path(args.out) / "judge.md").read_text())
+    j = result["judge"]
+    if j is not None and j["unparsed"] > args.max_unparsed * j["judged"]:
+        print(
+            f"moemla judge: {j['unparsed']} of {j['judged']} replies ({j['unparsed'] / j['judged']:.0%}) could not be "
+            f"read as scores, more than --max-unparsed {args.max_unparsed:.0%}; the replies are in "
+            f"{Path(args.out) / 'judgments.jsonl'} (try another --model)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -214,6 +225,10 @@ def add_judge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="completion i uses seed + i")
     p.add_argument("--batch-size", type=int, default=16, help="completions generated together")
     p.add_argument("--concurrency", type=int, default=4, help="judge requests in flight at most")
+    p.add_argument(
+        "--max-unparsed", type=float, default=0.1,
+        help="exit 1 when more than this share of judge replies could not be read as scores (default 0.1)",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (for generating)")
     p.add_argument("--json", action="store_true", help="print judge.json instead of the report")
     p.set_defaults(func=cmd_judge)

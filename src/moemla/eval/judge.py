@@ -54,6 +54,13 @@ DIMENSIONS = tuple(RUBRIC)
 SYSTEM = "You are a careful, consistent judge of short stories written for young children. You reply with JSON only."
 
 
+FIX = (
+    "That reply could not be read. Reply with only a JSON object of four integer scores from 1 to 10, e.g. "
+    '{"grammar": 7, "coherence": 5, "creativity": 6, "overall": 6}.'
+)
+REASK_TEMPERATURE = 0.7  # a re-ask at temperature 0 would get the same unreadable reply from a deterministic server
+
+
 def judge_messages(prompt: str, completion: str) -> list[dict[str, str]]:
     """The request for one completion: the paper's template, for all four dimensions at once."""
     rubric = "\n".join(f"- {key} ({name}): consider {criteria}" for key, (name, criteria) in RUBRIC.items())
@@ -149,13 +156,16 @@ class Judge:
         self._client = openai.OpenAI(base_url=self.endpoint, api_key=key, max_retries=0, timeout=self.timeout)
         self._lock = threading.Lock()
 
-    def _ask(self, messages: list[dict[str, str]]) -> str:
+    def _ask(self, messages: list[dict[str, str]], temperature: float = 0.0, max_tokens: int | None = None) -> str:
         oa = self._openai
+        limit = {"max_tokens": max_tokens} if max_tokens is not None else {}
         for attempt in range(self.retries + 1):
             with self._lock:
                 self.requests += 1
             try:
-                reply = self._client.chat.completions.create(model=self.model, messages=messages, temperature=0.0)
+                reply = self._client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=temperature, **limit
+                )
                 return reply.choices[0].message.content or ""
             except (oa.AuthenticationError, oa.PermissionDeniedError):
                 raise JudgeError(
@@ -191,12 +201,22 @@ class Judge:
         except ValueError:
             return delay
 
+    def probe(self) -> None:
+        """One cheap request before any work: an endpoint that is down, refuses the key or lacks the model
+        says so now, not after every completion has been generated."""
+        self._ask([{"role": "user", "content": "Reply with OK."}], max_tokens=1)
+
     def score(self, prompt: str, completion: str) -> dict:
-        """One judgment record: scores, or scores None with `unparsed` set and the last reply kept."""
+        """One judgment record: scores, or scores None with `unparsed` set and the last reply kept.
+
+        The first request is greedy; a reply without four valid scores is answered with a correction and asked
+        again with some randomness, so a deterministic server does not repeat the same unreadable reply."""
         messages = judge_messages(prompt, completion)
         reply = ""
         for attempt in range(self.parse_retries + 1):
-            reply = self._ask(messages)
+            if attempt:
+                messages = [*messages[:2], {"role": "assistant", "content": reply}, {"role": "user", "content": FIX}]
+            reply = self._ask(messages, temperature=REASK_TEMPERATURE if attempt else 0.0)
             scores = parse_scores(reply)
             if scores is not None:
                 return {"scores": scores, "unparsed": False, "attempts": attempt + 1}

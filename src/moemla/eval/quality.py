@@ -62,6 +62,9 @@ def judge_runs(
         raise ConfigError("--endpoint needs --model: the judge model's name at that endpoint, e.g. gpt-4o")
     if endpoint and judge is None:
         judge = Judge(endpoint, model)  # type: ignore[arg-type]
+    if judge is not None:
+        log(f"checking the judge {judge.model} at {judge.endpoint}")
+        judge.probe()
     settings = settings or SampleSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,13 +112,16 @@ def _judge(
             continue
         for d in DIMENSIONS:
             scores[name][d][i] = rec["scores"][d]
-    made = judge.requests - before
-    log(f"judge {judge.model}: {len(items) - cached} new judgments ({made} requests), {cached} from the cache")
+    made, bad = judge.requests - before, sum(unparsed.values())
+    log(f"judge {judge.model}: {len(items) - cached} new judgments ({made} requests), {cached} from the cache, "
+        f"{bad} of {len(items)} replies unreadable")  # fmt: skip
     return {
         "endpoint": judge.endpoint,
         "model": judge.model,
         "rubric": RUBRIC_VERSION,
         "requests": made,
+        "judged": len(items),
+        "unparsed": bad,
         "summary": report.summarize_scores(scores, unparsed),
     }
 
