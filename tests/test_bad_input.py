@@ -275,3 +275,34 @@ def test_a_resume_that_fails_to_load_leaves_run_json_as_it_was(run: Path, data: 
     with pytest.raises(CheckpointError):
         train(data, copy, cfg(), TC.replace(max_steps=9, lr=1e-3), resume=True, log=lambda _: None)
     assert (copy / "run.json").read_text() == before
+
+
+def test_a_huge_single_story_is_refused_before_training_a_tokenizer_and_leaves_no_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    text = tmp_path / "one-line.txt"
+    text.write_text("the cat sat on the mat and " * 400_000)  # 10.8 MB on one line: one story
+    start = time.perf_counter()
+    assert main(["prepare", "--text", str(text), "--out", str(tmp_path / "out")]) == 1
+    assert time.perf_counter() - start < 30  # refused by counting stories, not after tokenizing 10 MB
+    err = capsys.readouterr().err.strip()
+    assert "only 1 story" in err and "blank lines" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_nan_model_exits_1_with_one_line(run: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    path = checkpoint.latest(copy) / checkpoint.MODEL
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(path)).items()}, str(path))
+    capsys.readouterr()
+    assert main(["eval", str(copy), "--json", "--max-tokens", "64"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "NaN" in captured.err and "--checkpoint step_N" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1

@@ -107,6 +107,8 @@ def prepare(
             f"{out} already holds data prepared with a different {what} ({old['request']}); a prepared folder "
             "never mixes tokenizers or sources: choose another --out, or pass --overwrite to replace it"
         )
+    _check_splits(source, val_fraction)
+    created = not out.exists()
     partial = out / ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -126,7 +128,27 @@ def prepare(
         tmp.replace(out / "manifest.json")  # the folder counts as prepared only from here on
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):  # a failed prepare leaves no empty folder behind
+            out.rmdir()
     return manifest
+
+
+def _check_splits(source: StorySource, val_fraction: float) -> None:
+    """Before any tokenizer is trained: the input has a training and a validation story. Reads only until both
+    are seen (a few dozen stories), or all of a too-small input."""
+    seen = {True: 0, False: 0}
+    for i, _ in enumerate(source()):
+        seen[is_val(i, val_fraction)] += 1
+        if seen[True] and seen[False]:
+            return
+    n = seen[True] + seen[False]
+    if n == 0:
+        raise DataError("no stories found in the input: check the files or the dataset name")
+    raise DataError(
+        f"only {n} stor{'y' if n == 1 else 'ies'}: too few to hold out a validation split at {val_fraction:.0%}; "
+        "give more text or a larger --val-fraction (in a .txt file, blank lines or <|endoftext|> lines separate "
+        "stories)"
+    )
 
 
 def _write_shards(

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from moemla.data.shards import PreparedData
 from moemla.data.sources import DataError, file_source
 from moemla.data.tokenizer import eot_id, token_bytes
 from moemla.eval.perplexity import amp_dtype, evaluate
 from moemla.train.distributed import resolve_device
-from moemla.train.run_folder import configs, load_model
+from moemla.train.run_folder import RunError, configs, load_model
 
 
 def text_tokens(paths: list[str], tok) -> list[np.ndarray]:
@@ -53,4 +55,11 @@ def evaluate_run(
         model, shards, seq_len=tc.seq_len, batch_size=batch, max_tokens=max_tokens, device=dev,
         dtype=amp_dtype(dev, tc.amp), token_bytes=token_bytes(tok),
     )  # fmt: skip
+    if not math.isfinite(result["val_loss"]):
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+        held = f"its weights hold {bad:,} NaN or infinite values" if bad else "its weights are finite but overflow"
+        raise RunError(
+            f"{run_dir} ({checkpoint_name or 'newest checkpoint'}) has a loss of {result['val_loss']}: {held}; "
+            "evaluate an earlier checkpoint with --checkpoint step_N"
+        )
     return {"run": str(run_dir), **result}
