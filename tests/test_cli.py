@@ -46,3 +46,27 @@ def test_console_entry_point_runs() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["variant"] == "moe-mla-rope"
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "reproduce", "judge", "prepare", "eval"])
+def test_ctrl_c_names_only_flags_the_command_has(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    from moemla.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+
+    def interrupted(_: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sub, "_defaults", {**sub._defaults, "func": interrupted})
+    monkeypatch.setattr("moemla.cli.build_parser", lambda: parser)
+    argv = {"eval": ["eval", "RUN"], "reproduce": ["reproduce", "table2"], "judge": ["judge", "RUN"]}
+    assert main(argv.get(command, [command])) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"moemla {command}: interrupted")
+    flags = set(re.findall(r"--[a-z][a-z-]*", err))
+    assert flags <= set(sub._option_string_actions), f"{command}'s message names {flags - set(sub._option_string_actions)}"

@@ -138,17 +138,29 @@ def _lm_eval(argv: list[str], tasks: list[str], folder: Path) -> dict:
     return json.loads(result_file.read_text())["results"]
 
 
-def test_lm_eval_command_runs_local_tasks_on_a_debug_model(run: Path, tmp_path: Path) -> None:
-    """`moemla lm-eval --model moemla` end to end, on tasks whose data is local (the hub is not reachable)."""
-    _write_tasks(tmp_path)
+@pytest.fixture(scope="module")
+def direct(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """`moemla lm-eval --model moemla` once over every task: its results and its results file."""
+    folder = tmp_path_factory.mktemp("lm-eval")
+    _write_tasks(folder)
     argv = [sys.executable, "-m", "moemla", "lm-eval", "--model", "moemla", "--model_args", f"run={run}"]
-    results = _lm_eval(argv, list(TASKS), tmp_path)
+    results = _lm_eval(argv, list(TASKS), folder)
+    [result_file] = list((folder / "results-0").rglob("results*.json"))
+    return results, result_file
+
+
+def test_lm_eval_command_runs_local_tasks_on_a_debug_model(direct: tuple[dict, Path], run: Path) -> None:
+    """`moemla lm-eval --model moemla` end to end, on tasks whose data is local (the hub is not reachable)."""
+    results, result_file = direct
     assert 0.0 <= results["moemla_mc"]["acc,none"] <= 1.0
     assert results["moemla_ppl"]["bits_per_byte,none"] > 0
     assert 0.0 <= results["moemla_gen"]["exact_match,none"] <= 1.0
+    assert result_file.parent.name.endswith(run.name)  # named after the run, not a random id
 
 
-def test_lm_eval_local_completions_against_moemla_serve_scores_the_same(run: Path, tmp_path: Path) -> None:
+def test_lm_eval_local_completions_against_moemla_serve_scores_the_same(
+    run: Path, direct: tuple[dict, Path], tmp_path: Path
+) -> None:
     """lm-eval's OpenAI backend, through `moemla serve` and the exported tokenizer, equals --model moemla."""
     pytest.importorskip("tenacity")  # lm-eval's API models need lm-eval[api]
     pytest.importorskip("transformers")
@@ -171,13 +183,13 @@ def test_lm_eval_local_completions_against_moemla_serve_scores_the_same(run: Pat
     finally:
         server.terminate()
         server.wait(timeout=20)
-    argv = [sys.executable, "-m", "moemla", "lm-eval", "--model", "moemla", "--model_args", f"run={run}"]
-    direct = _lm_eval(argv, ["moemla_ppl"], tmp_path)
-    got, want = served["moemla_ppl"]["bits_per_byte,none"], direct["moemla_ppl"]["bits_per_byte,none"]
+    got, want = served["moemla_ppl"]["bits_per_byte,none"], direct[0]["moemla_ppl"]["bits_per_byte,none"]
     assert got == pytest.approx(want, rel=1e-4)
 
 
-def test_bare_lm_eval_runs_an_exported_folder_with_its_hf_backend(run: Path, tmp_path: Path) -> None:
+def test_bare_lm_eval_runs_an_exported_folder_with_its_hf_backend(
+    run: Path, direct: tuple[dict, Path], tmp_path: Path
+) -> None:
     """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True` scores as --model moemla."""
     pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
     from moemla.export.hf import export_hf
@@ -186,7 +198,5 @@ def test_bare_lm_eval_runs_an_exported_folder_with_its_hf_backend(run: Path, tmp
     export_hf(run, tmp_path / "hf")
     args = f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32"
     hf = _lm_eval(["lm_eval", "--model", "hf", "--model_args", args], ["moemla_ppl"], tmp_path)
-    argv = [sys.executable, "-m", "moemla", "lm-eval", "--model", "moemla", "--model_args", f"run={run}"]
-    direct = _lm_eval(argv, ["moemla_ppl"], tmp_path)
-    got, want = hf["moemla_ppl"]["bits_per_byte,none"], direct["moemla_ppl"]["bits_per_byte,none"]
+    got, want = hf["moemla_ppl"]["bits_per_byte,none"], direct[0]["moemla_ppl"]["bits_per_byte,none"]
     assert got == pytest.approx(want, rel=1e-4)

@@ -17,6 +17,15 @@ from moemla.train.checkpoint import CheckpointError
 from moemla.train.loop import TrainingDiverged
 from moemla.train.run_folder import RunError
 
+# what a Ctrl-C loses, and how to go on, per command
+INTERRUPTED = {
+    "train": "; the run continues from its last checkpoint with the same command and --resume",
+    "demo": "; run the same `moemla demo` again: it continues from the last checkpoints",
+    "reproduce": "; run the same command again: finished runs are skipped, the others resume",
+    "judge": "; run the same command again: completions and judgments so far are cached",
+    "prepare": "; nothing was kept: run it again",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -48,5 +57,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moemla {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"moemla {args.command}: interrupted; a training run continues with --resume", file=sys.stderr)
+        print(f"moemla {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130

@@ -111,9 +111,20 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     except ImportError as err:
         missing = f"moemla lm-eval needs lm-evaluation-harness ({err.name} is missing)"
         raise ValueError(f"{missing}: pip install 'moemla[lm-eval]'") from None
-    sys.argv = ["lm_eval", *args.args]
+    sys.argv = ["lm_eval", *_named_results(args.args)]
     cli_evaluate()
     return 0
+
+
+def _named_results(argv: list[str]) -> list[str]:
+    """lm-eval names its results folder after `pretrained=` (else a random id): pass the run there too."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--model_args" and "pretrained=" not in out[i + 1]:
+            run = next((kv[4:] for kv in out[i + 1].split(",") if kv.startswith("run=")), None)
+            if run:
+                out[i + 1] += f",pretrained={run}"
+    return out
 
 
 def add_lm_eval(sub: argparse._SubParsersAction) -> None:

@@ -27,14 +27,18 @@ class MoemlaLM(LM):
 
     def __init__(
         self,
-        run: str,
+        run: str | None = None,
         checkpoint: str | None = None,
         device: str | None = None,
         batch_size: int | str | None = 16,
         max_gen_toks: int = 256,
+        pretrained: str | None = None,  # HF's name for it; lm-eval names the results folder after it
         **_: object,  # lm-eval passes settings other backends use (max_batch_size, ...)
     ) -> None:
         super().__init__()
+        run = run or pretrained
+        if run is None:
+            raise ValueError("--model moemla needs --model_args run=RUN_FOLDER")
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's --device defaults to cuda; its HF backend falls back the same way
         self.model, self.tok, _ = load_model(run, resolve_device(device or "auto"), checkpoint)
