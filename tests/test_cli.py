@@ -69,4 +69,38 @@ def test_ctrl_c_names_only_flags_the_command_has(
     err = capsys.readouterr().err
     assert err.startswith(f"moemla {command}: interrupted")
     flags = set(re.findall(r"--[a-z][a-z-]*", err))
-    assert flags <= set(sub._option_string_actions), f"{command}'s message names {flags - set(sub._option_string_actions)}"
+    assert flags <= set(sub._option_string_actions), (
+        f"{command}'s message names {flags - set(sub._option_string_actions)}"
+    )
+
+
+def test_train_help_states_the_defaults_a_new_run_gets(capsys: pytest.CaptureFixture[str]) -> None:
+    from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, ModelConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    context = ModelConfig.from_preset(DEFAULT_PRESET, DEFAULT_VARIANT).max_seq_len
+    assert "(default 1000 when --tokens is not given either)" in text and "(default None)" not in text
+    assert "--compile {true,false,auto}" in text and f"at most the model's max_seq_len (default {context})" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--compile", "maybe"])
+    assert "expected true, false or auto" in capsys.readouterr().err
+
+
+def test_long_work_reports_rate_and_eta_in_plain_lines_when_not_a_terminal(
+    trained_debug_run, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pipe or log file gets a progress line every few seconds (here: every update), with rate and ETA."""
+    import moemla.progress
+
+    monkeypatch.setattr(moemla.progress, "PLAIN_EVERY_S", 0.0)
+    data = json.loads((trained_debug_run / "run.json").read_text())["data"]["path"]
+    train = ["--max-steps", "3", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
+    assert main(["train", "--data", data, "--out", str(tmp_path / "r"), "--preset", "debug", *train]) == 0
+    err = capsys.readouterr().err
+    assert "train r: 3/3 steps (100%) |" in err and "steps/s" in err and "| ETA 0 s | loss" in err
+    argv = ["bench", "--preset", "debug", "--variants", "mha", "--new-tokens", "4", "--context", "16"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "bench mha batch 1:" in err and "decode steps/s" in err and "ETA" in err

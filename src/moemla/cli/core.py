@@ -184,7 +184,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     add_config_flags(p, DEFAULT_PRESET)
-    add_dataclass_flags(p, TrainConfig, "tc_", "training settings (default: the paper's recipe)")
+    # what a new run of the default preset gets: the paper's recipe, its sequences cut to the model's context
+    context = ModelConfig.from_preset(DEFAULT_PRESET, DEFAULT_VARIANT).max_seq_len
+    shown = TrainConfig(seq_len=min(TrainConfig.seq_len, context))
+    title = f"training settings (default: the paper's recipe (§3.3); seq-len cut to {DEFAULT_PRESET}'s context)"
+    add_dataclass_flags(p, TrainConfig, "tc_", title, shown)
     p.set_defaults(func=cmd_train)
 
 

@@ -20,6 +20,15 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_auto_bool(text: str) -> bool | None:
+    if text.lower() in ("auto", "none"):
+        return None
+    try:
+        return _parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}") from None
+
+
 def _field_parser(annotation: object) -> tuple[Callable[[str], object], list[str] | None]:
     """How to parse one ModelConfig field from text: (converter, choices)."""
     args = typing.get_args(annotation)
@@ -27,6 +36,8 @@ def _field_parser(annotation: object) -> tuple[Callable[[str], object], list[str
         return str, list(args)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `int | None`
         inner = next(a for a in args if a is not type(None))
+        if inner is bool:  # `bool | None`: None is "auto", decided at run time
+            return _parse_auto_bool, ["true", "false", "auto"]
         convert = _field_parser(inner)[0]
         return (lambda s: None if s.lower() == "none" else convert(s)), None
     if annotation is bool:
@@ -45,14 +56,17 @@ def add_dataclass_flags(
     for f in dataclasses.fields(cls):
         default = getattr(shown, f.name) if shown is not None else f.default
         convert, choices = _field_parser(hints[f.name])
+        text = f.metadata.get("help", f"{cls.__name__}.{f.name}")
+        if default is None and choices and "auto" in choices:
+            default = "auto"
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f"{prefix}{f.name}",
             type=convert,
-            choices=choices,
+            choices=choices if convert is str else None,  # a Literal; `bool | None` checks in its converter
             default=None,
-            metavar=None if choices else f.name.upper(),
-            help=f"{cls.__name__}.{f.name} (default {default!r})",
+            metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
+            help=f"{text} (default {default})" if default is not None else text,
         )
 
 

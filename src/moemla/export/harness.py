@@ -17,6 +17,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from moemla.data.sources import EOT
 from moemla.inference.generate import generate_ids_batch
+from moemla.progress import Progress
 from moemla.train.distributed import resolve_device
 from moemla.train.run_folder import load_model
 
@@ -63,7 +64,7 @@ class MoemlaLM(LM):
         return whole[: len(ctx)], whole[len(ctx) :]
 
     @torch.no_grad()
-    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _score(self, pairs: list[tuple[list[int], list[int]]], bar: Progress | None = None) -> list[tuple[float, bool]]:
         """Sum of log p(continuation | context) and whether greedy decoding would produce it, per pair."""
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
@@ -83,20 +84,26 @@ class MoemlaLM(LM):
                 target = torch.tensor(pairs[i][1][-n:], device=self._device)
                 picked = lp.gather(-1, target[:, None])[:, 0]
                 results[i] = (float(picked.sum()), bool((lp.argmax(-1) == target).all()))
+            if bar is not None:
+                bar.advance(len(rows))
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests: Iterable) -> list[tuple[float, bool]]:
-        return self._score([self._pairs(*req.args) for req in requests])
+        pairs = [self._pairs(*req.args) for req in requests]
+        with Progress("lm-eval loglikelihood", total=len(pairs), unit="requests") as bar:
+            return self._score(pairs, bar)
 
     def loglikelihood_rolling(self, requests: Iterable) -> list[float]:
-        out = []
-        for req in requests:
-            (text,) = req.args[:1]
-            windows = get_rolling_token_windows(
-                token_list=self._encode(text), prefix_token=self.eot, max_seq_len=self.max_length, context_len=1
-            )
-            pairs = [make_disjoint_window(w) for w in windows]
-            out.append(sum(lp for lp, _ in self._score(pairs)))
+        reqs, out = list(requests), []
+        with Progress("lm-eval rolling loglikelihood", total=len(reqs), unit="texts") as bar:
+            for req in reqs:
+                (text,) = req.args[:1]
+                windows = get_rolling_token_windows(
+                    token_list=self._encode(text), prefix_token=self.eot, max_seq_len=self.max_length, context_len=1
+                )
+                pairs = [make_disjoint_window(w) for w in windows]
+                out.append(sum(lp for lp, _ in self._score(pairs)))
+                bar.advance()
         return out
 
     def generate_until(self, requests: Iterable) -> list[str]:
@@ -107,20 +114,22 @@ class MoemlaLM(LM):
         def key(i: int) -> tuple:
             return settings[i][1:]
 
-        for (temperature, max_new), group in groupby(sorted(range(len(reqs)), key=key), key=key):
-            idx = list(group)
-            for lo in range(0, len(idx), self.batch_size):
-                chunk = idx[lo : lo + self.batch_size]
-                keep = max(1, self.max_length - max_new)
-                prompts = [(self._encode(reqs[i].args[0]) or [self.eot])[-keep:] for i in chunk]
-                outs = generate_ids_batch(
-                    self.model, prompts, max_new, temperature=temperature, stop=self.eot, seeds=[0] * len(chunk)
-                )
-                for i, ids in zip(chunk, outs, strict=True):
-                    text = self.tok.decode([t for t in ids if t != self.eot])
-                    for stop in settings[i][0]:
-                        text = text.split(stop)[0] if stop else text
-                    results[i] = text
+        with Progress("lm-eval generate_until", total=len(reqs), unit="requests") as bar:
+            for (temperature, max_new), group in groupby(sorted(range(len(reqs)), key=key), key=key):
+                idx = list(group)
+                for lo in range(0, len(idx), self.batch_size):
+                    chunk = idx[lo : lo + self.batch_size]
+                    keep = max(1, self.max_length - max_new)
+                    prompts = [(self._encode(reqs[i].args[0]) or [self.eot])[-keep:] for i in chunk]
+                    outs = generate_ids_batch(
+                        self.model, prompts, max_new, temperature=temperature, stop=self.eot, seeds=[0] * len(chunk)
+                    )
+                    for i, ids in zip(chunk, outs, strict=True):
+                        text = self.tok.decode([t for t in ids if t != self.eot])
+                        for stop in settings[i][0]:
+                            text = text.split(stop)[0] if stop else text
+                        results[i] = text
+                    bar.advance(len(chunk))
         return results  # type: ignore[return-value]
 
     def _gen_settings(self, kwargs: dict) -> tuple[list[str], float, int]:

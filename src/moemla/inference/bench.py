@@ -17,6 +17,7 @@ from moemla import accounting
 from moemla.config import ModelConfig, variant_name
 from moemla.inference.decoder import Engine, Quantize, TorchDecoder, make_decoder
 from moemla.model import Transformer
+from moemla.progress import Progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,21 +57,24 @@ def bench(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     best: dict[str, object] | None = None
-    for _ in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        dec.prefill(prompts, context)
-        _sync(device)
-        prefill = time.perf_counter() - t0
-        latencies = []
-        for tokens in steps:
-            t0 = time.perf_counter()
-            torch.as_tensor(dec.step(tokens)).argmax(-1)  # what a greedy sampler would do with the logits
+    name = f"bench {variant_name(cfg) or 'custom'} batch {batch}"
+    with Progress(name, total=(repeats + 1) * new_tokens, unit="decode steps") as bar:
+        for _ in range(repeats + 1):
             _sync(device)
-            latencies.append(time.perf_counter() - t0)
-        row = _timings(batch, context - new_tokens, prefill, latencies)
-        if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
-            best = row
+            t0 = time.perf_counter()
+            dec.prefill(prompts, context)
+            _sync(device)
+            prefill = time.perf_counter() - t0
+            latencies = []
+            for tokens in steps:
+                t0 = time.perf_counter()
+                torch.as_tensor(dec.step(tokens)).argmax(-1)  # what a greedy sampler would do with the logits
+                _sync(device)
+                latencies.append(time.perf_counter() - t0)
+                bar.advance()
+            row = _timings(batch, context - new_tokens, prefill, latencies)
+            if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
+                best = row
     cache_bytes, weight_bytes = decoder_bytes(dec)
     cuda = device.type == "cuda"
     cpu_engine = engine != "torch"

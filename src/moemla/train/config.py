@@ -15,38 +15,43 @@ from moemla.config import ConfigError
 AmpKind = Literal["auto", "bf16", "fp16", "none"]
 
 
+def doc(default: object, help: str) -> object:
+    """A field whose help text `--flag --help` shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # length: --max-steps, or --tokens (converted to steps); neither means 1000 steps
-    max_steps: int | None = None
-    tokens: int | None = None
-    seed: int = 1337
+    max_steps: int | None = doc(None, "optimizer steps to train (default 1000 when --tokens is not given either)")
+    tokens: int | None = doc(None, "training tokens instead of --max-steps, rounded up to whole steps")
+    seed: int = doc(1337, "seed of the initial weights, dropout and the data order")
 
     # batch (§3.3: 128 sequences of 512 tokens per optimizer step)
-    batch_size: int = 128  # sequences per optimizer step, over all processes
-    micro_batch_size: int = 16  # sequences per forward; gradient accumulation makes up the rest
-    seq_len: int = 512  # at most the model's max_seq_len
+    batch_size: int = doc(128, "sequences per optimizer step, over all processes")
+    micro_batch_size: int = doc(16, "sequences per forward; gradient accumulation makes up the rest")
+    seq_len: int = doc(512, "tokens per training sequence, at most the model's max_seq_len")
 
     # AdamW, linear warmup then cosine decay (§3.3)
-    lr: float = 3e-4
-    min_lr: float = 1e-5
-    warmup_frac: float = 0.1
-    weight_decay: float = 0.1  # not on norms, biases or embeddings
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    lr: float = doc(3e-4, "peak learning rate")
+    min_lr: float = doc(1e-5, "learning rate at the end of the cosine decay")
+    warmup_frac: float = doc(0.1, "share of the steps spent warming up linearly")
+    weight_decay: float = doc(0.1, "AdamW weight decay; not on norms, biases or embeddings")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.95, "AdamW beta2")
+    grad_clip: float = doc(1.0, "max global gradient norm; 0 turns clipping off")
 
     # execution
-    device: str = "auto"  # auto: cuda when available, else cpu
-    amp: AmpKind = "auto"  # auto: bf16 on CUDA, none on CPU; fp16 uses dynamic loss scaling as the paper
-    compile: bool | None = None  # torch.compile the model; None (auto): on CUDA, not on CPU
+    device: str = doc("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    amp: AmpKind = doc("auto", "autocast precision; auto: bf16 on CUDA, none on CPU; fp16 scales the loss")
+    compile: bool | None = doc(None, "torch.compile the model; auto: on CUDA, not on CPU")
 
     # evaluation, logging, checkpoints
-    eval_interval: int = 100  # steps between validation passes (and one at the end)
-    eval_tokens: int = 262_144  # validation tokens per pass, at most
-    ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2  # older ones are deleted once a newer one is complete
-    log_interval: int = 10  # steps between metrics.jsonl records
+    eval_interval: int = doc(100, "steps between validation passes (and one at the end)")
+    eval_tokens: int = doc(262_144, "validation tokens per pass, at most")
+    ckpt_interval: int = doc(100, "steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = doc(2, "checkpoints kept; older ones go once a newer one is complete")
+    log_interval: int = doc(10, "steps between metrics.jsonl records")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "seq_len", "eval_interval", "ckpt_interval", "log_interval"):
