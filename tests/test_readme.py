@@ -9,3 +9,24 @@ def test_readme_python_example_runs() -> None:
     assert blocks, "README lost its Python example"
     for code in blocks:
         exec(compile(code, str(README), "exec"), {})
+
+
+def test_every_moemla_command_in_the_readme_parses_as_written() -> None:
+    """Each `moemla ...` line of README's shell blocks is accepted by the parser (flags, choices, values)."""
+    import shlex
+
+    from moemla.cli import build_parser
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if "moemla " in line and line.lstrip().startswith(("moemla ", "pip install")):
+                argv = shlex.split(line[line.index("moemla ") :], comments=True)
+                if argv[1] != "lm-eval":  # lm-eval's own flags are lm-eval's to check
+                    commands.append(argv)
+    assert len(commands) > 20, "README lost its command examples"
+    for argv in commands:
+        try:
+            build_parser().parse_args(argv[1:])
+        except SystemExit:
+            raise AssertionError(f"README's `{shlex.join(argv)}` does not parse") from None
