@@ -11,6 +11,7 @@ from moemla import accounting
 from moemla.cli.flags import add_config_flags, add_dataclass_flags, config_overrides, flag_values
 from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, PAPER_PRESET, SIZES, VARIANTS, ModelConfig
 from moemla.data.prepare import STORIES, VAL_FRACTION, VOCAB_SIZE
+from moemla.demo import STEPS as DEMO_STEPS
 from moemla.train.config import TrainConfig
 
 
@@ -218,9 +219,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         description="Prepare the built-in corpus, train the tiny moe-mla-rope and mha models for a few minutes each "
         "on CPU, then print a side-by-side table, a sample story from each, and write plots.",
     )
-    p.add_argument("--out", default="runs/demo", help="folder for the data, both runs and the plots")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's budget)")
-    p.add_argument("--stories", type=int, default=None, help="built-in stories to generate")
+    p.add_argument("--out", default="runs/demo", help="folder for the data, both runs and the plots (default runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per model (default {DEMO_STEPS})")
+    p.add_argument("--stories", type=int, default=None, help=f"built-in stories to generate (default {STORIES:,})")
     p.add_argument("--fresh", action="store_true", help="retrain even if the demo's runs are already finished")
     p.set_defaults(func=cmd_demo)
 
