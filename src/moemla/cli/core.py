@@ -219,7 +219,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         description="Prepare the built-in corpus, train the tiny moe-mla-rope and mha models for a few minutes each "
         "on CPU, then print a side-by-side table, a sample story from each, and write plots.",
     )
-    p.add_argument("--out", default="runs/demo", help="folder for the data, both runs and the plots (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="folder for data, both runs and the plots (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per model (default {DEMO_STEPS})")
     p.add_argument("--stories", type=int, default=None, help=f"built-in stories to generate (default {STORIES:,})")
     p.add_argument("--fresh", action="store_true", help="retrain even if the demo's runs are already finished")
