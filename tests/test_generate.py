@@ -145,3 +145,37 @@ def test_bench_compiled_decode(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--compile", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert all(r["compiled"] and r["decode_tokens_per_s"] > 0 for r in rows)
+
+
+def test_sampling_defaults_have_one_home(trained_debug_run, tmp_path) -> None:
+    """CLI flags, generate_ids, the judge's samples, the server's request defaults and an export's
+    generation_config.json all say what SamplingConfig says (`moemla generate --top-k` once said None)."""
+    import inspect
+    import json
+
+    from moemla.cli import build_parser
+    from moemla.eval.samples import SampleSettings
+    from moemla.inference.sampling import SamplingConfig
+
+    s = SamplingConfig()
+    args = build_parser().parse_args(["generate", "RUN"])
+    assert (args.s_temperature, args.s_top_k, args.s_top_p, args.s_max_new_tokens, args.s_seed) == (
+        s.temperature, s.top_k, s.top_p, s.max_new_tokens, s.seed
+    )  # fmt: skip
+    args = build_parser().parse_args(["generate", "RUN", "--top-k", "none"])
+    assert args.s_top_k is None  # "none" turns the limit off instead of falling back to the default
+    params = inspect.signature(generate_ids).parameters
+    assert (params["temperature"].default, params["top_k"].default) == (s.temperature, s.top_k)
+    settings = SampleSettings()
+    assert (settings.temperature, settings.top_k, settings.max_new_tokens) == (s.temperature, s.top_k, s.max_new_tokens)
+    pytest.importorskip("fastapi")
+    from moemla.serve.protocol import CompletionRequest
+
+    req = CompletionRequest(model="m", prompt="hi")
+    assert (req.temperature, req.top_k) == (s.temperature, s.top_k)
+    pytest.importorskip("transformers")
+    from moemla.export.hf import export_hf
+
+    export_hf(trained_debug_run, tmp_path / "hf")
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert {k: gen[k] for k in ("do_sample", "temperature", "top_k", "max_new_tokens")} == s.generation_config()

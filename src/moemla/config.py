@@ -18,6 +18,11 @@ RopeMode = Literal["post", "decoupled"]
 DEFAULT_PRESET, DEFAULT_VARIANT, PAPER_PRESET = "tiny", "moe-mla-rope", "xs"
 
 
+def doc(default: object, help: str) -> object:
+    """A dataclass field with the help text its derived `--flag` shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model; the message says what to change."""
 

@@ -19,6 +19,7 @@ from moemla.config import ModelConfig
 from moemla.data.prepare import STORIES, prepare_data  # 20,000 stories: ~5M tokens, prepared in ~10 s
 from moemla.data.shards import PreparedData, eval_batches
 from moemla.inference.generate import generate
+from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
 from moemla.plots import expert_utilization, loss_curves
 from moemla.train.config import TrainConfig
@@ -72,7 +73,7 @@ def run_demo(
         model, tok, _ = load_model(run_dir)
         final = [r for r in metrics[variant] if r["split"] == "val"][-1]
         speed = statistics.median(r["tokens_per_s"] for r in metrics[variant] if r["split"] == "train")
-        story = generate(model, tok, [PROMPT], max_new_tokens=160, temperature=0.8, top_k=40, seed=0)[0]
+        story = generate(model, tok, [PROMPT], SamplingConfig(max_new_tokens=160))[0]
         if cfg.ffn == "moe":
             loads = expert_loads(model, data, tc.seq_len, 32_768)
             expert_utilization(loads, out / f"experts-{variant}.png", f"{variant}: expert load per layer")

@@ -46,14 +46,24 @@ def _field_parser(annotation: object) -> tuple[Callable[[str], object], list[str
 
 
 def add_dataclass_flags(
-    parser: argparse.ArgumentParser, cls: type, prefix: str, title: str, shown: object | None = None
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str,
+    title: str,
+    shown: object | None = None,
+    *,
+    only: tuple[str, ...] | None = None,
+    defaults: bool = False,
 ) -> None:
-    """One `--field-name` flag per dataclass field; unset flags leave the value from preset or file.
+    """One `--field-name` flag per dataclass field (or per field in `only`); unset flags stay None and leave the
+    value from preset or file, or with `defaults` take the field's default (then `none` can be asked for).
 
     The help shows each field's value in `shown` (e.g. the default preset's config), else its default."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         default = getattr(shown, f.name) if shown is not None else f.default
         convert, choices = _field_parser(hints[f.name])
         text = f.metadata.get("help", f"{cls.__name__}.{f.name}")
@@ -64,7 +74,7 @@ def add_dataclass_flags(
             dest=f"{prefix}{f.name}",
             type=convert,
             choices=choices if convert is str else None,  # a Literal; `bool | None` checks in its converter
-            default=None,
+            default=f.default if defaults else None,
             metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
             help=f"{text} (default {default})" if default is not None else text,
         )
@@ -80,6 +90,11 @@ def add_config_flags(parser: argparse.ArgumentParser, preset: str) -> None:
 def flag_values(args: argparse.Namespace, prefix: str) -> dict[str, object]:
     n = len(prefix)
     return {k[n:]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def dataclass_values(args: argparse.Namespace, cls: type, prefix: str) -> dict[str, object]:
+    """The values of flags added with `defaults=True`, None included."""
+    return {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from moemla.cli.flags import add_config_flags, config_overrides
+from moemla.cli.flags import add_config_flags, add_dataclass_flags, config_overrides, dataclass_values
 from moemla.config import DEFAULT_PRESET, PAPER_PRESET, SIZES, VARIANTS, ConfigError, ModelConfig
 from moemla.data.sources import DataError
 from moemla.experiments.tables import TABLES
+from moemla.inference.sampling import SamplingConfig
 
 ENGINE_HELP = (
     "torch: the model itself (any device, dtype, batch); numpy: the torch-free NumpyDecoder, one sequence "
@@ -34,7 +35,6 @@ QUANTIZE_HELP = (
 def cmd_generate(args: argparse.Namespace) -> int:
     from moemla.inference.decoder import make_decoder
     from moemla.inference.generate import generate
-    from moemla.inference.sampling import check_sampling
     from moemla.train.distributed import resolve_device
     from moemla.train.run_folder import load_model
 
@@ -47,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [args.prompt]
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before the prompt is printed
+    sampling = SamplingConfig(**dataclass_values(args, SamplingConfig, "s_"))  # checked before the prompt prints
     if args.engine in ("numpy", "numba") and args.device not in ("auto", "cpu"):
         raise ConfigError(f"--engine {args.engine} runs on the CPU; drop --device {args.device} or use --engine torch")
     device = "cpu" if args.engine in ("numpy", "numba") else args.device
@@ -55,12 +55,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     mode = "cuda-graph" if args.cuda_graph else "eager"
     model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize, mode=mode,
                          compile=args.compile)  # fmt: skip
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "truncate": args.truncate}  # fmt: skip
     if args.batch_size > 1:  # whole texts, printed as each batch finishes
         for lo in range(0, len(prompts), args.batch_size):
             group = prompts[lo : lo + args.batch_size]
-            texts = generate(model, tok, group, seed=args.seed + lo, batch_size=args.batch_size, **sampling)
+            texts = generate(model, tok, group, sampling.replace(seed=sampling.seed + lo), truncate=args.truncate,
+                             batch_size=args.batch_size)  # fmt: skip
             for i, text in enumerate(texts, start=lo):
                 print(f"--- {i + 1}/{len(prompts)}\n{text}", flush=True)
         return 0
@@ -68,8 +67,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(prompts) > 1:
             print(f"--- {i + 1}/{len(prompts)}")
         print(prompt, end="", flush=True)
-        generate(model, tok, [prompt], seed=args.seed + i, stream=lambda text: print(text, end="", flush=True),
-                 **sampling)  # fmt: skip
+        generate(model, tok, [prompt], sampling.replace(seed=sampling.seed + i), truncate=args.truncate,
+                 stream=lambda text: print(text, end="", flush=True))  # fmt: skip
         print()
     return 0
 
@@ -177,10 +176,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
         raise ConfigError("--offline sends nothing anywhere: drop --endpoint, or drop --offline to judge")
     if not 0.0 <= args.max_unparsed <= 1.0:
         raise ConfigError(f"--max-unparsed must be a share in [0, 1], got {args.max_unparsed}")
-    settings = SampleSettings(
-        samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        seed=args.seed, batch_size=args.batch_size,
-    )  # fmt: skip
+    sampling = dataclass_values(args, SamplingConfig, "s_")
+    settings = SampleSettings(samples=args.samples, batch_size=args.batch_size, **sampling)  # type: ignore[arg-type]
     result = judge_runs(
         args.runs, args.out, endpoint=args.endpoint, model=args.model, prompts=args.prompts, settings=settings,
         concurrency=args.concurrency, device=args.device, log=lambda line: print(line, file=sys.stderr),
@@ -219,10 +216,6 @@ def add_judge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="judge", help="output folder, also the caches' home (default ./judge)")
     p.add_argument("--samples", type=int, default=100, help="completions per run (the paper: 100)")
     p.add_argument("--prompts", default="stories-v1", help="shipped prompt set (stories-v1) or a file, one per line")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens per completion at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=0, help="completion i uses seed + i")
     p.add_argument("--batch-size", type=int, default=16, help="completions generated together")
     p.add_argument("--concurrency", type=int, default=4, help="judge requests in flight at most")
     p.add_argument(
@@ -231,6 +224,9 @@ def add_judge(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (for generating)")
     p.add_argument("--json", action="store_true", help="print judge.json instead of the report")
+    fields = ("temperature", "top_k", "max_new_tokens", "seed")
+    add_dataclass_flags(p, SamplingConfig, "s_", "sampling (SamplingConfig; completion i uses seed + i)", only=fields,
+                        defaults=True)  # fmt: skip
     p.set_defaults(func=cmd_judge)
 
 
@@ -274,11 +270,6 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("--prompt", default="Once upon a time", help="prompt text")
     p.add_argument("--prompts", help="file with one prompt per line (overrides --prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample within the nucleus of probability p")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the context from the left")
     p.add_argument("--checkpoint", metavar="step_N", help="generate from this checkpoint (default: the newest)")
     p.add_argument(
@@ -294,6 +285,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    add_dataclass_flags(p, SamplingConfig, "s_", "sampling (SamplingConfig, as generate() and exports)", defaults=True)
     p.set_defaults(func=cmd_generate)
 
 

@@ -18,7 +18,7 @@ from moemla.data.sources import DataError
 from moemla.data.tokenizer import eot_id
 from moemla.eval.stats import Completion
 from moemla.inference.generate import generate_ids_batch
-from moemla.inference.sampling import check_sampling
+from moemla.inference.sampling import SamplingConfig
 from moemla.progress import Progress
 from moemla.train.run_folder import load_model
 
@@ -54,17 +54,20 @@ def read_jsonl(path: Path) -> Iterator[dict]:
 @dataclass(frozen=True)
 class SampleSettings:
     samples: int = 100
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 40
-    seed: int = 0
+    max_new_tokens: int = SamplingConfig.max_new_tokens
+    temperature: float = SamplingConfig.temperature
+    top_k: int | None = SamplingConfig.top_k
+    seed: int = SamplingConfig.seed
     batch_size: int = 16  # completions decoded together (left-padded); part of the key, as it can flip near-ties
 
     def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_k, None, self.max_new_tokens)
+        self.sampling()  # SamplingConfig's checks
         for name in ("samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, None, self.max_new_tokens, self.seed)
 
 
 def _run_identity(run_dir: str | Path) -> dict[str, object]:

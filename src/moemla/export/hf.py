@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from moemla.config import ModelConfig, variant_name
 from moemla.data.sources import EOT
+from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
 from moemla.train.checkpoint import save_safetensors, write_text_atomic
 from moemla.train.run_folder import TOKENIZER_FILE, load_model
@@ -26,8 +27,6 @@ REMOTE = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_moemla.py", "modeling_moemla.py")
 MOEMLA_TOKENIZER = "moemla_tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# moemla generate's defaults, so `model.generate(**inputs)` samples as `moemla generate` does
-SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 40}
 
 
 # per-block module names: ours -> transformers' (GPT-2's Conv1D matrices are stored transposed)
@@ -250,7 +249,7 @@ def export_hf(
     if kind == "remote":
         for name in REMOTE_FILES:
             shutil.copyfile(REMOTE / name, out / name)
-    generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, **SAMPLING}
+    generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, **SamplingConfig().generation_config()}
     write_text_atomic(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     write_tokenizer(tok, out, cfg.max_seq_len)
     # moemla's own tokenizer file, byte for byte: transformers rewrites tokenizer.json (a no-op post-processor),

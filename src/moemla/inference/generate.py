@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
 from moemla.inference.decoder import Decoder, TorchDecoder
-from moemla.inference.sampling import check_sampling, sample
+from moemla.inference.sampling import SamplingConfig, sample
 from moemla.model import Transformer
 
 
@@ -25,17 +25,20 @@ def _check_fits(context: int, prompt_len: int) -> None:
         )
 
 
+DEFAULT = SamplingConfig()
+
+
 @torch.no_grad()
 def generate_ids(
     model: Transformer | Decoder,
     prompt: list[int],
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    temperature: float = DEFAULT.temperature,
+    top_k: int | None = DEFAULT.top_k,
+    top_p: float | None = DEFAULT.top_p,
     stop: int | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT.seed,
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Continue one prompt until `stop`, `max_new_tokens`, or the model's context is full.
@@ -43,17 +46,22 @@ def generate_ids(
     `model` is a Transformer or any Decoder (torch, numpy, numba); with the same logits and seed all draw the
     same tokens.
     """
-    dec = as_decoder(model)
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    s = SamplingConfig(temperature, top_k, top_p, max_new_tokens, seed)
+    return _continue(as_decoder(model), prompt, s, stop, on_token)
+
+
+def _continue(
+    dec: Decoder, prompt: list[int], s: SamplingConfig, stop: int | None, on_token: Callable[[int], None] | None
+) -> list[int]:
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
     _check_fits(dec.cfg.max_seq_len, len(prompt))
-    max_len = min(dec.cfg.max_seq_len, len(prompt) + max_new_tokens)
+    max_len = min(dec.cfg.max_seq_len, len(prompt) + s.max_new_tokens)
     logits = torch.as_tensor(dec.prefill([prompt], max_len))  # (1, V)
-    generator = torch.Generator(device=logits.device).manual_seed(seed)
+    generator = torch.Generator(device=logits.device).manual_seed(s.seed)
     out: list[int] = []
-    while len(out) < max_new_tokens:
-        out.append(int(sample(logits, temperature, top_k, top_p, generator)))
+    while len(out) < s.max_new_tokens:
+        out.append(int(sample(logits, s.temperature, s.top_k, s.top_p, generator)))
         if on_token is not None:
             on_token(out[-1])
         if out[-1] == stop or dec.length == max_len:
@@ -68,9 +76,9 @@ def generate_ids_batch(
     prompts: list[list[int]],
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    temperature: float = DEFAULT.temperature,
+    top_k: int | None = DEFAULT.top_k,
+    top_p: float | None = DEFAULT.top_p,
     stop: int | None = None,
     seeds: list[int] | None = None,
 ) -> list[list[int]]:
@@ -80,22 +88,26 @@ def generate_ids_batch(
     `generate_ids(..., seed=seeds[i])` draws alone, up to float rounding in near-ties. A sequence that
     reaches `stop` is done; the batch runs until all are, or the longest prompt fills the context.
     """
-    dec = as_decoder(model)
+    s = SamplingConfig(temperature, top_k, top_p, max_new_tokens)
+    return _continue_batch(as_decoder(model), prompts, s, stop, seeds or list(range(len(prompts))))
+
+
+def _continue_batch(
+    dec: Decoder, prompts: list[list[int]], s: SamplingConfig, stop: int | None, seeds: list[int]
+) -> list[list[int]]:
     if dec.max_batch is not None and len(prompts) > dec.max_batch:
         raise ValueError("the numpy decoders run one sequence at a time; batch with the torch model")
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
-    seeds = seeds or list(range(len(prompts)))
     if not prompts or any(not p for p in prompts) or len(seeds) != len(prompts):
         raise ValueError("give one or more non-empty prompts, and one seed per prompt")
     longest = max(len(p) for p in prompts)
     _check_fits(dec.cfg.max_seq_len, longest)
-    max_len = min(dec.cfg.max_seq_len, longest + max_new_tokens)
+    max_len = min(dec.cfg.max_seq_len, longest + s.max_new_tokens)
     logits = torch.as_tensor(dec.prefill(prompts, max_len))  # (B, V)
-    generators = [torch.Generator(device=logits.device).manual_seed(s) for s in seeds]
+    generators = [torch.Generator(device=logits.device).manual_seed(seed) for seed in seeds]
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        step = [int(sample(logits[i : i + 1], temperature, top_k, top_p, g)) for i, g in enumerate(generators)]
+    for _ in range(s.max_new_tokens):
+        step = [int(sample(logits[i : i + 1], s.temperature, s.top_k, s.top_p, g)) for i, g in enumerate(generators)]
         for i, token in enumerate(step):
             if not done[i]:
                 out[i].append(token)
@@ -106,16 +118,13 @@ def generate_ids_batch(
     return out
 
 
+@torch.no_grad()
 def generate(
     model: Transformer | Decoder,
     tokenizer: Tokenizer,
     prompts: list[str],
+    sampling: SamplingConfig = DEFAULT,
     *,
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int | None = 40,
-    top_p: float | None = None,
-    seed: int = 0,
     truncate: bool = False,
     stream: Callable[[str], None] | None = None,
     batch_size: int = 1,
@@ -123,13 +132,12 @@ def generate(
     """Prompt text -> prompt plus continuation, stopping at <|endoftext|>; `stream` gets text as it comes.
 
     batch_size > 1 decodes that many prompts together (torch model; no streaming). Prompt i samples
-    with seed + i either way.
+    with sampling.seed + i either way.
     """
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    stop = eot_id(tokenizer)
-    room = model.cfg.max_seq_len - min(max_new_tokens, model.cfg.max_seq_len // 2)
+    s, dec, stop = sampling, as_decoder(model), eot_id(tokenizer)
+    room = dec.cfg.max_seq_len - min(s.max_new_tokens, dec.cfg.max_seq_len // 2)
     encoded = [tokenizer.encode(p).ids for p in prompts]
     if truncate:
         encoded = [ids[-room:] if len(ids) > room else ids for ids in encoded]  # keep the end, leave room
@@ -139,10 +147,7 @@ def generate(
         texts = []
         for lo in range(0, len(encoded), batch_size):
             group = encoded[lo : lo + batch_size]
-            seeds = [seed + lo + j for j in range(len(group))]
-            outs = generate_ids_batch(
-                model, group, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seeds=seeds
-            )
+            outs = _continue_batch(dec, group, s, stop, [s.seed + lo + j for j in range(len(group))])
             texts += [
                 tokenizer.decode(ids + [t for t in out if t != stop]) for ids, out in zip(group, outs, strict=True)
             ]
@@ -158,9 +163,6 @@ def generate(
             new.append(token)
             stream(tokenizer.decode(new)[len(before) :])  # decoded as a whole: multi-byte characters stay intact
 
-        out = generate_ids(
-            model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed + i,
-            on_token=emit,
-        )  # fmt: skip
+        out = _continue(dec, ids, s.replace(seed=s.seed + i), stop, emit)
         texts.append(tokenizer.decode(ids + [t for t in out if t != stop]))
     return texts

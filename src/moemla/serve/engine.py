@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moemla.inference.decoder import Mode, TorchDecoder
-from moemla.inference.sampling import check_sampling, sample
+from moemla.inference.sampling import SamplingConfig, sample
 from moemla.model import Transformer
 
 
@@ -46,10 +46,10 @@ class Job:
     prompt: list[int]
     max_tokens: int
     emit: Callable[[Event], None]
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
+    temperature: float = SamplingConfig.temperature
+    top_k: int | None = SamplingConfig.top_k
+    top_p: float | None = SamplingConfig.top_p
+    seed: int = SamplingConfig.seed
     logprobs: int | None = None  # alternatives per token to report (0: only the chosen token's logprob)
     echo: bool = False  # report the prompt's tokens and their logprobs first
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -59,8 +59,8 @@ class Job:
             raise ValueError("the prompt is empty; give at least one token")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.max_tokens:
-            check_sampling(self.temperature, self.top_k, self.top_p, self.max_tokens)
+        if self.max_tokens:  # 0 scores the prompt only (echo): nothing is sampled
+            SamplingConfig(self.temperature, self.top_k, self.top_p, self.max_tokens, self.seed)
 
 
 def _top(logprobs: torch.Tensor, n: int | None) -> list[tuple[int, float]]:

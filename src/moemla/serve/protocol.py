@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
+from moemla.inference.sampling import SamplingConfig
 from moemla.serve.engine import Token
 
 
@@ -20,9 +21,10 @@ class Sampling(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 is greedy; OpenAI's range
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)  # not OpenAI's; vLLM and llama.cpp accept it too
+    # moemla's sampling defaults (SamplingConfig, as `moemla generate` and exports), within OpenAI's ranges
+    temperature: float = Field(SamplingConfig.temperature, ge=0.0, le=2.0)  # 0 is greedy
+    top_p: float = Field(SamplingConfig.top_p or 1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(SamplingConfig.top_k, ge=1)  # not OpenAI's; vLLM and llama.cpp accept it too
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None

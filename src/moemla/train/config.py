@@ -10,14 +10,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from moemla.config import ConfigError
+from moemla.config import ConfigError, doc
 
 AmpKind = Literal["auto", "bf16", "fp16", "none"]
-
-
-def doc(default: object, help: str) -> object:
-    """A field whose help text `--flag --help` shows."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
