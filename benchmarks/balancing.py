@@ -1,4 +1,4 @@
-"""Expert-load CV over steps for each balancing rule on the test suite's skewed synthetic router.
+"""Expert-load CV over steps for each balancing rule on a skewed synthetic router (moemla.experiments.balancing).
 
     python benchmarks/balancing.py [--steps 3000] [--tokens 512]
 
@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.test_moe import run_balancing, skewed_router
+from moemla.experiments.balancing import run_balancing, skewed_router
 
 SETTINGS = [("paper", 1e-3), ("sign", 1e-3), ("paper", 1.0)]
 

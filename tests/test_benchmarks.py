@@ -1,7 +1,9 @@
 """The benchmark scripts stay runnable: each parses its flags, and the MoE-layer one runs end to end at a tiny
 size. (Their numbers belong in BENCHMARKS.md, never in tests.)"""
 
+import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +20,16 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_every_benchmark_script_explains_itself(script: Path) -> None:
+    """--help shows the docstring's summary, and every flag of the docstring's example commands exists."""
     out = _run(sys.executable, str(script), "--help")
     assert out.returncode == 0, out.stderr
-    assert "usage:" in out.stdout
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    assert doc and " ".join(doc.splitlines()[0].split()) in " ".join(out.stdout.split())
+    examples = [line for line in doc.splitlines() if line.strip().startswith(f"python benchmarks/{script.name}")]
+    assert examples, f"{script.name}'s docstring shows no command to run it"
+    flags = {f for line in examples for f in re.findall(r"(--[a-z][a-z0-9-]*)", line)}
+    missing = sorted(f for f in flags if not re.search(rf"{f}\b", out.stdout))
+    assert not missing, f"{script.name}'s docstring uses flags its parser lacks: {missing}"
 
 
 def test_moe_layer_benchmark_measures_every_candidate_on_a_tiny_layer() -> None:

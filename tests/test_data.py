@@ -38,8 +38,13 @@ def test_corpus_has_long_range_references() -> None:
     assert hits >= 0.9 * 300
 
 
-def test_corpus_vocabulary_is_large() -> None:
-    words = {w.strip('.,!?":;').lower() for s in corpus.stories(0, 3000) for w in s.split()}
+def test_corpus_stories_never_repeat_so_validation_measures_generalization() -> None:
+    """Held-out stories are new stories, not copies of training ones, over a vocabulary of 1000+ words."""
+    stories = list(corpus.stories(0, 3000))
+    assert len(set(stories)) == len(stories)
+    val = [s for i, s in enumerate(stories) if is_val(i, 0.05)]
+    assert val and not set(val) & {s for i, s in enumerate(stories) if not is_val(i, 0.05)}
+    words = {w.strip('.,!?":;').lower() for s in stories for w in s.split()}
     assert len(words) > 1000
 
 

@@ -96,7 +96,7 @@ def test_debug_model_overfits_one_batch(variant: str) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        model.update_routing_biases()
+        model.routing_bias_step()
     assert first > 5.0
     assert loss.item() < 0.1, f"{variant}: loss {first:.2f} -> {loss.item():.3f}"
 

@@ -15,6 +15,8 @@ RopeMode = Literal["post", "decoupled"]
 
 # the one place for these defaults: what `moemla train` and the demo build (tiny trains on a CPU in minutes),
 # and what `moemla info`, `moemla bench` and the API describe (the paper's smallest size, Table 1)
+# what `moemla train` builds when neither --preset nor --variant nor a config file says (CPU-sized), and the
+# size the paper's tables default to
 DEFAULT_PRESET, DEFAULT_VARIANT, PAPER_PRESET = "tiny", "moe-mla-rope", "xs"
 
 
@@ -149,7 +151,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "mla-drope": dict(attention="mla", positions="rope", ffn="dense", rope_mode="decoupled"),
     "moe-mla-drope": dict(attention="mla", positions="rope", ffn="moe", rope_mode="decoupled"),
 }
-# what `moemla train` builds when neither --preset nor --variant nor a config file says: CPU-sized
 
 
 def variant_name(cfg: ModelConfig) -> str | None:

@@ -126,9 +126,6 @@ class KVCache:
         self.length += n_tokens
         self.pos.fill_(self.length)
 
-    def reset(self) -> None:
-        self.rewind()
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())

@@ -114,14 +114,10 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [blk.ffn for blk in self.blocks if isinstance(blk.ffn, MoE)]
 
-    def update_routing_biases(self) -> list[float]:
-        """Once per optimizer step (Algorithm 1): move each layer's biases; return per-layer load CV."""
-        return self.routing_bias_step().tolist()
-
     @torch.no_grad()
     def routing_bias_step(self) -> torch.Tensor:
-        """update_routing_biases with the CVs left on the device, (L,) (empty for a dense model): no host sync,
-        so a GPU training step can read them with its loss in one transfer."""
+        """Once per optimizer step (Algorithm 1): move each layer's biases; return the per-layer load CVs (L,)
+        (empty for a dense model), left on the device so a GPU step reads them with its loss in one transfer."""
         cfg = self.cfg
         loads = [moe.update_bias(cfg.balance_rate, cfg.balance_rule) for moe in self.moe_layers()]
         return load_cvs(torch.stack(loads)) if loads else torch.zeros(0, dtype=torch.float64)

@@ -53,6 +53,8 @@ def _arrays(obj: object) -> list[np.ndarray]:
     return list(found.values())
 
 
+# ModelConfig fields this engine implements, each with the values it supports (None: any value). A field not
+# listed (a new one) must keep its default, or the engine refuses the model rather than ignore the field.
 SUPPORTED: dict[str, tuple[object, ...] | None] = {
     "vocab_size": None, "max_seq_len": None, "n_layers": None, "dim": None, "n_heads": None, "bias": None,
     "attention": ("mha", "mla"), "positions": ("learned", "rope"), "ffn": ("dense", "moe"),

@@ -307,7 +307,3 @@ class Block:
 def _masked(scores: np.ndarray, t: int, start: int) -> np.ndarray:
     mask = causal_mask(t, start)
     return scores if mask is None else scores + mask
-
-
-# ModelConfig fields this engine implements, each with the values it supports (None: any value). A field not
-# listed (a new one) must keep its default, or the engine refuses the model rather than ignore the field.
