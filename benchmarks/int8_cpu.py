@@ -20,7 +20,7 @@ from moemla.config import ModelConfig
 from moemla.data.shards import PreparedData, eval_batches
 from moemla.inference.bench import bench
 from moemla.inference.cpu.decoder import NumpyDecoder
-from moemla.train.run_folder import configs, load_model
+from moemla.runs import RunFolder
 
 
 def speed(preset: str, variants: list[str], rounds: int, context: int, new: int) -> list[dict[str, object]]:
@@ -54,17 +54,17 @@ def val_loss(dec: NumpyDecoder, windows: list[np.ndarray]) -> float:
 
 
 def quality(run: str, max_tokens: int) -> dict[str, object]:
-    model, _, meta = load_model(run)
-    _, tc = configs(meta)
-    data = PreparedData.open(meta["data"]["path"])
+    folder = RunFolder.open(run)
+    model, train = folder.load_model(), folder.train_settings
+    data = PreparedData.open(folder.meta["data"]["path"])
     windows = []
-    for x, y in eval_batches(data.shards("val"), tc.seq_len, 1):
+    for x, y in eval_batches(data.shards("val"), train["seq_len"], 1):
         windows.append(np.concatenate([x[0].numpy(), y[0, -1:].numpy()]))
-        if len(windows) * tc.seq_len >= max_tokens:
+        if len(windows) * train["seq_len"] >= max_tokens:
             break
     fp32 = val_loss(NumpyDecoder.from_model(model), windows)
     int8 = val_loss(NumpyDecoder.from_model(model, quantize="int8"), windows)
-    return {"run": run, "tokens": len(windows) * tc.seq_len, "fp32_loss": fp32, "int8_loss": int8,
+    return {"run": run, "tokens": len(windows) * train["seq_len"], "fp32_loss": fp32, "int8_loss": int8,
             "relative_change": int8 / fp32 - 1}  # fmt: skip
 
 

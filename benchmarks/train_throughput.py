@@ -112,8 +112,8 @@ def batch_tokens(args: argparse.Namespace, vocab: int, data: Path | None) -> tor
 
 def loop_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, data: Path, run_dir: Path) -> float:
     """moemla's own training loop at the benchmark's shape: the median tokens/s it records, warm-up excluded."""
+    from moemla.runs import RunFolder
     from moemla.train.loop import train
-    from moemla.train.run_folder import read_metrics
 
     amp = "bf16" if args.dtype == "bf16" else "none"
     tc = TrainConfig(
@@ -122,7 +122,7 @@ def loop_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, data: Path, ru
         eval_tokens=args.seq, log_interval=1,
     )  # fmt: skip
     train(data, run_dir, cfg, tc, log=lambda _: None)
-    rates = [r["tokens_per_s"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    rates = [r["tokens_per_s"] for r in RunFolder(Path(run_dir)).metrics() if r["split"] == "train"]
     return statistics.median(rates[2:] or rates)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from moemla import ModelConfig, Transformer
 from moemla.config import VARIANTS
-from moemla.train import checkpoint
+from moemla.runs import RunFolder, checkpoint
 
 ALL_VARIANTS = list(VARIANTS)
 
@@ -59,6 +59,12 @@ def trained_debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train = ["--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32"]
     assert main(["train", "--data", str(data), "--out", str(run), "--preset", "debug", *train]) == 0
     return run
+
+
+def load_run(run: Path, checkpoint: str | None = None) -> tuple[Transformer, object, dict]:
+    """(model in eval mode, tokenizer, run.json) of a run folder, as every reading wing opens it."""
+    folder = RunFolder.open(run)
+    return folder.load_model("cpu", checkpoint), folder.tokenizer(), folder.meta
 
 
 def free_port() -> int:

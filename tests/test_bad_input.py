@@ -15,10 +15,10 @@ from moemla.cli import main
 from moemla.data.shards import prepare
 from moemla.data.sources import builtin_source, file_source
 from moemla.inference.generate import generate_ids
-from moemla.train import checkpoint
-from moemla.train.checkpoint import CheckpointError
+from moemla.runs import RunFolder, checkpoint
+from moemla.runs.checkpoint import CheckpointError
+from moemla.runs.folder import RunError
 from moemla.train.loop import train
-from moemla.train.run_folder import RunError, lock_run
 from tests.test_train import TC, cfg, weights
 
 from .conftest import build
@@ -111,7 +111,7 @@ def test_corrupt_or_hostile_optimizer_state_is_one_line(
 
 def test_a_second_writer_is_refused_and_a_stale_lock_does_not_block(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "r"
-    with lock_run(run), pytest.raises(RunError, match=r"in use by process \d+"):
+    with RunFolder(run).lock(), pytest.raises(RunError, match=r"in use by process \d+"):
         train(data, run, cfg(), TC.replace(max_steps=2), log=lambda _: None)
     assert not (run / "metrics.jsonl").exists()
     (run / ".lock").write_text("process 999999 on a killed host")  # left by a killed run: no flock is held

@@ -42,13 +42,14 @@ def test_resume_refuses_a_changed_model_in_one_place(
 ) -> None:
     """The CLI (flags) and the library (train with another config) meet the same check and the same message."""
     from moemla.config import ModelConfig
+    from moemla.runs import RunError, RunFolder
     from moemla.train.config import TrainConfig
     from moemla.train.loop import train
-    from moemla.train.run_folder import RunError, configs, read_meta
+    from moemla.train.resume import configs
 
     run = tmp_path / "run"
     shutil.copytree(trained_debug_run, run)
-    meta = read_meta(run)
+    meta = RunFolder.open(run).meta
     data = meta["data"]["path"]
     argv = ["train", "--data", data, "--out", str(run), "--resume", "--max-steps", "2", "--dim", "48"]
     assert main(argv) == 1

@@ -15,9 +15,8 @@ from moemla.config import VARIANTS, ModelConfig
 from moemla.data.sources import EOT
 from moemla.export.hf import REMOTE, ExportError, export_hf, native_architecture
 from moemla.inference.generate import generate_ids, generate_ids_batch
-from moemla.train.run_folder import load_model
 
-from .conftest import make_run
+from .conftest import load_run, make_run
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -51,7 +50,7 @@ def test_remote_code_logits_and_greedy_tokens_match_moemla(variant: str, base_ru
     info = export_hf(run, tmp_path / "hf", architecture="remote")
     assert info["architecture"] == "remote"
     hf = load_hf(tmp_path / "hf")
-    model, _, _ = load_model(run)
+    model, _, _ = load_run(run)
     want = assert_hf_matches_moemla(hf, model, row=0, prompt_len=7, new=16)
     assert len(set(want)) > 3, "a model this random should not repeat one token"
 
@@ -62,7 +61,7 @@ def test_left_padded_batch_matches_each_prompt_alone(variant: str, base_run: Pat
     run = make_run(base_run, tmp_path / "run", variant, seed=1)
     export_hf(run, tmp_path / "hf", architecture="remote")
     hf = load_hf(tmp_path / "hf")
-    model, _, _ = load_model(run)
+    model, _, _ = load_run(run)
     prompts = [[5, 9, 23, 40, 7, 81, 3], [17, 2, 60]]
     mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
     ids = torch.tensor([prompts[0], [0] * 4 + prompts[1]])
@@ -88,7 +87,7 @@ def test_pipeline_text_generation_equals_moemla_greedy_text(
     run = make_run(base_run, tmp_path / "run", variant, seed=4)
     export_hf(run, tmp_path / "hf", architecture="remote")
     pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), trust_remote_code=True)
-    model, tok, _ = load_model(run)
+    model, tok, _ = load_run(run)
     text = "Once upon a time"
     want = generate_ids(model, tok.encode(text).ids, max_new_tokens=12, temperature=0.0)
     got = pipe(text, max_new_tokens=12, do_sample=False, eos_token_id=None)[0]["generated_text"]
@@ -108,7 +107,7 @@ def test_readme_hf_example_runs_as_written_and_equals_moemla(
     export_hf(run, Path("hf/moe-mla-rope"))
     scope: dict[str, object] = {}
     exec(compile(code, "README.md", "exec"), scope)
-    model, tok, _ = load_model(run)
+    model, tok, _ = load_run(run)
     eot = tok.token_to_id(EOT)
     prompts = [tok.encode(t).ids for t in ["Once upon a time", "The little fox"]]
     want = generate_ids_batch(model, prompts, max_new_tokens=60, temperature=0.0, stop=eot)
@@ -129,7 +128,7 @@ def test_dense_baselines_export_to_native_architectures_without_remote_code(
     assert not (tmp_path / "hf" / "modeling_moemla.py").exists()
     hf = load_hf(tmp_path / "hf", remote=False)
     assert hf.config.model_type == arch
-    model, _, _ = load_model(run)
+    model, _, _ = load_run(run)
     # GPT-NeoX's rotate_half pairs the same channels as moemla's RoPE: proved by equal logits
     assert_hf_matches_moemla(hf, model, row=1, prompt_len=5, new=12)
 
@@ -153,7 +152,7 @@ def test_bf16_export_keeps_the_routing_bias_in_fp32(base_run: Path, tmp_path: Pa
     )
     assert hf.model.blocks[0].ffn.router.bias.dtype == torch.float32
     assert hf.model.blocks[0].ffn.experts.w1.dtype == torch.bfloat16
-    model, _, _ = load_model(base_run)
+    model, _, _ = load_run(base_run)
     torch.testing.assert_close(hf.model.blocks[1].ffn.router.bias, model.blocks[1].ffn.router.bias, atol=0, rtol=0)
 
 
@@ -161,7 +160,7 @@ def test_folder_carries_tokenizer_generation_config_and_self_contained_code(base
     out = tmp_path / "hf"
     assert main(["export", str(base_run), str(out)]) == 0
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))  # no remote code, no question
-    _, ours, _ = load_model(base_run)
+    _, ours, _ = load_run(base_run)
     text = "Once upon a time, a little fox found a red ball."
     assert tok(text)["input_ids"] == ours.encode(text).ids
     assert tok.eos_token == EOT and tok.padding_side == "left"
@@ -196,8 +195,8 @@ def test_import_gives_back_the_same_model_as_a_run(variant: str, arch: str, base
     run = make_run(base_run, tmp_path / "run", variant, seed=6)
     export_hf(run, tmp_path / "hf", architecture=arch, dtype="float32")
     assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
-    a, tok_a, _ = load_model(run)
-    b, tok_b, meta = load_model(tmp_path / "back")
+    a, tok_a, _ = load_run(run)
+    b, tok_b, meta = load_run(tmp_path / "back")
     assert a.cfg == b.cfg and tok_a.to_str() == tok_b.to_str()
     for (k, v), (k2, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, w), k

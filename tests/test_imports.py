@@ -18,8 +18,11 @@ LAYERS = [
         "moemla.progress",
         "moemla.plots",
         "moemla.compiling",
+        "moemla.device",
+        "moemla.runs",
     ],
-    ["moemla.train", "moemla.eval", "moemla.inference"],
+    ["moemla.eval", "moemla.inference"],  # read runs; never import train
+    ["moemla.train"],  # creates runs and writes through them; evaluates with eval
     ["moemla.experiments", "moemla.demo", "moemla.export", "moemla.serve"],
     ["moemla.cli", "moemla.__main__"],
 ]
@@ -80,3 +83,19 @@ def test_no_import_cycles() -> None:
     for start in sorted(GRAPH):
         if start not in state:
             visit(start, [start])
+
+
+def _package(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_two_packages_import_each_other() -> None:
+    edges = {(_package(a), _package(b)) for a, found in GRAPH.items() for b in found if _package(a) != _package(b)}
+    both = sorted((a, b) for a, b in edges if (b, a) in edges and a < b)
+    assert not both, f"packages importing each other: {both}"
+
+
+@pytest.mark.parametrize("wing", ["moemla.eval", "moemla.inference", "moemla.serve", "moemla.export", "moemla.runs"])
+def test_wings_that_only_read_runs_never_import_train(wing: str) -> None:
+    found = sorted(b for a, bs in GRAPH.items() if _package(a) == wing for b in bs if _package(b) == "moemla.train")
+    assert not found, f"{wing} imports {found}: open runs with moemla.runs.RunFolder"

@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from moemla.cli import main
 from moemla.inference.cpu.decoder import NumpyDecoder
 from moemla.inference.generate import generate_ids
 from moemla.model import KVCache
-from moemla.train.checkpoint import save_file
 
 from .conftest import ALL_VARIANTS, build
 

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from moemla.inference.generate import generate_ids
-from moemla.train.run_folder import load_model
 
-from .conftest import free_port, make_run
+from .conftest import free_port, load_run, make_run
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -37,7 +36,7 @@ def server(run: Path) -> Iterator[tuple[str, object]]:
     from moemla.serve.app import create_app
     from moemla.serve.engine import Engine
 
-    model, tok, _ = load_model(run)
+    model, tok, _ = load_run(run)
     engine = Engine(model, tok.token_to_id("<|endoftext|>"), max_batch=16, window_s=0.05)
     app = create_app(engine, tok, NAME)
     port = free_port()
@@ -71,7 +70,7 @@ def test_greedy_completion_equals_moemla_generate(server: tuple[str, object], ru
     r = _post(url, "/v1/completions", {"model": NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200
     choice = r.json()["choices"][0]
-    model, tok, _ = load_model(run)
+    model, tok, _ = load_run(run)
     want = generate_ids(model, prompt, 12, temperature=0.0, stop=tok.token_to_id("<|endoftext|>"))
     want = [t for t in want if t != tok.token_to_id("<|endoftext|>")]
     assert choice["text"] == tok.decode(want)
@@ -84,7 +83,7 @@ def test_echo_logprobs_are_the_models_scores(server: tuple[str, object], run: Pa
     prompt = [11, 3, 250, 17, 99, 4]
     body = {"model": NAME, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1}
     lp = _post(url, "/v1/completions", body).json()["choices"][0]["logprobs"]
-    model, tok, _ = load_model(run)
+    model, tok, _ = load_run(run)
     with torch.no_grad():
         want = model(torch.tensor([prompt]))[0][0].log_softmax(-1)  # (T, V)
     assert lp["token_logprobs"][0] is None
@@ -97,7 +96,7 @@ def test_echo_logprobs_are_the_models_scores(server: tuple[str, object], run: Pa
 def test_concurrent_clients_share_batches_and_each_gets_its_own_answer(server: tuple[str, object], run: Path) -> None:
     url, engine = server
     prompts = [[5 + i, 9, 23 + 2 * i, 40] for i in range(8)]
-    model, tok, _ = load_model(run)
+    model, tok, _ = load_run(run)
     eot = tok.token_to_id("<|endoftext|>")
     want = [tok.decode([t for t in generate_ids(model, p, 10, temperature=0.0, stop=eot) if t != eot]) for p in prompts]
     before = engine.stats["largest_batch"]
@@ -306,7 +305,7 @@ def test_engine_decodes_the_same_with_static_steps(run: Path) -> None:
 
     from moemla.serve.engine import Engine, Finish, Job, Token
 
-    model, tok, _ = load_model(run)
+    model, tok, _ = load_run(run)
     out = {}
     for mode in ("eager", "static"):
         engine = Engine(model, tok.token_to_id("<|endoftext|>"), window_s=0.2, mode=mode)

@@ -19,12 +19,13 @@ from moemla.data.shards import prepare
 from moemla.data.sources import DataError, builtin_source
 from moemla.eval.perplexity import evaluate
 from moemla.model import Transformer
-from moemla.train import checkpoint
-from moemla.train.checkpoint import CheckpointError
+from moemla.runs import RunFolder, checkpoint
+from moemla.runs.checkpoint import CheckpointError
 from moemla.train.config import TrainConfig, lr_at, param_groups
 from moemla.train.loop import TrainingDiverged, train
-from moemla.train.run_folder import load_model, read_metrics
 from tests.conftest import ALL_VARIANTS
+
+from .conftest import load_run
 
 TC = TrainConfig(
     max_steps=6, batch_size=8, micro_batch_size=4, seq_len=32, lr=3e-3, eval_interval=3, ckpt_interval=3,
@@ -72,10 +73,10 @@ def test_train_checkpoint_resume_eval(data: Path, tmp_path: Path) -> None:
     first = train(data, run, cfg(), TC.replace(max_steps=3), log=lambda _: None)
     assert first["step"] == 3 and checkpoint.latest(run).name == "step_00000003"
     last = train(data, run, cfg(), TC, resume=True, log=lambda _: None)
-    rows = read_metrics(run)
+    rows = RunFolder(run).metrics()
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert last["val_loss"] < math.log(300)  # better than uniform over the vocabulary
-    model, tok, _ = load_model(run)
+    model, tok, _ = load_run(run)
     assert tok.get_vocab_size() == 300
     from moemla.data.shards import PreparedData
 
@@ -116,7 +117,7 @@ def test_resume_on_cuda_within_tolerance(data: Path, tmp_path: Path, monkeypatch
         train(data, tmp_path / "b", cfg(), tc, log=lambda _: None)
     monkeypatch.undo()
     train(data, tmp_path / "b", cfg(), tc, resume=True, log=lambda _: None)
-    loss = [[r["loss"] for r in read_metrics(tmp_path / run) if r["split"] == "train"] for run in ("a", "b")]
+    loss = [[r["loss"] for r in RunFolder(tmp_path / run).metrics() if r["split"] == "train"] for run in ("a", "b")]
     assert loss[0] == pytest.approx(loss[1], rel=1e-3)  # stated tolerance: float summation order only
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-3) for k in wa if not k.endswith("router.bias"))
@@ -175,7 +176,7 @@ def test_two_processes_match_one(data: Path, tmp_path: Path) -> None:
         env=env, capture_output=True,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr.decode()[-3000:]
-    loss = [[r["loss"] for r in read_metrics(tmp_path / run) if r["split"] == "train"] for run in ("one", "two")]
+    loss = [[r["loss"] for r in RunFolder(tmp_path / run).metrics() if r["split"] == "train"] for run in ("one", "two")]
     assert loss[0] == pytest.approx(loss[1], rel=1e-4)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
@@ -221,7 +222,7 @@ def test_corrupt_or_incompatible_checkpoint(data: Path, tmp_path: Path) -> None:
         checkpoint.load_weights(checkpoint.latest(run), Transformer(cfg(dim=64)))
     (checkpoint.latest(run) / checkpoint.MODEL).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_model(run)
+        load_run(run)
 
 
 def test_resume_refuses_other_tokenizer(data: Path, tmp_path: Path) -> None:
@@ -291,5 +292,5 @@ def test_a_training_step_reads_the_device_once(data: Path, tmp_path: Path, monke
     monkeypatch.setattr(loop, "_train_step", counted)
     train(data, tmp_path / "run", cfg(variant), TC.replace(max_steps=2, eval_interval=2), log=lambda _: None)
     assert steps == [0, 0]
-    cvs = [r["load_cv"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    cvs = [r["load_cv"] for r in RunFolder(tmp_path / "run").metrics() if r["split"] == "train"]
     assert cvs == [None, None] if variant == "mha" else all(len(c) == 2 and max(c) > 0 for c in cvs)

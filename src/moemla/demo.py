@@ -22,9 +22,9 @@ from moemla.inference.generate import generate
 from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
 from moemla.plots import expert_utilization, loss_curves
+from moemla.runs import RunFolder
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
-from moemla.train.run_folder import finished, load_model, read_metrics
 
 VARIANTS = ("moe-mla-rope", "mha")
 STEPS = 250  # per model: about 1M tokens, 2-4 minutes each on 2 CPU cores
@@ -64,13 +64,14 @@ def run_demo(
         cfg = ModelConfig.from_preset("tiny", variant, vocab_size=data.vocab_size, **BALANCE)
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
-        if finished(run_dir, steps):
+        if RunFolder(run_dir).finished(steps):
             console.print(f"{run_dir} is already trained ({steps} steps); --fresh retrains it")
         else:
             console.print(f"training [bold]{variant}[/] ({accounting.total_params(cfg) / 1e6:.2f}M parameters) ...")
             train(data_dir, run_dir, cfg, tc, resume=True, log=lambda line: console.print(line, soft_wrap=True))
-        metrics[variant] = read_metrics(run_dir)
-        model, tok, _ = load_model(run_dir)
+        run = RunFolder.open(run_dir)
+        metrics[variant] = run.metrics()
+        model, tok = run.load_model(), run.tokenizer()
         final = [r for r in metrics[variant] if r["split"] == "val"][-1]
         speed = statistics.median(r["tokens_per_s"] for r in metrics[variant] if r["split"] == "train")
         story = generate(model, tok, [PROMPT], SamplingConfig(max_new_tokens=160))[0]

@@ -13,9 +13,9 @@ from moemla.cli import core, ship, tools
 from moemla.config import ConfigError
 from moemla.data.sources import DataError
 from moemla.eval.judge import JudgeError
-from moemla.train.checkpoint import CheckpointError
+from moemla.runs.checkpoint import CheckpointError
+from moemla.runs.folder import RunError
 from moemla.train.loop import TrainingDiverged
-from moemla.train.run_folder import RunError
 
 # what a Ctrl-C loses, and how to go on, per command
 INTERRUPTED = {

@@ -33,10 +33,10 @@ QUANTIZE_HELP = (
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from moemla.device import resolve_device
     from moemla.inference.decoder import make_decoder
     from moemla.inference.generate import generate
-    from moemla.train.distributed import resolve_device
-    from moemla.train.run_folder import load_model
+    from moemla.runs import RunFolder
 
     if args.prompts:
         path = Path(args.prompts)
@@ -51,7 +51,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.engine in ("numpy", "numba") and args.device not in ("auto", "cpu"):
         raise ConfigError(f"--engine {args.engine} runs on the CPU; drop --device {args.device} or use --engine torch")
     device = "cpu" if args.engine in ("numpy", "numba") else args.device
-    model, tok, _ = load_model(args.run, resolve_device(device), args.checkpoint)
+    run = RunFolder.open(args.run)
+    model, tok = run.load_model(resolve_device(device), args.checkpoint), run.tokenizer()
     mode = "cuda-graph" if args.cuda_graph else "eager"
     model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize, mode=mode,
                          compile=args.compile)  # fmt: skip
@@ -74,8 +75,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from moemla.device import resolve_device
     from moemla.inference.bench import DTYPES, add_relative, bench, plot, print_table
-    from moemla.train.distributed import resolve_device
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]

@@ -17,7 +17,7 @@ from moemla.eval.judge import DIMENSIONS, RUBRIC_VERSION, Judge, JudgmentCache, 
 from moemla.eval.samples import SampleSettings, completions, load_prompts
 from moemla.eval.stats import Completion, sample_stats, stats_markdown
 from moemla.progress import Progress
-from moemla.train.run_folder import configs, read_meta, read_metrics
+from moemla.runs import RunFolder
 
 COMPLETIONS, JUDGMENTS = "completions.jsonl", "judgments.jsonl"
 
@@ -32,7 +32,7 @@ def run_names(runs: list[str]) -> dict[str, str]:
 
 
 def _final_bits_per_byte(run: str) -> float | None:
-    val = [m for m in read_metrics(run) if m.get("split") == "val"]
+    val = [m for m in RunFolder(Path(run)).metrics() if m.get("split") == "val"]
     return val[-1].get("bits_per_byte") if val else None
 
 
@@ -70,7 +70,7 @@ def judge_runs(
     out.mkdir(parents=True, exist_ok=True)
     version, texts = load_prompts(prompts)
     names = run_names(runs)
-    variants = {names[r]: variant_name(configs(read_meta(r))[0]) or "custom" for r in runs}
+    variants = {names[r]: variant_name(RunFolder.open(r).model_config) or "custom" for r in runs}
     samples: dict[str, list[Completion]] = {}
     for r in runs:
         log(f"{names[r]}: {settings.samples} completions (prompts {version})")

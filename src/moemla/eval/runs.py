@@ -11,9 +11,11 @@ import torch
 from moemla.data.shards import PreparedData
 from moemla.data.sources import DataError, file_source
 from moemla.data.tokenizer import eot_id, token_bytes
-from moemla.eval.perplexity import amp_dtype, evaluate
-from moemla.train.distributed import resolve_device
-from moemla.train.run_folder import RunError, configs, load_model
+from moemla.device import amp_dtype, resolve_device
+from moemla.eval.perplexity import evaluate
+from moemla.runs import RunError, RunFolder
+
+EVAL_BATCH = 16  # sequences per forward where the run does not say
 
 
 def text_tokens(paths: list[str], tok) -> list[np.ndarray]:
@@ -38,8 +40,11 @@ def evaluate_run(
 ) -> dict:
     """`moemla eval`: a run's checkpoint on a prepared split (default: its training data's) or on raw text."""
     dev = resolve_device(device)
-    model, tok, meta = load_model(run_dir, dev, checkpoint_name)
-    _, tc = configs(meta)
+    run = RunFolder.open(run_dir)
+    model, tok, meta = run.load_model(dev, checkpoint_name), run.tokenizer(), run.meta
+    # evaluate as the run was trained (sequence length, micro-batch, precision) where run.json records it; an
+    # imported run records only its sequence length
+    train = {"seq_len": model.cfg.max_seq_len, "micro_batch_size": EVAL_BATCH, "amp": "auto", **run.train_settings}
     if text:
         shards = text_tokens(text, tok)
     else:
@@ -50,10 +55,10 @@ def evaluate_run(
                 "evaluate on data prepared with the run's tokenizer, or pass raw text with --text"
             )
         shards = data.shards(split)
-    batch = tc.micro_batch_size if batch_size is None else batch_size
+    batch = train["micro_batch_size"] if batch_size is None else batch_size
     result = evaluate(
-        model, shards, seq_len=tc.seq_len, batch_size=batch, max_tokens=max_tokens, device=dev,
-        dtype=amp_dtype(dev, tc.amp), token_bytes=token_bytes(tok),
+        model, shards, seq_len=train["seq_len"], batch_size=batch, max_tokens=max_tokens, device=dev,
+        dtype=amp_dtype(dev, train["amp"]), token_bytes=token_bytes(tok),
     )  # fmt: skip
     if not math.isfinite(result["val_loss"]):
         bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())

@@ -20,7 +20,7 @@ from moemla.eval.stats import Completion
 from moemla.inference.generate import generate_ids_batch
 from moemla.inference.sampling import SamplingConfig
 from moemla.progress import Progress
-from moemla.train.run_folder import load_model
+from moemla.runs import RunFolder
 
 PROMPT_SETS = {"stories-v1": Path(__file__).parent / "prompts" / "stories-v1.txt"}
 DEFAULT_PROMPTS = "stories-v1"
@@ -72,7 +72,7 @@ class SampleSettings:
 
 def _run_identity(run_dir: str | Path) -> dict[str, object]:
     """What the completions depend on: the run's folder and the checkpoint they come from."""
-    from moemla.train import checkpoint
+    from moemla.runs import checkpoint
 
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
@@ -102,9 +102,10 @@ def _generate(
     run_dir: str | Path, prompts: list[str], settings: SampleSettings, todo: list[int], device: str, cache: Path,
     digest: str,
 ) -> dict[int, Completion]:  # fmt: skip
-    from moemla.train.distributed import resolve_device
+    from moemla.device import resolve_device
 
-    model, tok, _ = load_model(run_dir, resolve_device(device))
+    run = RunFolder.open(run_dir)
+    model, tok = run.load_model(resolve_device(device)), run.tokenizer()
     stop = eot_id(tok)
     room = model.cfg.max_seq_len - settings.max_new_tokens
     if room < 1:

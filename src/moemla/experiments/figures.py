@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moemla.plots import plt
-from moemla.train.run_folder import read_metrics
+from moemla.runs import RunFolder
 
 Row = dict[str, object]
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -16,7 +16,7 @@ def _by_name(runs: list[Row]) -> dict[str, list[list[dict]]]:
     """Each table row's metrics, one list per seed."""
     out: dict[str, list[list[dict]]] = {}
     for r in runs:
-        out.setdefault(str(r["name"]), []).append(read_metrics(str(r["run"])))
+        out.setdefault(str(r["name"]), []).append(RunFolder(Path(str(r["run"]))).metrics())
     return out
 
 

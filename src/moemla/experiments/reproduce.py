@@ -23,8 +23,8 @@ from moemla.experiments.tables import (
     params_note,
     relative_improvement,
 )
+from moemla.runs import RunFolder
 from moemla.train.config import TrainConfig
-from moemla.train.run_folder import configs, read_meta
 
 # CPU-scale settings, as the demo: small batches want a larger learning rate than §3.3's, and the
 # sign balancing rule at 1e-2 reaches the paper's load CV in a short run (BENCHMARKS.md).
@@ -142,12 +142,12 @@ def _presets(preset: str, multi_size: bool) -> list[str]:
 
 def _add_decode_speed(summary: list[dict[str, object]], context: int, device: str, log: Callable[[str], None]) -> None:
     """Decode tokens/s of each row's model shape (random weights, as `moemla bench`), relative to mha."""
+    from moemla.device import resolve_device
     from moemla.inference.bench import bench
-    from moemla.train.distributed import resolve_device
 
     dev = resolve_device(device)
     for r in summary:
-        cfg, _ = configs(read_meta(str(r["run"])))
+        cfg = RunFolder.open(str(r["run"])).model_config
         log(f"decode speed: {r['name']}")
         row = bench(cfg, DECODE_BATCH, context, min(DECODE_NEW_TOKENS, context // 4), device=dev)
         r["decode_tokens_per_s"] = row["decode_tokens_per_s"]

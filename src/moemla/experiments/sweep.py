@@ -10,9 +10,9 @@ from pathlib import Path
 from moemla import accounting
 from moemla.config import ConfigError, ModelConfig
 from moemla.data.shards import PreparedData
+from moemla.runs import RunFolder
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
-from moemla.train.run_folder import finished, read_meta, read_metrics
 
 # settings that change how a run executes, not what it trains: a finished run is reused whatever they were
 EXECUTION_ONLY = {"compile"}
@@ -42,12 +42,12 @@ def run_sweep(
         run_tc = tc.replace(seed=spec.seed, seq_len=min(tc.seq_len, spec.cfg.max_seq_len))
         if (run_dir / "run.json").exists():
             _check_same_run(run_dir, spec.cfg, run_tc, data)
-        if finished(run_dir, tc.steps):
+        if RunFolder(run_dir).finished(tc.steps):
             log(f"run {i}/{len(specs)}: {spec.folder} already finished")
         else:
             log(f"run {i}/{len(specs)}: {spec.folder}")
             train(data_dir, run_dir, spec.cfg, run_tc, resume=True, log=log)
-        val = [r for r in read_metrics(run_dir) if r["split"] == "val"]
+        val = [r for r in RunFolder(run_dir).metrics() if r["split"] == "val"]
         rows.append(
             {
                 "name": spec.name, "seed": spec.seed, **spec.labels, "val_loss": val[-1]["val_loss"],
@@ -63,7 +63,7 @@ def run_sweep(
 
 def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData) -> None:
     """A run found in the output folder must be this spec's run, or its numbers would be silently reused."""
-    meta = read_meta(run_dir)
+    meta = RunFolder.open(run_dir).meta
     wanted = {
         **{f"model.{k}": v for k, v in cfg.to_dict().items()},
         **{f"train.{k}": v for k, v in tc.to_dict().items() if k not in EXECUTION_ONLY},

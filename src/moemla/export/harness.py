@@ -16,10 +16,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from moemla.data.sources import EOT
+from moemla.device import resolve_device
 from moemla.inference.generate import generate_ids_batch
 from moemla.progress import Progress
-from moemla.train.distributed import resolve_device
-from moemla.train.run_folder import load_model
+from moemla.runs import RunFolder
 
 
 @register_model("moemla")
@@ -42,7 +42,9 @@ class MoemlaLM(LM):
             raise ValueError("--model moemla needs --model_args run=RUN_FOLDER")
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's --device defaults to cuda; its HF backend falls back the same way
-        self.model, self.tok, _ = load_model(run, resolve_device(device or "auto"), checkpoint)
+        folder = RunFolder.open(run)
+        self.model = folder.load_model(resolve_device(device or "auto"), checkpoint)
+        self.tok = folder.tokenizer()
         self._device = next(self.model.parameters()).device
         self.eot = self.tok.token_to_id(EOT)
         # "auto" (lm-eval's probe for the largest batch) is taken as our default: small models fit any batch

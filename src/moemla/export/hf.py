@@ -19,8 +19,9 @@ from moemla.config import ModelConfig, variant_name
 from moemla.data.sources import EOT
 from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
-from moemla.train.checkpoint import save_safetensors, write_text_atomic
-from moemla.train.run_folder import TOKENIZER_FILE, load_model
+from moemla.runs import RunFolder
+from moemla.runs.checkpoint import save_safetensors, write_text_atomic
+from moemla.runs.folder import TOKENIZER_FILE
 
 Architecture = Literal["auto", "native", "remote"]
 REMOTE = Path(__file__).parent / "remote"
@@ -221,7 +222,8 @@ def export_hf(
         import transformers  # noqa: F401
     except ImportError:
         raise ExportError("export to Hugging Face needs transformers: pip install 'moemla[hf]'") from None
-    model, tok, _ = load_model(run_dir, "cpu", checkpoint)
+    run = RunFolder.open(run_dir)
+    model, tok = run.load_model("cpu", checkpoint), run.tokenizer()
     cfg = model.cfg
     native = native_architecture(cfg)
     if architecture == "native" and native is None:

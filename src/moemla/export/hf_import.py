@@ -14,9 +14,8 @@ from moemla.config import ConfigError, ModelConfig
 from moemla.data.tokenizer import digest, load_tokenizer
 from moemla.export.hf import GPT2_NAMES, MOEMLA_TOKENIZER, NEOX_NAMES, ExportError
 from moemla.model import Transformer
-from moemla.train import checkpoint
-from moemla.train.config import TrainConfig
-from moemla.train.run_folder import RUN_FILE, TOKENIZER_FILE
+from moemla.runs import checkpoint
+from moemla.runs.folder import RUN_FILE, TOKENIZER_FILE
 
 
 def _from_remote(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -67,6 +66,9 @@ def check_fits(src: Path, state: dict[str, torch.Tensor], want: dict[str, torch.
 READERS = {"moemla": _from_remote, "gpt2": _from_gpt2, "gpt_neox": _from_gpt_neox}
 
 
+IMPORTED_SEQ_LEN = 512  # §3.3's sequence length, cut to the model's context
+
+
 def import_hf(folder: str | Path, run_dir: str | Path, *, overwrite: bool = False) -> dict[str, object]:
     """Write `run_dir` (run.json, tokenizer, one checkpoint at step 0) from an exported Hugging Face folder."""
     src, out = Path(folder), Path(run_dir)
@@ -106,7 +108,8 @@ def import_hf(folder: str | Path, run_dir: str | Path, *, overwrite: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": cfg.to_dict(),
-        "train": TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)).to_dict(),
+        # what import knows of training; `moemla train --resume` fills the rest with its defaults
+        "train": {"seq_len": min(IMPORTED_SEQ_LEN, cfg.max_seq_len)},
         "data": {"path": str(src.resolve()), "tokenizer_sha256": digest(tok), "vocab_size": tok.get_vocab_size()},
         "imported_from": str(src.resolve()),
     }

@@ -329,10 +329,11 @@ def serve(
     """Load the run and serve it until interrupted."""
     import uvicorn
 
-    from moemla.train.distributed import resolve_device
-    from moemla.train.run_folder import load_model
+    from moemla.device import resolve_device
+    from moemla.runs import RunFolder
 
-    model, tok, _ = load_model(run_dir, resolve_device(device), checkpoint)
+    run = RunFolder.open(run_dir)
+    model, tok = run.load_model(resolve_device(device), checkpoint), run.tokenizer()
     mode = "cuda-graph" if cuda_graph else "eager"
     engine = Engine(model, eot_id(tok), max_batch=max_batch, mode=mode, compile=compile)
     app = create_app(engine, tok, name or Path(run_dir).resolve().name, max_body_mb)

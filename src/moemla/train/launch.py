@@ -8,9 +8,10 @@ from pathlib import Path
 
 from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, ConfigError, ModelConfig
 from moemla.data.shards import PreparedData
+from moemla.runs.folder import RunFolder
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
-from moemla.train.run_folder import RUN_FILE, check_same_model, configs, read_meta, recorded_data
+from moemla.train.resume import check_same_model, configs, recorded_data
 
 CONFIG_KEYS = {"preset", "variant", "model", "train"}
 
@@ -49,8 +50,8 @@ def resolve_configs(
     train_over = {**file.get("train", {}), **(train_flags or {})}
     preset = preset or file.get("preset")
     variant = variant or file.get("variant")
-    if resume and (run_dir / RUN_FILE).exists():
-        cfg, tc = configs(read_meta(run_dir))
+    if resume and RunFolder(run_dir).exists():
+        cfg, tc = configs(RunFolder(run_dir).meta)
         if preset or variant:  # a named preset or variant must be the one the run was started with
             asked = ModelConfig.from_preset(
                 preset or DEFAULT_PRESET, variant or DEFAULT_VARIANT, **{"vocab_size": cfg.vocab_size, **model_over}

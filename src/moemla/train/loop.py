@@ -19,12 +19,15 @@ from moemla.config import ConfigError, ModelConfig
 from moemla.data.shards import PreparedData, train_batch
 from moemla.data.sources import DataError
 from moemla.data.tokenizer import token_bytes
-from moemla.eval.perplexity import amp_dtype, autocast, evaluate
+from moemla.device import amp_dtype, autocast
+from moemla.eval.perplexity import evaluate
 from moemla.model import Transformer
 from moemla.progress import Progress
-from moemla.train import checkpoint, distributed, run_folder
+from moemla.runs import checkpoint
+from moemla.runs.folder import RunError, RunFolder
+from moemla.train import distributed
+from moemla.train import resume as resume_checks
 from moemla.train.config import TrainConfig, build_optimizer, lr_at
-from moemla.train.run_folder import METRICS_FILE, RunError, lock_run
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,7 +75,7 @@ def train(
     check_compatible(cfg, tc, data)
     d = distributed.setup(tc.device)
     try:
-        with lock_run(run_dir) if d.main else contextlib.nullcontext():
+        with RunFolder(Path(run_dir)).lock() if d.main else contextlib.nullcontext():
             return _train(data, Path(run_dir), cfg, tc, resume, log, d, from_checkpoint, new_data)
     finally:
         distributed.teardown(d)
@@ -106,7 +109,7 @@ def _train(
     from_checkpoint: str | None,
     new_data: bool,
 ) -> dict[str, object]:
-    meta = run_folder.start(run_dir, cfg, tc, data, resume, new_data) if d.main else {}
+    meta = resume_checks.start(run_dir, cfg, tc, data, resume, new_data) if d.main else {}
     distributed.barrier(d)
     s = _build(cfg, tc, d, run_dir)
     ckpt = checkpoint.find(run_dir, from_checkpoint) if resume else None
@@ -114,8 +117,8 @@ def _train(
         _restore(s, ckpt)
         log(f"resuming {run_dir} from step {s.step} ({ckpt.name}) on {data.root}")
     if d.main:  # a resume that failed to load has left run.json as it was
-        run_folder.write_meta(run_dir, meta)
-        run_folder.truncate_metrics(run_dir / METRICS_FILE, s.step)
+        RunFolder(run_dir).write_meta(meta)
+        RunFolder(run_dir).truncate_metrics(s.step)
     _wrap(s, log)
     shards, val_shards = data.shards("train"), data.shards("val")
     val_bytes = token_bytes(data.tokenizer())  # for bits per byte
@@ -281,7 +284,7 @@ class _Recorder:
     """metrics.jsonl, and TensorBoard where installed; None on non-main processes (records nothing)."""
 
     def __init__(self, run_dir: Path | None) -> None:
-        self.metrics = (run_dir / METRICS_FILE).open("a") if run_dir is not None else None
+        self.metrics = RunFolder(run_dir).metrics_file() if run_dir is not None else None
         self.writer = _tensorboard(run_dir) if run_dir is not None else None
 
     def record(self, row: dict[str, object]) -> None:

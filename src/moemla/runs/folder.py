@@ -1,0 +1,168 @@
+"""A run folder: run.json (model config, training settings, data), tokenizer.json, metrics.jsonl, checkpoints/
+and a lock, as one object. Training creates it and writes through it; every other wing opens it read-only and
+reads only its ModelConfig (the training settings stay a plain dict here: this layer knows no TrainConfig).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from tokenizers import Tokenizer
+
+from moemla.config import ModelConfig
+from moemla.data.tokenizer import load_tokenizer
+from moemla.model import Transformer
+from moemla.runs.checkpoint import STATE, find, latest, load_weights, write_text_atomic
+
+RUN_FILE, METRICS_FILE, TOKENIZER_FILE, LOCK_FILE = "run.json", "metrics.jsonl", "tokenizer.json", ".lock"
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # a str is welcome too
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunFolder:
+        """An existing run (it has a run.json); RunError naming the fix otherwise."""
+        run = cls(Path(path))
+        if not (run.path / RUN_FILE).is_file():
+            raise RunError(f"{path} is not a moemla run folder (no {RUN_FILE}); train one with `moemla train`")
+        return run
+
+    def exists(self) -> bool:
+        return (self.path / RUN_FILE).is_file()
+
+    # reading ---------------------------------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        """run.json as it is on disk."""
+        path = self.path / RUN_FILE
+        if not path.is_file():
+            raise RunError(f"{self.path} is not a moemla run folder (no {RUN_FILE}); train one with `moemla train`")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunError(f"{path} is corrupt ({err})") from None
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.meta["model"])
+
+    @property
+    def train_settings(self) -> dict:
+        """The training settings as recorded (TrainConfig's fields); train/ turns them back into a TrainConfig."""
+        return self.meta["train"]
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(str(self.path / TOKENIZER_FILE))
+
+    def checkpoint(self, name: str | None = None) -> Path | None:
+        """Checkpoint `name` (step_N), or the newest; None when the run has none yet."""
+        return find(self.path, name)
+
+    def load_model(self, device: str | torch.device = "cpu", checkpoint: str | None = None) -> Transformer:
+        """A checkpoint's model in eval mode: the newest, or `checkpoint` (step_N)."""
+        cfg = self.model_config
+        path = self.checkpoint(checkpoint)
+        if path is None:
+            raise RunError(f"{self.path} has no checkpoint yet; train it (or let training reach its first checkpoint)")
+        model = Transformer(cfg)
+        load_weights(path, model)
+        return model.to(device).eval()
+
+    def metrics(self) -> list[dict]:
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def finished(self, steps: int) -> bool:
+        """The newest checkpoint has reached `steps` (False for a folder with none, or no folder)."""
+        ckpt = latest(self.path)
+        return ckpt is not None and json.loads((ckpt / STATE).read_text())["step"] >= steps
+
+    # writing (training's) --------------------------------------------------------------------------------------
+    def write_meta(self, meta: dict) -> None:
+        """run.json, atomically; left as it is when nothing changed."""
+        path = self.path / RUN_FILE
+        if path.is_file() and self.meta == meta:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(meta, indent=1))
+        except OSError as err:
+            why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+            raise RunError(f"could not write {path}: {why}; the run folder is unchanged") from None
+
+    def write_tokenizer(self, source: Path) -> None:
+        """The data's tokenizer.json, copied once: a run keeps the tokenizer it started with."""
+        if (self.path / TOKENIZER_FILE).is_file():
+            return
+        try:
+            shutil.copyfile(source, self.path / TOKENIZER_FILE)
+        except OSError as err:
+            raise RunError(f"could not write {self.path / TOKENIZER_FILE}: {err.strerror}") from None
+
+    def metrics_file(self) -> TextIO:
+        """metrics.jsonl opened for appending (the caller closes it), one JSON record a line."""
+        return (self.path / METRICS_FILE).open("a")
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, forget records written after the checkpoint being resumed from (atomically: a full disk
+        must not empty the file)."""
+        path = self.path / METRICS_FILE
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            try:
+                write_text_atomic(path, "".join(line + "\n" for line in keep))
+            except OSError as err:
+                raise RunError(f"could not rewrite {path}: {err.strerror}; the file is unchanged") from None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the folder; a second process on it gets a RunError at once.
+
+        The lock is an flock on RUN/.lock, which the kernel drops when its process dies, so the lock of a
+        killed run never blocks the resume. (Where flock is missing, on Windows, nothing is locked.)
+        """
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / LOCK_FILE).open("a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise RunError(
+                    f"{self.path} is in use by {holder}; wait for it to finish or stop it (two writers would "
+                    "interleave its metrics and checkpoints)"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
