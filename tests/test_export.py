@@ -232,3 +232,21 @@ def test_import_of_truncated_weights_or_a_config_that_does_not_fit_is_one_line(
     err = capsys.readouterr().err
     assert "do not fit its moemla_config" in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_remote_export_and_cpu_engine_refuse_the_same_unimplemented_fields(
+    base_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One list (config.PORTABLE) says what the second implementations implement; both refuse the rest."""
+    import moemla.config
+    from moemla.config import ConfigError
+    from moemla.inference.cpu.decoder import NumpyDecoder
+
+    run = make_run(base_run, tmp_path / "run", "moe-mla-rope", bias_in_gate=False)
+    export_hf(run, tmp_path / "ok")  # implemented: exports
+    monkeypatch.delitem(moemla.config.PORTABLE, "bias_in_gate")  # as if a new field nobody ported yet
+    with pytest.raises(ExportError, match=r"Hugging Face export does not implement ModelConfig.bias_in_gate=False"):
+        export_hf(run, tmp_path / "hf")
+    model, _, _ = load_run(run)
+    with pytest.raises(ConfigError, match=r"CPU engine does not implement ModelConfig.bias_in_gate=False"):
+        NumpyDecoder(model.cfg, model.state_dict())

@@ -208,3 +208,27 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError("expert hidden width is 0: raise ffn_mult or set moe_inter_dim")
     if cfg.balance_rate < 0:
         raise ConfigError(f"balance_rate (gamma) must be >= 0, got {cfg.balance_rate}")
+
+
+# ModelConfig fields that the model's second implementations (the CPU engine, the Hugging Face export's remote
+# code) implement, each with the values they support (None: any value). A field not listed (a new one) must keep
+# its default there, or they refuse the model rather than silently ignore the field.
+PORTABLE: dict[str, tuple[object, ...] | None] = {
+    "vocab_size": None, "max_seq_len": None, "n_layers": None, "dim": None, "n_heads": None, "bias": None,
+    "attention": ("mha", "mla"), "positions": ("learned", "rope"), "ffn": ("dense", "moe"),
+    "kv_compression": None, "rope_mode": ("post", "decoupled"), "qk_rope_head_dim": None, "rope_base": None,
+    "ffn_mult": None, "ffn_inter_dim": None, "n_routed_experts": None, "n_shared_experts": None,
+    "n_activated_experts": None, "moe_inter_dim": None, "bias_in_gate": None,
+    "dropout": None, "balance_rule": None, "balance_rate": None,  # training only
+}  # fmt: skip
+
+
+def check_portable(cfg: ModelConfig, what: str, way_out: str) -> None:
+    """ConfigError naming the first config field that `what` (a second implementation) does not implement."""
+    defaults = type(cfg)()
+    for f in dataclasses.fields(cfg):
+        value, allowed = getattr(cfg, f.name), PORTABLE.get(f.name, ())
+        if f.name not in PORTABLE and value != getattr(defaults, f.name):
+            raise ConfigError(f"{what} does not implement ModelConfig.{f.name}={value!r}; {way_out}")
+        if allowed and value not in allowed:
+            raise ConfigError(f"{what} supports {f.name} in {allowed}, not {value!r}; {way_out}")

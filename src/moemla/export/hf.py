@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer
 
-from moemla.config import ModelConfig, variant_name
+from moemla.config import ConfigError, ModelConfig, check_portable, variant_name
 from moemla.data.sources import EOT
 from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
@@ -232,6 +232,11 @@ def export_hf(
             "with biases does: GPT-2, GPT-NeoX); use --architecture remote"
         )
     kind = native if architecture != "remote" and native else "remote"
+    if kind == "remote":  # the remote code is a second implementation: it refuses what it does not implement
+        try:
+            check_portable(cfg, "the Hugging Face export", "export a model that keeps it at its default")
+        except ConfigError as err:
+            raise ExportError(str(err)) from None
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:

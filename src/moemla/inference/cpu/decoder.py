@@ -10,12 +10,11 @@ them while the decoder lives.
 
 from __future__ import annotations
 
-import dataclasses
 from types import ModuleType
 
 import numpy as np
 
-from moemla.config import ConfigError, ModelConfig
+from moemla.config import ConfigError, ModelConfig, check_portable
 from moemla.inference.cpu.layers import Block, Fused, Linear, Weights, layer_norm, rope_tables
 from moemla.inference.cpu.quant import matmul, to_int8
 
@@ -53,28 +52,8 @@ def _arrays(obj: object) -> list[np.ndarray]:
     return list(found.values())
 
 
-# ModelConfig fields this engine implements, each with the values it supports (None: any value). A field not
-# listed (a new one) must keep its default, or the engine refuses the model rather than ignore the field.
-SUPPORTED: dict[str, tuple[object, ...] | None] = {
-    "vocab_size": None, "max_seq_len": None, "n_layers": None, "dim": None, "n_heads": None, "bias": None,
-    "attention": ("mha", "mla"), "positions": ("learned", "rope"), "ffn": ("dense", "moe"),
-    "kv_compression": None, "rope_mode": ("post", "decoupled"), "qk_rope_head_dim": None, "rope_base": None,
-    "ffn_mult": None, "ffn_inter_dim": None, "n_routed_experts": None, "n_shared_experts": None,
-    "n_activated_experts": None, "moe_inter_dim": None, "bias_in_gate": None,
-    "dropout": None, "balance_rule": None, "balance_rate": None,  # training only
-}  # fmt: skip
-
-
 def check_supported(cfg: ModelConfig) -> None:
-    """ConfigError naming the first config field this engine does not implement."""
-    defaults = type(cfg)()
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        allowed = SUPPORTED.get(f.name, ())
-        if f.name not in SUPPORTED and value != getattr(defaults, f.name):
-            raise ConfigError(f"the CPU engine does not implement ModelConfig.{f.name}={value!r}; use --engine torch")
-        if allowed and value not in allowed:
-            raise ConfigError(f"the CPU engine supports {f.name} in {allowed}, not {value!r}; use --engine torch")
+    check_portable(cfg, "the CPU engine", "use --engine torch")
 
 
 class NumpyDecoder:
