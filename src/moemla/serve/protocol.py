@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
+
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
@@ -133,3 +137,31 @@ def chat_logprobs(tok: Tokenizer, tokens: list[Token]) -> dict[str, object]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     return {"content": [entry(t.id, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in tokens]}
+
+
+def sse(data: dict[str, object]) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def model_card(name: str, created: int, context: int) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "moemla", "max_model_len": context}
+
+
+def response_head(kind: str, model: str) -> dict[str, object]:
+    """id, object, created and model: what every response and chunk of one request shares."""
+    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model}
+
+
+def completion_choice(i: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, object]:
+    return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_choice(i: int, content: str, logprobs: dict | None, finish: str | None) -> dict[str, object]:
+    return {"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
+            "finish_reason": finish}  # fmt: skip
+
+
+def chat_delta(i: int, delta: dict[str, str], logprobs: dict | None, finish: str | None) -> dict[str, object]:
+    return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}

@@ -1,0 +1,137 @@
+"""What `moemla serve` does with a request, past the wire format: prompts to token ids (off the event loop),
+jobs for the batching engine, and the engine's events back as each choice's text."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+from tokenizers import Tokenizer
+
+from moemla.data.tokenizer import eot_id
+from moemla.serve.engine import Engine, Event, Finish, Job, Token
+from moemla.serve.limits import PromptEncoder
+from moemla.serve.protocol import ChoiceText, CompletionRequest, Sampling
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+async def encode_prompts(req: CompletionRequest, encoder: PromptEncoder, vocab: int) -> list[list[int]]:
+    """The request's prompts as token ids: one string, several, one id list, or several."""
+    p = req.prompt
+    if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+        p = [p]  # type: ignore[list-item]
+    texts = [x for x in p if isinstance(x, str)]
+    encoded = iter(await encode_texts(encoder, texts))
+    prompts = [next(encoded) if isinstance(x, str) else list(x) for x in p]
+    if not prompts or any(not ids for ids in prompts):
+        raise ApiError(400, "prompt is empty; give at least one token of text")
+    if any(not 0 <= t < vocab for ids in prompts for t in ids):
+        raise ApiError(400, f"prompt token ids must be in [0, {vocab})")
+    return prompts
+
+
+async def encode_texts(encoder: PromptEncoder, texts: list[str]) -> list[list[int]]:
+    try:
+        return await encoder.encode(texts)
+    except ValueError as err:
+        raise ApiError(400, str(err), "context_length_exceeded") from None
+
+
+class Server:
+    """Turns requests into engine jobs and engine events into OpenAI responses."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str) -> None:
+        self.engine, self.tok, self.name = engine, tokenizer, name
+        self.encoder = PromptEncoder(tokenizer, engine.context)
+        self.stop = eot_id(tokenizer)
+        self.seeds = itertools.count(1)
+        self.created = int(time.time())
+
+    def jobs(self, req: Sampling, prompts: list[list[int]], max_tokens: int, **extra: object) -> list[Job]:
+        if req.model != self.name:
+            raise ApiError(
+                404, f"model {req.model!r} does not exist; this server serves {self.name!r}", "model_not_found"
+            )
+        seed = req.seed if req.seed is not None else next(self.seeds) * 1000
+        top_p = None if req.top_p >= 1.0 else req.top_p
+
+        try:
+            return [
+                Job(p, max_tokens, _unbound, req.temperature, req.top_k, top_p, seed + k, **extra)  # type: ignore[arg-type]
+                for p in prompts
+                for k in range(req.n)
+            ]
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+
+    async def events(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) as the engine produces them; leaving early cancels every unfinished row."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        for i, job in enumerate(jobs):
+            job.emit = lambda event, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+        try:
+            self.engine.submit(jobs)
+        except ValueError as err:
+            raise ApiError(400, str(err), "context_length_exceeded") from None
+        left = len(jobs)
+        try:
+            while left:
+                i, event = await queue.get()
+                left -= isinstance(event, Finish)
+                if isinstance(event, Finish) and event.reason == "error":
+                    raise ApiError(500, f"generation failed: {event.error}")
+                yield i, event
+        finally:
+            for job in jobs:  # a client that went away stops its rows at the next decode step
+                job.cancelled.set()
+
+    async def pieces(
+        self, jobs: list[Job], texts: list[ChoiceText], echoed: list[list[Token]] | None = None
+    ) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(choice, new text, finish reason or None) for each generated event; echoed prompt tokens go to
+        `echoed`, and a stop string found in a choice's text cancels its row."""
+        async for i, event in self.events(jobs):
+            if isinstance(event, Finish):
+                yield i, texts[i].flush(), finish_reason(texts[i], event)
+            elif event.prompt:
+                echoed[i].append(event)  # type: ignore[index]
+            else:
+                piece = texts[i].add(event)
+                if texts[i].stopped:
+                    jobs[i].cancelled.set()
+                yield i, piece, None
+
+    def max_tokens(self, prompts: list[list[int]], requested: int | None) -> int:
+        """Tokens to generate: as requested, cut to what the context leaves (then finish_reason is length)."""
+        longest = max(len(p) for p in prompts)
+        room = self.engine.context - longest
+        if room < 0 or (room == 0 and requested != 0):
+            raise ApiError(
+                400,
+                f"the prompt has {longest} tokens but the model's context is {self.engine.context} tokens; "
+                "shorten the prompt",
+                "context_length_exceeded",
+            )
+        return room if requested is None else min(requested, room)
+
+
+def _unbound(event: Event) -> None:
+    """A job's emit until Server.events connects it to the request's queue."""
+
+
+def finish_reason(text: ChoiceText, event: Finish) -> str:
+    return "stop" if text.stopped else event.reason
+
+
+def usage(jobs: list[Job], texts: list[ChoiceText], n: int) -> dict[str, int]:
+    prompt = sum(len(j.prompt) for j in jobs[::n])  # n choices share each prompt
+    completion = sum(len(t.tokens) for t in texts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
