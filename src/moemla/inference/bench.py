@@ -15,7 +15,7 @@ import torch
 
 from moemla import accounting
 from moemla.config import ModelConfig, variant_name
-from moemla.inference.decoder import Engine, Quantize, TorchDecoder, make_decoder
+from moemla.inference.decoder import Decoder, Engine, Quantize, TorchDecoder, make_decoder
 from moemla.model import Transformer
 from moemla.progress import Progress
 
@@ -56,25 +56,8 @@ def bench(
     steps = torch.randint(0, cfg.vocab_size, (new_tokens, batch), generator=gen).tolist()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    best: dict[str, object] | None = None
     name = f"bench {variant_name(cfg) or 'custom'} batch {batch}"
-    with Progress(name, total=(repeats + 1) * new_tokens, unit="decode steps") as bar:
-        for _ in range(repeats + 1):
-            _sync(device)
-            t0 = time.perf_counter()
-            dec.prefill(prompts, context)
-            _sync(device)
-            prefill = time.perf_counter() - t0
-            latencies = []
-            for tokens in steps:
-                t0 = time.perf_counter()
-                torch.as_tensor(dec.step(tokens)).argmax(-1)  # what a greedy sampler would do with the logits
-                _sync(device)
-                latencies.append(time.perf_counter() - t0)
-                bar.advance()
-            row = _timings(batch, context - new_tokens, prefill, latencies)
-            if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
-                best = row
+    best = _best_run(dec, prompts, steps, context, device, repeats, name)
     cache_bytes, weight_bytes = decoder_bytes(dec)
     cuda = device.type == "cuda"
     cpu_engine = engine != "torch"
@@ -95,6 +78,32 @@ def bench(
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else weight_bytes + cache_bytes,
         "peak_memory_kind": "cuda max allocated" if cuda else "weights + cache",
     }
+
+
+def _best_run(
+    dec: Decoder, prompts: list[list[int]], steps: list[list[int]], context: int, device: torch.device, repeats: int,
+    name: str,
+) -> dict[str, object]:  # fmt: skip
+    """Prefill then decode `steps`, `repeats` + 1 times (the first also warms up); the fastest run's timings."""
+    best: dict[str, object] | None = None
+    with Progress(name, total=(repeats + 1) * len(steps), unit="decode steps") as bar:
+        for _ in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            dec.prefill(prompts, context)
+            _sync(device)
+            prefill = time.perf_counter() - t0
+            latencies = []
+            for tokens in steps:
+                t0 = time.perf_counter()
+                torch.as_tensor(dec.step(tokens)).argmax(-1)  # what a greedy sampler would do with the logits
+                _sync(device)
+                latencies.append(time.perf_counter() - t0)
+                bar.advance()
+            row = _timings(len(prompts), len(prompts[0]), prefill, latencies)
+            if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
+                best = row
+    return best  # type: ignore[return-value]
 
 
 def fit_batch(cfg: ModelConfig, context: int, dtype: str, budget_bytes: float) -> tuple[int, int, int]:

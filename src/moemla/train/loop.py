@@ -109,6 +109,22 @@ def _train(
     from_checkpoint: str | None,
     new_data: bool,
 ) -> dict[str, object]:
+    s = _begin(data, run_dir, cfg, tc, resume, log, d, from_checkpoint, new_data)
+    return _steps(s, data, log)
+
+
+def _begin(
+    data: PreparedData,
+    run_dir: Path,
+    cfg: ModelConfig,
+    tc: TrainConfig,
+    resume: bool,
+    log: Callable[[str], None],
+    d: distributed.Dist,
+    from_checkpoint: str | None,
+    new_data: bool,
+) -> _Session:
+    """The run folder checked (and written, for a new run), the model built, a checkpoint restored on resume."""
     meta = resume_checks.start(run_dir, cfg, tc, data, resume, new_data) if d.main else {}
     distributed.barrier(d)
     s = _build(cfg, tc, d, run_dir)
@@ -120,9 +136,15 @@ def _train(
         RunFolder(run_dir).write_meta(meta)
         RunFolder(run_dir).truncate_metrics(s.step)
     _wrap(s, log)
+    return s
+
+
+def _steps(s: _Session, data: PreparedData, log: Callable[[str], None]) -> dict[str, object]:
+    """Train to the last step: log, evaluate and checkpoint at their intervals; returns the final metrics."""
+    tc, d, run_dir = s.tc, s.d, s.run_dir
     shards, val_shards = data.shards("train"), data.shards("val")
     val_bytes = token_bytes(data.tokenizer())  # for bits per byte
-    flops_per_token = 3 * accounting.flops_per_token(cfg, tc.seq_len)  # forward + backward
+    flops_per_token = 3 * accounting.flops_per_token(s.model.cfg, tc.seq_len)  # forward + backward
     speed = _Speed()
     last: dict[str, object] = {"step": s.step}
     total = tc.steps
