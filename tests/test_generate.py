@@ -179,3 +179,35 @@ def test_sampling_defaults_have_one_home(trained_debug_run, tmp_path) -> None:
     export_hf(trained_debug_run, tmp_path / "hf")
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert {k: gen[k] for k in ("do_sample", "temperature", "top_k", "max_new_tokens")} == s.generation_config()
+
+
+def test_the_one_decode_loop_gives_each_row_its_tokens_then_one_finish() -> None:
+    """decode(): per row, sampled tokens then exactly one Finish (budget, cancel, nothing to do); greedy rows
+    equal generate_ids alone; log-probabilities only where asked. No other module steps a decoder."""
+    from pathlib import Path
+
+    from moemla.inference.decode import Finish, Row, Token, decode
+    from moemla.inference.decoder import TorchDecoder
+    from moemla.inference.sampling import SamplingConfig
+
+    model = build("moe-mla-rope")
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=5)
+    rows = [
+        Row([5, 9, 23], greedy),
+        Row([17, 2], SamplingConfig(max_new_tokens=3, seed=4), logprobs=2),
+        Row([8], greedy, budget=0),
+        Row([40, 41], greedy),
+    ]
+    events = list(decode(TorchDecoder(model), rows, stop=None, cancelled=lambda i: i == 3))
+    per_row = [[e for i, e in events if i == r] for r in range(len(rows))]
+    for evs in per_row:
+        assert isinstance(evs[-1], Finish) and not any(isinstance(e, Finish) for e in evs[:-1])
+    assert [e.reason for e in (evs[-1] for evs in per_row)] == ["length", "length", "length", "cancelled"]
+    assert [e.id for e in per_row[0][:-1]] == generate_ids(model, [5, 9, 23], 5, temperature=0.0)
+    assert all(e.logprob is None for e in per_row[0] if isinstance(e, Token))
+    sampled = [e for e in per_row[1] if isinstance(e, Token)]
+    assert len(sampled) == 3 and all(e.logprob is not None and len(e.top) == 2 for e in sampled)
+    assert len(per_row[2]) == 1 and len(per_row[3]) == 1
+    src = Path(__file__).resolve().parent.parent / "src" / "moemla"
+    steppers = {p.relative_to(src).as_posix() for p in src.rglob("*.py") if "dec.step(" in p.read_text()}
+    assert steppers <= {"inference/decode.py", "inference/bench.py"}, steppers  # bench times the raw step

@@ -8,8 +8,9 @@ import torch
 from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
+from moemla.inference.decode import Row, Token, decode
 from moemla.inference.decoder import Decoder, TorchDecoder
-from moemla.inference.sampling import SamplingConfig, sample
+from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
 
 
@@ -56,17 +57,12 @@ def _continue(
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
     _check_fits(dec.cfg.max_seq_len, len(prompt))
-    max_len = min(dec.cfg.max_seq_len, len(prompt) + s.max_new_tokens)
-    logits = torch.as_tensor(dec.prefill([prompt], max_len))  # (1, V)
-    generator = torch.Generator(device=logits.device).manual_seed(s.seed)
     out: list[int] = []
-    while len(out) < s.max_new_tokens:
-        out.append(int(sample(logits, s.temperature, s.top_k, s.top_p, generator)))
-        if on_token is not None:
-            on_token(out[-1])
-        if out[-1] == stop or dec.length == max_len:
-            break
-        logits = torch.as_tensor(dec.step([out[-1]]))  # one decode step
+    for _, event in decode(dec, [Row(prompt, s)], stop):
+        if isinstance(event, Token):
+            out.append(event.id)
+            if on_token is not None:
+                on_token(event.id)
     return out
 
 
@@ -99,22 +95,12 @@ def _continue_batch(
         raise ValueError("the numpy decoders run one sequence at a time; batch with the torch model")
     if not prompts or any(not p for p in prompts) or len(seeds) != len(prompts):
         raise ValueError("give one or more non-empty prompts, and one seed per prompt")
-    longest = max(len(p) for p in prompts)
-    _check_fits(dec.cfg.max_seq_len, longest)
-    max_len = min(dec.cfg.max_seq_len, longest + s.max_new_tokens)
-    logits = torch.as_tensor(dec.prefill(prompts, max_len))  # (B, V)
-    generators = [torch.Generator(device=logits.device).manual_seed(seed) for seed in seeds]
+    _check_fits(dec.cfg.max_seq_len, max(len(p) for p in prompts))
     out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(s.max_new_tokens):
-        step = [int(sample(logits[i : i + 1], s.temperature, s.top_k, s.top_p, g)) for i, g in enumerate(generators)]
-        for i, token in enumerate(step):
-            if not done[i]:
-                out[i].append(token)
-                done[i] = token == stop
-        if all(done) or dec.length == max_len:
-            break
-        logits = torch.as_tensor(dec.step(step))  # one decode step
+    rows = [Row(p, s.replace(seed=seed)) for p, seed in zip(prompts, seeds, strict=True)]
+    for i, event in decode(dec, rows, stop):
+        if isinstance(event, Token):
+            out[i].append(event.id)
     return out
 
 

@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
-from moemla.serve.engine import Engine, Job, Token
+from moemla.inference.decode import Token
+from moemla.serve.engine import Engine, Job
 from moemla.serve.limits import BodyLimit
 from moemla.serve.protocol import (
     ChatRequest,

@@ -1,7 +1,8 @@
 """The server's decoder: one worker thread owns the model and decodes queued requests in batches.
 
 Requests that arrive together (within `window_s`, up to `max_batch`) share one left-padded batch of a
-TorchDecoder (the one Decoder interface); each row keeps its own sampling settings, seed, token budget and cancel flag.
+TorchDecoder (the one Decoder interface) through the one decode loop (inference/decode.py); each row keeps its own
+sampling settings, seed, token budget and cancel flag.
 Requests that arrive while a batch runs wait for the next one.
 """
 
@@ -15,28 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moemla.inference.decode import Event, Finish, Row, Token, decode, top_logprobs
 from moemla.inference.decoder import Mode, TorchDecoder
-from moemla.inference.sampling import SamplingConfig, sample
+from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
-
-
-@dataclass
-class Token:
-    """One token of a row: a prompt token (echo) or a sampled one, with its log-probability and top alternatives."""
-
-    id: int
-    logprob: float | None  # None for the first prompt token, which nothing predicts
-    top: list[tuple[int, float]] = field(default_factory=list)
-    prompt: bool = False
-
-
-@dataclass
-class Finish:
-    reason: str  # stop (end of text or a stop string), length (budget or context), cancelled, error
-    error: str | None = None
-
-
-Event = Token | Finish
 
 
 @dataclass
@@ -59,15 +42,12 @@ class Job:
             raise ValueError("the prompt is empty; give at least one token")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.max_tokens:  # 0 scores the prompt only (echo): nothing is sampled
-            SamplingConfig(self.temperature, self.top_k, self.top_p, self.max_tokens, self.seed)
+        self.row()  # SamplingConfig's checks, at submission
 
-
-def _top(logprobs: torch.Tensor, n: int | None) -> list[tuple[int, float]]:
-    if not n:
-        return []
-    values, ids = logprobs.topk(n)
-    return list(zip(ids.tolist(), values.tolist(), strict=True))
+    def row(self) -> Row:
+        """The job as a row of the one decode loop; max_tokens 0 scores the prompt only (echo)."""
+        s = SamplingConfig(self.temperature, self.top_k, self.top_p, max(1, self.max_tokens), self.seed)
+        return Row(self.prompt, s, logprobs=self.logprobs or 0, budget=self.max_tokens)
 
 
 class Engine:
@@ -111,7 +91,7 @@ class Engine:
         lp = self.model(ids)[0][0, :-1].float().log_softmax(-1)  # (T - 1, V)
         job.emit(Token(job.prompt[0], None, prompt=True))
         for t, token in enumerate(job.prompt[1:]):
-            job.emit(Token(token, float(lp[t, token]), _top(lp[t], job.logprobs), prompt=True))
+            job.emit(Token(token, float(lp[t, token]), top_logprobs(lp[t], job.logprobs), prompt=True))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -146,43 +126,10 @@ class Engine:
         for job in jobs:
             if job.echo:  # the prompt's tokens as scored by the model: what lm-eval's loglikelihood reads
                 self._score(job)
-        longest = max(len(j.prompt) for j in jobs)
-        budget = max(j.max_tokens for j in jobs)
-        last = torch.as_tensor(self.decoder.prefill([j.prompt for j in jobs], min(self.context, longest + budget)))
-        generators = [torch.Generator(device=self.device).manual_seed(j.seed) for j in jobs]
-        made = [0] * len(jobs)
-        done = [False] * len(jobs)
-        for i, job in enumerate(jobs):
-            if job.max_tokens == 0:
-                done[i] = True
-                job.emit(Finish("length"))
-        while not all(done):
-            step = []
-            for i, job in enumerate(jobs):
-                if done[i]:
-                    step.append(self.stop or 0)
-                    continue
-                if job.cancelled.is_set():
-                    done[i] = True
-                    self.stats["cancelled"] += 1
-                    job.emit(Finish("cancelled"))
-                    step.append(self.stop or 0)
-                    continue
-                token = int(sample(last[i : i + 1], job.temperature, job.top_k, job.top_p, generators[i]))
-                lp = last[i].float().log_softmax(-1)
-                job.emit(Token(token, float(lp[token]), _top(lp, job.logprobs)))
-                made[i] += 1
+        rows = [job.row() for job in jobs]
+        for i, event in decode(self.decoder, rows, self.stop, lambda i: jobs[i].cancelled.is_set()):
+            if isinstance(event, Token):
                 self.stats["tokens"] += 1
-                step.append(token)
-                if token == self.stop or made[i] == job.max_tokens:
-                    done[i] = True
-                    job.emit(Finish("stop" if token == self.stop else "length"))
-            if all(done):
-                break
-            if self.decoder.length == self.decoder.max_len:  # the context is full
-                for i, job in enumerate(jobs):
-                    if not done[i]:
-                        done[i] = True
-                        job.emit(Finish("length"))
-                break
-            last = torch.as_tensor(self.decoder.step(step))  # (B, V)
+            elif event.reason == "cancelled":
+                self.stats["cancelled"] += 1
+            jobs[i].emit(event)

@@ -9,8 +9,8 @@ import uuid
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
+from moemla.inference.decode import Token
 from moemla.inference.sampling import SamplingConfig
-from moemla.serve.engine import Token
 
 
 class StreamOptions(BaseModel):

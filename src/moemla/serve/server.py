@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
-from moemla.serve.engine import Engine, Event, Finish, Job, Token
+from moemla.inference.decode import Event, Finish, Token
+from moemla.serve.engine import Engine, Job
 from moemla.serve.limits import PromptEncoder
 from moemla.serve.protocol import ChoiceText, CompletionRequest, Sampling
 
