@@ -248,3 +248,13 @@ def test_a_step_that_fails_to_compile_decodes_uncompiled_with_one_message(monkey
     assert tokens == generate_ids(model, [5, 9, 23], 6, temperature=0.0)
     err = capsys.readouterr().err
     assert err.count("torch.compile is unavailable") == 1 and "no working C++ compiler" in err and "--compile" in err
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_engine_returns_torch_logits_and_declares_its_bytes(engine: str) -> None:
+    """The Decoder interface has one return type and declares what callers use: no caller converts or branches."""
+    model = build("moe-mla-rope")
+    dec = make_decoder(model, engine)
+    first, second = dec.prefill([[5, 9, 23]]), dec.step([4])
+    assert isinstance(first, torch.Tensor) and first.shape == second.shape == (1, model.cfg.vocab_size)
+    assert dec.cache_nbytes > 0 and dec.weight_nbytes > 0

@@ -15,7 +15,7 @@ import torch
 
 from moemla import accounting
 from moemla.config import ModelConfig, variant_name
-from moemla.inference.decoder import Decoder, Engine, Quantize, TorchDecoder, make_decoder
+from moemla.inference.decoder import Decoder, Engine, Quantize, make_decoder
 from moemla.model import Transformer
 from moemla.progress import Progress
 
@@ -58,7 +58,7 @@ def bench(
         torch.cuda.reset_peak_memory_stats(device)
     name = f"bench {variant_name(cfg) or 'custom'} batch {batch}"
     best = _best_run(dec, prompts, steps, context, device, repeats, name)
-    cache_bytes, weight_bytes = decoder_bytes(dec)
+    cache_bytes, weight_bytes = dec.cache_nbytes, dec.weight_nbytes  # its real tensors, not a formula
     cuda = device.type == "cuda"
     cpu_engine = engine != "torch"
     return {
@@ -96,7 +96,7 @@ def _best_run(
             latencies = []
             for tokens in steps:
                 t0 = time.perf_counter()
-                torch.as_tensor(dec.step(tokens)).argmax(-1)  # what a greedy sampler would do with the logits
+                dec.step(tokens).argmax(-1)  # what a greedy sampler would do with the logits
                 _sync(device)
                 latencies.append(time.perf_counter() - t0)
                 bar.advance()
@@ -125,14 +125,6 @@ def bench_memory(
         return {"variant": variant_name(cfg) or "custom", "batch": 0, "context": context, **info}
     run = min(batch, cap) if cap else batch
     return {**bench(cfg, run, context, new_tokens, **kwargs), **info}  # type: ignore[arg-type]
-
-
-def decoder_bytes(dec: object) -> tuple[int, int]:
-    """(KV-cache bytes, weight bytes) a decoder holds: its real tensors, not a formula."""
-    if isinstance(dec, TorchDecoder):
-        assert dec.cache is not None
-        return dec.cache.nbytes, sum(p.numel() * p.element_size() for p in dec.model.parameters())
-    return dec.cache_nbytes, dec.weight_nbytes  # type: ignore[attr-defined]
 
 
 def _check_lengths(cfg: ModelConfig, context: int, new_tokens: int) -> None:

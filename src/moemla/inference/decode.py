@@ -63,7 +63,7 @@ def decode(
     context is full, or when `cancelled(row)` says so. Rows are left-padded into one prefill and one step each."""
     longest = max(len(r.prompt) for r in rows)
     max_len = min(dec.cfg.max_seq_len, longest + max(r.max_new for r in rows))
-    logits = torch.as_tensor(dec.prefill([r.prompt for r in rows], max_len))  # (B, V)
+    logits = dec.prefill([r.prompt for r in rows], max_len)  # (B, V)
     generators = [torch.Generator(device=logits.device).manual_seed(r.sampling.seed) for r in rows]
     made, done = [0] * len(rows), [False] * len(rows)
     for i, row in enumerate(rows):
@@ -94,7 +94,7 @@ def decode(
                     done[i] = True
                     yield i, Finish("length")
             return
-        logits = torch.as_tensor(dec.step(step))  # (B, V): one decode step
+        logits = dec.step(step)  # (B, V): one decode step
 
 
 def _sample(logits: torch.Tensor, row: Row, generator: torch.Generator) -> tuple[int, Token]:

@@ -12,7 +12,6 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +25,10 @@ Quantize = Literal["none", "int8"]
 
 
 class Decoder(Protocol):
-    """prefill -> logits (B, V) of each prompt's last token; step(tokens (B,)) -> logits (B, V); reset."""
+    """prefill -> logits (B, V) of each prompt's last token; step(tokens (B,)) -> logits (B, V); reset.
+
+    Every engine returns torch tensors (the CPU engine's wrap its numpy arrays without a copy), so no caller
+    converts results or branches on the engine."""
 
     cfg: ModelConfig
     max_batch: int | None  # None: any batch size
@@ -37,9 +39,15 @@ class Decoder(Protocol):
     @property
     def max_len(self) -> int: ...  # slots the cache holds
 
-    def prefill(self, prompts: Sequence[Sequence[int]], max_len: int | None = None) -> torch.Tensor | np.ndarray: ...
+    @property
+    def cache_nbytes(self) -> int: ...  # bytes of the KV cache at its current size
 
-    def step(self, tokens: Sequence[int]) -> torch.Tensor | np.ndarray: ...
+    @property
+    def weight_nbytes(self) -> int: ...  # bytes of the weights this decoder holds, in its own layout
+
+    def prefill(self, prompts: Sequence[Sequence[int]], max_len: int | None = None) -> torch.Tensor: ...
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor: ...
 
     def reset(self) -> None: ...
 
@@ -103,6 +111,14 @@ class TorchDecoder:
     @property
     def length(self) -> int:
         return 0 if self.cache is None else self.cache.length
+
+    @property
+    def cache_nbytes(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes
+
+    @property
+    def weight_nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @property
     def max_len(self) -> int:

@@ -11,6 +11,7 @@ them while the decoder lives.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,6 +51,18 @@ def _arrays(obj: object) -> list[np.ndarray]:
         elif isinstance(item, Block | Linear | Fused | NumpyDecoder):
             stack.extend(vars(item).values())
     return list(found.values())
+
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _tensor(logits: np.ndarray) -> torch.Tensor:
+    """The Decoder interface's one return type, without a copy; only prefill and step need torch (forward, the
+    numpy API, runs where torch is not installed)."""
+    import torch
+
+    return torch.from_numpy(logits)
 
 
 def check_supported(cfg: ModelConfig) -> None:
@@ -98,18 +111,18 @@ class NumpyDecoder:
             self.wte_t = None
         self.length = 0
 
-    def prefill(self, prompts: list[list[int]], max_len: int | None = None) -> np.ndarray:
+    def prefill(self, prompts: list[list[int]], max_len: int | None = None) -> torch.Tensor:
         """Decoder.prefill for one prompt: logits (1, V) of its last token; the cache starts over."""
         if len(prompts) != 1:
             raise ValueError(f"the CPU engine decodes one sequence at a time; got {len(prompts)} (use --engine torch)")
         if max_len is not None and max_len > self.max_len:
             raise ValueError(f"the decoder's cache holds {self.max_len} tokens; {max_len} are needed")
         self.reset()
-        return self.forward(list(prompts[0]))[None]
+        return _tensor(self.forward(list(prompts[0]))[None])
 
-    def step(self, tokens: list[int]) -> np.ndarray:
+    def step(self, tokens: list[int]) -> torch.Tensor:
         """Decoder.step: one token (a list of one) -> logits (1, V)."""
-        return self.forward([int(tokens[0])])[None]
+        return _tensor(self.forward([int(tokens[0])])[None])
 
     @classmethod
     def from_model(
