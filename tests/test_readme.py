@@ -30,3 +30,15 @@ def test_every_moemla_command_in_the_readme_parses_as_written() -> None:
             build_parser().parse_args(argv[1:])
         except SystemExit:
             raise AssertionError(f"README's `{shlex.join(argv)}` does not parse") from None
+
+
+def test_readme_run_folder_example_runs(trained_debug_run, tmp_path, monkeypatch, capsys) -> None:
+    import shutil
+
+    section = README.read_text().split("a run folder is one object", 1)[1]
+    code = re.search(r"```py\n(.*?)```", section, flags=re.S).group(1)
+    shutil.copytree(trained_debug_run, tmp_path / "runs" / "demo" / "moe-mla-rope")
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    exec(compile(code, str(README), "exec"), scope)
+    assert scope["model"].cfg == scope["run"].model_config and "ModelConfig(" in capsys.readouterr().out
