@@ -214,8 +214,8 @@ def test_bad_text_files_are_refused_by_name_and_line(tmp_path: Path, capsys: pyt
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             list(file_source([path])())
-    assert main(["prepare", "--text", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
-    assert "is a directory; pass the files in it" in capsys.readouterr().err
+    assert main(["prepare", "--text", str(tmp_path), "--out", str(tmp_path / "out")]) == 1  # a folder of non-text
+    assert "3 matching files, none UTF-8 text" in capsys.readouterr().err
 
 
 def test_a_same_size_edit_is_not_mistaken_for_the_prepared_data(tmp_path: Path, capsys) -> None:

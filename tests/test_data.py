@@ -157,3 +157,33 @@ def test_tinystories_without_datasets_says_how_to_get_it() -> None:
             tinystories_source()
     else:
         pytest.skip("datasets is installed")
+
+
+def test_a_folder_or_glob_prepares_one_document_per_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Source code as a second domain (issue 23): every matching UTF-8 file is one document; binaries are skipped
+    and counted; --include/--exclude filter on the path below the folder or the file name."""
+    from moemla.cli import main
+
+    tree = tmp_path / "lib"
+    for i in range(40):
+        sub = tree / ("test" if i % 10 == 0 else f"pkg{i % 3}")
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n\n\nclass C{i}:\n    pass\n" * 3)
+    (tree / "pkg0" / "data.bin").write_bytes(b"\x00\x01binary")
+    (tree / "README.txt").write_text("Not code.\n")
+    out = tmp_path / "data"
+    argv = ["prepare", "--text", str(tree), "--include", "*.py", "--exclude", "test/*", "--vocab-size", "300",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "36 documents" in captured.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    splits = manifest["splits"]
+    assert splits["train"]["stories"] + splits["val"]["stories"] == 36
+    assert len(manifest["request"]["source"]["documents"]) == 36
+    assert main(["prepare", "--text", str(tree), "--vocab-size", "300", "--out", str(tmp_path / "all")]) == 0
+    assert "41 documents (1 files skipped: not UTF-8 text)" in capsys.readouterr().err  # 40 .py + README
+    pattern = str(tree / "**" / "mod1*.py")  # mod1, mod10..mod19: a recursive glob, quoted in a shell
+    assert main(["prepare", "--text", pattern, "--vocab-size", "300", "--val-fraction", "0.3",
+                 "--out", str(tmp_path / "glob")]) == 0  # fmt: skip
+    assert "11 documents" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import typing
 
 from moemla import accounting
@@ -75,6 +76,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     folder, m = prepare_data(
         dataset=args.dataset, text=args.text, out=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         stories=args.stories, corpus_seed=args.corpus_seed, val_fraction=args.val_fraction, overwrite=args.overwrite,
+        include=args.include, exclude=args.exclude, log=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
     splits = m["splits"]
     print(
@@ -141,8 +143,17 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "--text",
         nargs="+",
         metavar="PATH",
-        help="local .txt (stories split by <|endoftext|> or blank lines), .jsonl ('text') or .parquet files",
+        help="local .txt (stories split by <|endoftext|> or blank lines), .jsonl ('text') or .parquet files; "
+        "a folder or a quoted glob pattern ('src/**/*.py') takes each UTF-8 text file as one document",
     )
+    p.add_argument(
+        "--include", action="append", metavar="GLOB",
+        help="with a folder or glob: keep only files whose path below it or name matches (repeatable), e.g. '*.py'",
+    )  # fmt: skip
+    p.add_argument(
+        "--exclude", action="append", metavar="GLOB",
+        help="with a folder or glob: drop files whose path below it or name matches (repeatable), e.g. '*/test/*'",
+    )  # fmt: skip
     p.add_argument("--out", help="output folder (default data/builtin, data/tinystories or data/text)")
     p.add_argument(
         "--tokenizer",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from moemla.data.documents import document_source, find_documents, is_document_input
 from moemla.data.shards import prepare
-from moemla.data.sources import DataError, builtin_source, file_source, tinystories_source
+from moemla.data.sources import DataError, StorySource, builtin_source, file_source, tinystories_source
 
 # the defaults of `moemla prepare`, the demo and `moemla reproduce`, in one place
 VOCAB_SIZE = 4096  # a byte-level BPE of a few thousand tokens: at small sizes GPT-2's 50,257 would be mostly embedding
@@ -25,14 +27,13 @@ def prepare_data(
     corpus_seed: int = 0,
     val_fraction: float = VAL_FRACTION,
     overwrite: bool = False,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[Path, dict]:
     """Resolve the source, then tokenize it into a prepared folder (reused when already there)."""
     if text:
-        source = file_source(text)
-        description: dict[str, object] = {
-            "dataset": "text",
-            "files": [file_identity(p) for p in text],
-        }
+        source, description = _text_source(text, include or [], exclude or [], log)
         name = "text"
     elif dataset == "builtin":
         source = builtin_source(stories, corpus_seed)
@@ -50,6 +51,30 @@ def prepare_data(
         overwrite=overwrite,
     )  # fmt: skip
     return folder, manifest
+
+
+def _text_source(
+    text: list[str], include: list[str], exclude: list[str], log: Callable[[str], None]
+) -> tuple[StorySource, dict[str, object]]:
+    """Plain files by their format (stories per file); folders and glob patterns one document per file."""
+    files = [t for t in text if not is_document_input(t)]
+    docs: list[Path] = []
+    for spec in (t for t in text if is_document_input(t)):
+        found, skipped = find_documents(spec, include, exclude)
+        log(f"{spec}: {len(found):,} documents" + (f" ({skipped:,} files skipped: not UTF-8 text)" if skipped else ""))
+        docs += found
+    if (include or exclude) and not docs:
+        raise DataError("--include and --exclude filter folders and glob patterns; give one with --text")
+    sources = ([file_source(files)] if files else []) + ([document_source(docs)] if docs else [])
+
+    def read() -> Iterator[str]:
+        for source in sources:
+            yield from source()
+
+    description: dict[str, object] = {"dataset": "text", "files": [file_identity(p) for p in files]}
+    if docs:  # one document per file
+        description["documents"] = [file_identity(p) for p in docs]
+    return read, description
 
 
 def file_identity(path: str | Path) -> dict[str, object]:

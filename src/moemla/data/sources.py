@@ -90,7 +90,7 @@ def file_source(paths: Sequence[str | Path]) -> StorySource:
         raise DataError("no input files given")
     for p in files:
         if p.is_dir():
-            raise DataError(f"{p} is a directory; pass the files in it, e.g. {p}/*.txt")
+            raise DataError(f"{p} is a directory; prepare_data reads it as one document per file")
         if not p.is_file():
             raise DataError(f"input file not found: {p}")
         if p.suffix not in SUFFIXES:
