@@ -126,3 +126,27 @@ def test_reproduce_rejects_bad_presets(data: Path, tmp_path: Path) -> None:
         reproduce("table2", "huge", steps=1, data=data, out=tmp_path)
     with pytest.raises(ConfigError, match="only table7"):
         reproduce("table2", "debug,tiny", steps=1, data=data, out=tmp_path)
+
+
+def test_plan_measures_every_run_and_trains_nothing_then_batch_and_seq_len_reach_the_runs(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--plan prints each run's tokens and a time measured by a few real steps on this device; --batch-size and
+    --seq-len shape the sweep (recorded in results.json and the command)."""
+    from moemla.cli import main
+
+    out = tmp_path / "t4"
+    flags = ["--preset", "debug", "--steps", "3", "--data", str(data), "--out", str(out), "--batch-size", "4",
+             "--seq-len", "48", "--device", "cpu"]  # fmt: skip
+    assert main(["reproduce", "table4", *flags, "--plan"]) == 0
+    text = capsys.readouterr().out
+    runs = [line for line in text.splitlines() if line.startswith("| ") and "seed0" in line]
+    assert len(runs) == 4 and all("| 3 | 576 |" in line for line in runs)  # 3 steps x 4 x 48 tokens
+    assert "To train: 4 of 4 runs" in text and not (out / "runs").exists()
+    assert main(["reproduce", "table4", *flags]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert (result["train"]["batch_size"], result["train"]["seq_len"]) == (4, 48)
+    assert "--batch-size 4 --seq-len 48" in result["command"]
+    capsys.readouterr()
+    assert main(["reproduce", "table4", *flags, "--plan"]) == 0
+    assert "To train: 0 of 4 runs" in capsys.readouterr().out  # finished runs are not planned again

@@ -153,9 +153,20 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
     if args.endpoint and not args.judge_model:
         raise ConfigError("--endpoint needs --judge-model: the judge model's name at that endpoint")
+    steps = None if args.tokens else args.steps
+    shape = {"tokens": args.tokens, "device": args.device, "batch_size": args.batch_size, "seq_len": args.seq_len}
+    if args.plan:
+        from moemla.device import resolve_device
+        from moemla.experiments.plan import plan, plan_markdown
+        from moemla.experiments.reproduce import setup
+
+        s = setup(args.table, args.preset, steps, seeds, args.data, args.out, **shape)
+        device = resolve_device(s.tc.device)
+        print(plan_markdown(plan(s, log=lambda line: print(line, file=sys.stderr)), str(device)))
+        return 0
     result = reproduce(
-        args.table, args.preset, None if args.tokens else args.steps, seeds, args.data, args.out, tokens=args.tokens,
-        device=args.device, endpoint=args.endpoint, judge_model=args.judge_model, samples=args.samples,
+        args.table, args.preset, steps, seeds, args.data, args.out, endpoint=args.endpoint,
+        judge_model=args.judge_model, samples=args.samples, **shape,
     )  # fmt: skip
     print(result["markdown"])
     print()
@@ -249,10 +260,16 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "--preset", default=DEFAULT_PRESET,
         help=f"size preset ({', '.join(SIZES)}); table7 takes a list, or one size meaning every size up to it",
     )  # fmt: skip
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps per run (16 x 256 tokens each)")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps per run (default 250)")
     p.add_argument("--tokens", type=int, help="training tokens per run (instead of --steps)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 16; a GPU wants more)")
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence (default 256)")
+    p.add_argument(
+        "--plan", action="store_true",
+        help="train nothing: print each run's tokens and its time on this device, measured by a few real steps",
+    )  # fmt: skip
     p.add_argument("--data", help="prepared folder (default: the built-in corpus in data/builtin)")
     p.add_argument("--out", help="output folder (default results/TABLE-PRESET; for summary, the results folder)")
     p.add_argument("--endpoint", help="table8: OpenAI-style base URL of the judge (without it: statistics only)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from moemla.config import SIZES, ConfigError, ModelConfig
@@ -14,7 +15,7 @@ from moemla.data.shards import PreparedData
 from moemla.data.tokenizer import token_bytes
 from moemla.eval.perplexity import bits_per_byte, window_bytes
 from moemla.experiments import claims, figures
-from moemla.experiments.sweep import aggregate, run_sweep
+from moemla.experiments.sweep import RunSpec, aggregate, run_sweep
 from moemla.experiments.tables import (
     PAPER_TABLE4,
     PAPER_TABLE7,
@@ -34,6 +35,55 @@ BALANCE = dict(balance_rule="sign", balance_rate=1e-2)
 DECODE_BATCH, DECODE_NEW_TOKENS = 16, 64
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What a table's sweep trains: its runs (every size and seed), the training settings, the data and the folder."""
+
+    specs: list[RunSpec]
+    tc: TrainConfig
+    data: Path
+    out: Path
+    presets: list[str]
+
+
+def setup(
+    table: str,
+    preset: str = "tiny",
+    steps: int | None = 250,
+    seeds: tuple[int, ...] = (0,),
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    tokens: int | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+) -> Setup:
+    """`preset` is one size, or for table7 a comma-separated list (one size means every size up to it)."""
+    if table not in TABLES:
+        raise ConfigError(f"unknown table {table!r}; available: {', '.join(TABLES)}")
+    spec = TABLES[table]
+    presets = _presets(preset, spec.multi_size)
+    seq_len = seq_len or SEQ_LEN
+    if data is None:
+        data, _ = prepare_data(out="data/builtin")
+    vocab = PreparedData.open(data).vocab_size
+    # every size trains on sequences of seq_len tokens (a shorter context, debug's 64, is raised to it)
+    bases = {
+        p: ModelConfig.from_preset(p, "moe-mla-rope", vocab_size=vocab, **BALANCE).replace(
+            max_seq_len=max(seq_len, int(SIZES[p]["max_seq_len"]))  # type: ignore[call-overload]
+        )
+        for p in presets
+    }
+    length = dict(max_steps=None, tokens=tokens) if tokens else dict(max_steps=steps, tokens=None)
+    batch = {"batch_size": batch_size, "micro_batch_size": min(batch_size, 64)} if batch_size else {}
+    tc = TrainConfig(seq_len=seq_len, device=device, **length, **{**REPRODUCE_TRAIN, **batch})  # type: ignore[arg-type]
+    interval = max(1, tc.steps // 5)
+    tc = tc.replace(eval_interval=interval, ckpt_interval=interval)
+    folder = Path(out or f"results/{table}-{presets[-1]}")
+    return Setup(spec.specs(bases, list(seeds)), tc, Path(data), folder, presets)
+
+
 def reproduce(
     table: str,
     preset: str = "tiny",
@@ -47,45 +97,32 @@ def reproduce(
     endpoint: str | None = None,
     judge_model: str | None = None,
     samples: int = 100,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
 ) -> dict[str, object]:
-    """`preset` is one size, or for table7 a comma-separated list (one size means every size up to it).
+    """Train a table's runs in this process (finished ones are skipped), then report them.
 
     table8 judges its runs' stories at `endpoint` with `judge_model` (moemla.eval.quality), or computes
     only the judge-free statistics without an endpoint.
     """
-    if table not in TABLES:
-        raise ConfigError(f"unknown table {table!r}; available: {', '.join(TABLES)}")
+    s = setup(table, preset, steps, seeds, data, out, tokens=tokens, device=device, batch_size=batch_size,
+              seq_len=seq_len)  # fmt: skip
     spec = TABLES[table]
-    presets = _presets(preset, spec.multi_size)
-    out = Path(out or f"results/{table}-{presets[-1]}")
-    if data is None:
-        data, _ = prepare_data(out="data/builtin")
-    vocab = PreparedData.open(data).vocab_size
-    # every size trains on sequences of SEQ_LEN tokens (debug's 64-token context is raised to it)
-    bases = {
-        p: ModelConfig.from_preset(p, "moe-mla-rope", vocab_size=vocab, **BALANCE).replace(
-            max_seq_len=max(SEQ_LEN, int(SIZES[p]["max_seq_len"]))  # type: ignore[call-overload]
-        )
-        for p in presets
-    }
-    seq_len = SEQ_LEN
-    length = dict(max_steps=None, tokens=tokens) if tokens else dict(max_steps=steps, tokens=None)
-    tc = TrainConfig(seq_len=seq_len, device=device, **length, **REPRODUCE_TRAIN)  # type: ignore[arg-type]
-    interval = max(1, tc.steps // 5)
-    tc = tc.replace(eval_interval=interval, ckpt_interval=interval)
-    rows = run_sweep(spec.specs(bases, list(seeds)), data, out, tc, log)
+    rows = run_sweep(s.specs, s.data, s.out, s.tc, log)
     summary = aggregate(rows)
     if spec.decode_speed:
-        _add_decode_speed(summary, seq_len, tc.device, log)
+        _add_decode_speed(summary, s.tc.seq_len, s.tc.device, log)
     if spec.judged:
-        _add_judgments(summary, out / "judge", endpoint, judge_model, samples, device, log)
-    flag = f"--tokens {tokens}" if tokens else f"--steps {tc.steps}"
-    command = f"moemla reproduce {table} --preset {','.join(presets)} {flag} --seeds {','.join(map(str, seeds))}"
-    result = {"table": table, "presets": presets, "command": command, "data": str(data), "train": tc.to_dict()}
-    report, tested = write_report(out, {**result, "runs": rows, "summary": summary})
-    paths = _figures(table, rows, summary, out)
-    log(f"wrote {out / f'{table}.md'}, {out / 'summary.md'}, results.json and {', '.join(p.name for p in paths)}")
-    return {"summary": summary, "markdown": report, "out": str(out), "claims": tested}
+        _add_judgments(summary, s.out / "judge", endpoint, judge_model, samples, device, log)
+    flag = f"--tokens {tokens}" if tokens else f"--steps {s.tc.steps}"
+    shape = (f" --batch-size {s.tc.batch_size}" if batch_size else "") + (f" --seq-len {seq_len}" if seq_len else "")
+    command = (f"moemla reproduce {table} --preset {','.join(s.presets)} {flag}{shape} "
+               f"--seeds {','.join(map(str, seeds))}")  # fmt: skip
+    result = {"table": table, "presets": s.presets, "command": command, "data": str(s.data), "train": s.tc.to_dict()}
+    report, tested = write_report(s.out, {**result, "runs": rows, "summary": summary})
+    paths = _figures(table, rows, summary, s.out)
+    log(f"wrote {s.out / f'{table}.md'}, {s.out / 'summary.md'}, results.json and {', '.join(p.name for p in paths)}")
+    return {"summary": summary, "markdown": report, "out": str(s.out), "claims": tested}
 
 
 def write_report(out: Path, result: dict) -> tuple[str, list[claims.Claim]]:
