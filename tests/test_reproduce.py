@@ -150,3 +150,14 @@ def test_plan_measures_every_run_and_trains_nothing_then_batch_and_seq_len_reach
     capsys.readouterr()
     assert main(["reproduce", "table4", *flags, "--plan"]) == 0
     assert "To train: 0 of 4 runs" in capsys.readouterr().out  # finished runs are not planned again
+
+
+def test_rows_run_a_subset_of_a_table_and_the_rope_control_gets_its_p_value(data: Path, tmp_path: Path) -> None:
+    rows = ("mha", "mha-rope", "moe-mla-rope")
+    result = reproduce("table2", "debug", steps=2, seeds=(0, 1), data=data, out=tmp_path / "c", log=lambda _: None,
+                       rows=rows)  # fmt: skip
+    assert {r["name"] for r in result["summary"]} == set(rows)
+    control = [c for c in result["claims"] if "same RoPE (mha-rope)" in c.text]
+    assert len(control) == 1 and "p = " in control[0].ours and "over 2 seeds" in control[0].ours
+    with pytest.raises(ValueError, match=r"has no row\(s\) \['gqa'\]"):
+        reproduce("table2", "debug", steps=2, data=data, out=tmp_path / "d", rows=("mha", "gqa"))

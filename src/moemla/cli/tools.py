@@ -154,7 +154,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.endpoint and not args.judge_model:
         raise ConfigError("--endpoint needs --judge-model: the judge model's name at that endpoint")
     steps = None if args.tokens else args.steps
-    shape = {"tokens": args.tokens, "device": args.device, "batch_size": args.batch_size, "seq_len": args.seq_len}
+    rows = tuple(args.rows.split(",")) if args.rows else None
+    shape = {"tokens": args.tokens, "device": args.device, "batch_size": args.batch_size, "seq_len": args.seq_len,
+             "rows": rows}  # fmt: skip
     if args.plan:
         from moemla.device import resolve_device
         from moemla.experiments.plan import plan, plan_markdown
@@ -266,6 +268,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 16; a GPU wants more)")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence (default 256)")
+    p.add_argument("--rows", help="only these rows of the table, comma-separated (e.g. mha,mha-rope,moe-mla-rope)")
     p.add_argument(
         "--plan", action="store_true",
         help="train nothing: print each run's tokens and its time on this device, measured by a few real steps",

@@ -89,7 +89,7 @@ def _matched_claims(t2: dict[str, Row] | None) -> list[Claim]:
     for metric, gain, use_loss in (("validation loss", 0.069, True), ("perplexity", 0.135, False)):
         text = f"parameter-matched: MoE-MLA-RoPE improves {metric} over MHA (abstract, Table 2)"
         claims.append(_quality_or_missing(text, gain, t2, use_loss, "table2"))
-    if t2:
+    if t2 and all(v in t2 for v in ("mla", "moe-mha", "moe-mla-rope")):  # a subset (--rows) may lack them
         mla, moe, both = (
             1 - t2[v]["val_ppl_mean"] / t2["mha"]["val_ppl_mean"]  # type: ignore[operator]
             for v in ("mla", "moe-mha", "moe-mla-rope")
@@ -100,6 +100,7 @@ def _matched_claims(t2: dict[str, Row] | None) -> list[Claim]:
             "MLA -5.0%, MoE +5.3%, both +13.5%", f"MLA {mla:+.1%}, MoE {moe:+.1%}, both {both:+.1%}",
             "holds" if synergy else "does not hold", "gains are perplexity reductions vs MHA",
         ))  # fmt: skip
+    if t2:
         if "mha-rope" in t2:  # our control: is the gain more than what RoPE alone gives dense MHA?
             claims.append(_quality(
                 "(our control, not a paper claim) MoE-MLA-RoPE beats dense MHA with the same RoPE (mha-rope)",

@@ -58,6 +58,7 @@ def setup(
     device: str = "auto",
     batch_size: int | None = None,
     seq_len: int | None = None,
+    rows: tuple[str, ...] | None = None,
 ) -> Setup:
     """`preset` is one size, or for table7 a comma-separated list (one size means every size up to it)."""
     if table not in TABLES:
@@ -81,7 +82,13 @@ def setup(
     interval = max(1, tc.steps // 5)
     tc = tc.replace(eval_interval=interval, ckpt_interval=interval)
     folder = Path(out or f"results/{table}-{presets[-1]}")
-    return Setup(spec.specs(bases, list(seeds)), tc, Path(data), folder, presets)
+    specs = spec.specs(bases, list(seeds))
+    if rows:  # a subset of the table's rows, e.g. the RoPE control: mha, mha-rope, moe-mla-rope
+        unknown = sorted(set(rows) - {r.name for r in specs})
+        if unknown:
+            raise ConfigError(f"{table} has no row(s) {unknown}; its rows: {sorted({r.name for r in specs})}")
+        specs = [r for r in specs if r.name in rows]
+    return Setup(specs, tc, Path(data), folder, presets)
 
 
 def reproduce(
@@ -99,6 +106,7 @@ def reproduce(
     samples: int = 100,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    rows: tuple[str, ...] | None = None,
 ) -> dict[str, object]:
     """Train a table's runs in this process (finished ones are skipped), then report them.
 
@@ -106,21 +114,22 @@ def reproduce(
     only the judge-free statistics without an endpoint.
     """
     s = setup(table, preset, steps, seeds, data, out, tokens=tokens, device=device, batch_size=batch_size,
-              seq_len=seq_len)  # fmt: skip
+              seq_len=seq_len, rows=rows)  # fmt: skip
     spec = TABLES[table]
-    rows = run_sweep(s.specs, s.data, s.out, s.tc, log)
-    summary = aggregate(rows)
+    runs = run_sweep(s.specs, s.data, s.out, s.tc, log)
+    summary = aggregate(runs)
     if spec.decode_speed:
         _add_decode_speed(summary, s.tc.seq_len, s.tc.device, log)
     if spec.judged:
         _add_judgments(summary, s.out / "judge", endpoint, judge_model, samples, device, log)
     flag = f"--tokens {tokens}" if tokens else f"--steps {s.tc.steps}"
     shape = (f" --batch-size {s.tc.batch_size}" if batch_size else "") + (f" --seq-len {seq_len}" if seq_len else "")
+    shape += f" --rows {','.join(rows)}" if rows else ""
     command = (f"moemla reproduce {table} --preset {','.join(s.presets)} {flag}{shape} "
                f"--seeds {','.join(map(str, seeds))}")  # fmt: skip
     result = {"table": table, "presets": s.presets, "command": command, "data": str(s.data), "train": s.tc.to_dict()}
-    report, tested = write_report(s.out, {**result, "runs": rows, "summary": summary})
-    paths = _figures(table, rows, summary, s.out)
+    report, tested = write_report(s.out, {**result, "runs": runs, "summary": summary})
+    paths = _figures(table, runs, summary, s.out)
     log(f"wrote {s.out / f'{table}.md'}, {s.out / 'summary.md'}, results.json and {', '.join(p.name for p in paths)}")
     return {"summary": summary, "markdown": report, "out": str(s.out), "claims": tested}
 
