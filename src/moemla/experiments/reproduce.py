@@ -128,6 +128,8 @@ def reproduce(
     command = (f"moemla reproduce {table} --preset {','.join(s.presets)} {flag}{shape} "
                f"--seeds {','.join(map(str, seeds))}")  # fmt: skip
     result = {"table": table, "presets": s.presets, "command": command, "data": str(s.data), "train": s.tc.to_dict()}
+    if rows:
+        result["rows"] = list(rows)
     report, tested = write_report(s.out, {**result, "runs": runs, "summary": summary})
     paths = _figures(table, runs, summary, s.out)
     log(f"wrote {s.out / f'{table}.md'}, {s.out / 'summary.md'}, results.json and {', '.join(p.name for p in paths)}")
@@ -252,6 +254,8 @@ def summarize(results_dir: str | Path = "results") -> str:
         if add_bits_per_byte(res):
             write_report(path.parent, res)
         if res["table"] in results and "builtin" not in res["data"]:  # two datasets: the built-in corpus's wins
+            continue
+        if res.get("rows"):  # a subset of the table (--rows) answers its own claims, in its own summary.md
             continue
         results[res["table"]] = {**res, "folder": path.parent.name}
     where = "; ".join(f"{t} from {r['folder']}" for t, r in sorted(results.items())) or "no tables run yet"
