@@ -76,7 +76,8 @@ def train(
     d = distributed.setup(tc.device)
     try:
         with RunFolder(Path(run_dir)).lock() if d.main else contextlib.nullcontext():
-            return _train(data, Path(run_dir), cfg, tc, resume, log, d, from_checkpoint, new_data)
+            s = _begin(data, Path(run_dir), cfg, tc, resume, log, d, from_checkpoint, new_data)
+            return _steps(s, data, log)
     finally:
         distributed.teardown(d)
 
@@ -96,21 +97,6 @@ class _Session:
     ddp: DistributedDataParallel | None = None
     step: int = 0
     elapsed: float = 0.0
-
-
-def _train(
-    data: PreparedData,
-    run_dir: Path,
-    cfg: ModelConfig,
-    tc: TrainConfig,
-    resume: bool,
-    log: Callable[[str], None],
-    d: distributed.Dist,
-    from_checkpoint: str | None,
-    new_data: bool,
-) -> dict[str, object]:
-    s = _begin(data, run_dir, cfg, tc, resume, log, d, from_checkpoint, new_data)
-    return _steps(s, data, log)
 
 
 def _begin(
