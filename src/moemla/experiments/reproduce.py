@@ -8,6 +8,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moemla.config import SIZES, ConfigError, ModelConfig
 from moemla.data.prepare import prepare_data
@@ -44,6 +45,8 @@ class Setup:
     data: Path
     out: Path
     presets: list[str]
+    command: str  # the `moemla reproduce` command that sets this up again
+    rows: list[str] | None = None  # a subset of the table's rows (--rows)
 
 
 def setup(
@@ -88,7 +91,13 @@ def setup(
         if unknown:
             raise ConfigError(f"{table} has no row(s) {unknown}; its rows: {sorted({r.name for r in specs})}")
         specs = [r for r in specs if r.name in rows]
-    return Setup(specs, tc, Path(data), folder, presets)
+    flags = f"--tokens {tokens}" if tokens else f"--steps {tc.steps}"
+    flags += (f" --batch-size {tc.batch_size}" if batch_size else "") + (
+        f" --seq-len {seq_len}" if seq_len != SEQ_LEN else ""
+    )
+    flags += f" --rows {','.join(rows)}" if rows else ""
+    command = f"moemla reproduce {table} --preset {','.join(presets)} {flags} --seeds {','.join(map(str, seeds))}"
+    return Setup(specs, tc, Path(data), folder, presets, command, list(rows) if rows else None)
 
 
 def reproduce(
@@ -99,37 +108,29 @@ def reproduce(
     data: str | Path | None = None,
     out: str | Path | None = None,
     log: Callable[[str], None] = print,
-    tokens: int | None = None,
-    device: str = "auto",
+    *,
     endpoint: str | None = None,
     judge_model: str | None = None,
     samples: int = 100,
-    batch_size: int | None = None,
-    seq_len: int | None = None,
-    rows: tuple[str, ...] | None = None,
+    **shape: Any,
 ) -> dict[str, object]:
-    """Train a table's runs in this process (finished ones are skipped), then report them.
+    """Train a table's runs in this process (finished ones are skipped), then report them. `shape` is setup()'s:
+    tokens, device, batch_size, seq_len, rows.
 
     table8 judges its runs' stories at `endpoint` with `judge_model` (moemla.eval.quality), or computes
     only the judge-free statistics without an endpoint.
     """
-    s = setup(table, preset, steps, seeds, data, out, tokens=tokens, device=device, batch_size=batch_size,
-              seq_len=seq_len, rows=rows)  # fmt: skip
+    s = setup(table, preset, steps, seeds, data, out, **shape)
     spec = TABLES[table]
     runs = run_sweep(s.specs, s.data, s.out, s.tc, log)
     summary = aggregate(runs)
     if spec.decode_speed:
         _add_decode_speed(summary, s.tc.seq_len, s.tc.device, log)
     if spec.judged:
-        _add_judgments(summary, s.out / "judge", endpoint, judge_model, samples, device, log)
-    flag = f"--tokens {tokens}" if tokens else f"--steps {s.tc.steps}"
-    shape = (f" --batch-size {s.tc.batch_size}" if batch_size else "") + (f" --seq-len {seq_len}" if seq_len else "")
-    shape += f" --rows {','.join(rows)}" if rows else ""
-    command = (f"moemla reproduce {table} --preset {','.join(s.presets)} {flag}{shape} "
-               f"--seeds {','.join(map(str, seeds))}")  # fmt: skip
-    result = {"table": table, "presets": s.presets, "command": command, "data": str(s.data), "train": s.tc.to_dict()}
-    if rows:
-        result["rows"] = list(rows)
+        _add_judgments(summary, s.out / "judge", endpoint, judge_model, samples, s.tc.device, log)
+    result = {"table": table, "presets": s.presets, "command": s.command, "data": str(s.data), "train": s.tc.to_dict()}
+    if s.rows:
+        result["rows"] = s.rows
     report, tested = write_report(s.out, {**result, "runs": runs, "summary": summary})
     paths = _figures(table, runs, summary, s.out)
     log(f"wrote {s.out / f'{table}.md'}, {s.out / 'summary.md'}, results.json and {', '.join(p.name for p in paths)}")
