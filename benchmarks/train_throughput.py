@@ -122,7 +122,7 @@ def loop_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, data: Path, ru
         eval_tokens=args.seq, log_interval=1,
     )  # fmt: skip
     train(data, run_dir, cfg, tc, log=lambda _: None)
-    rates = [r["tokens_per_s"] for r in RunFolder(Path(run_dir)).metrics() if r["split"] == "train"]
+    rates = [r["tokens_per_s"] for r in RunFolder(run_dir).metrics() if r["split"] == "train"]
     return statistics.median(rates[2:] or rates)
 
 

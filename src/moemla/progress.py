@@ -14,13 +14,12 @@ from rich.progress import Progress as RichProgress
 PLAIN_EVERY_S = float(os.environ.get("MOEMLA_PROGRESS_EVERY_S", "30"))
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds / 3600:.1f} h"
+def duration(seconds: float) -> str:
+    """3 h 05 min, 4 min 10 s, 12 s."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def plain_line(
@@ -29,9 +28,9 @@ def plain_line(
     """`train tiny: 12/1,000 steps (1%) | 0.52 steps/s | 23 s elapsed | ETA 32 min | loss 3.1` for logs."""
     head = f"{description}: {done:,}/{total:,} {unit} ({done / total:.0%})" if total else f"{description}: {done:,}"
     head += "" if total else f" {unit}"
-    parts = [head, f"{rate:,.2f} {unit}/s", f"{_duration(elapsed)} elapsed"]
+    parts = [head, f"{rate:,.2f} {unit}/s", f"{duration(elapsed)} elapsed"]
     if total and rate > 0:
-        parts.append(f"ETA {_duration(max(0, total - done) / rate)}")
+        parts.append(f"ETA {duration(max(0, total - done) / rate)}")
     if info:
         parts.append(info)
     return " | ".join(parts)

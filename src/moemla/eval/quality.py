@@ -32,7 +32,7 @@ def run_names(runs: list[str]) -> dict[str, str]:
 
 
 def _final_bits_per_byte(run: str) -> float | None:
-    val = [m for m in RunFolder(Path(run)).metrics() if m.get("split") == "val"]
+    val = [m for m in RunFolder(run).metrics() if m.get("split") == "val"]
     return val[-1].get("bits_per_byte") if val else None
 
 

@@ -16,7 +16,7 @@ def _by_name(runs: list[Row]) -> dict[str, list[list[dict]]]:
     """Each table row's metrics, one list per seed."""
     out: dict[str, list[list[dict]]] = {}
     for r in runs:
-        out.setdefault(str(r["name"]), []).append(RunFolder(Path(str(r["run"]))).metrics())
+        out.setdefault(str(r["name"]), []).append(RunFolder(str(r["run"])).metrics())
     return out
 
 

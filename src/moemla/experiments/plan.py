@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moemla import accounting
 from moemla.experiments.reproduce import Setup
+from moemla.progress import duration
 from moemla.runs import RunFolder
 from moemla.train.loop import train
 
@@ -62,18 +63,11 @@ def plan_markdown(rows: list[dict[str, object]], device: str) -> str:
     ]
     for r in rows:
         params = f"{r['total_params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M)"  # type: ignore[operator]
-        when = "finished" if r["finished"] else _duration(float(r["estimated_s"]))  # type: ignore[arg-type]
+        when = "finished" if r["finished"] else duration(float(r["estimated_s"]))  # type: ignore[arg-type]
         lines.append(f"| {r['run']} | {params} | {r['steps']:,} | {r['tokens']:,} | {r['seconds_per_step']:.3f} "
                      f"| {when} |")  # fmt: skip
     todo = sum(float(r["estimated_s"]) for r in rows if not r["finished"])  # type: ignore[arg-type]
     left = sum(not r["finished"] for r in rows)
-    lines.append(f"\nTo train: {left} of {len(rows)} runs, about {_duration(todo)} on {device} (one process, one run "
+    lines.append(f"\nTo train: {left} of {len(rows)} runs, about {duration(todo)} on {device} (one process, one run "
                  "after another; evaluation and checkpoints not included).")  # fmt: skip
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    s = round(seconds)
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"

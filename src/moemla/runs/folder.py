@@ -42,9 +42,12 @@ class RunFolder:
     def open(cls, path: str | Path) -> RunFolder:
         """An existing run (it has a run.json); RunError naming the fix otherwise."""
         run = cls(Path(path))
-        if not (run.path / RUN_FILE).is_file():
-            raise RunError(f"{path} is not a moemla run folder (no {RUN_FILE}); train one with `moemla train`")
+        if not run.exists():
+            raise run._not_a_run()
         return run
+
+    def _not_a_run(self) -> RunError:
+        return RunError(f"{self.path} is not a moemla run folder (no {RUN_FILE}); train one with `moemla train`")
 
     def exists(self) -> bool:
         return (self.path / RUN_FILE).is_file()
@@ -55,7 +58,7 @@ class RunFolder:
         """run.json as it is on disk."""
         path = self.path / RUN_FILE
         if not path.is_file():
-            raise RunError(f"{self.path} is not a moemla run folder (no {RUN_FILE}); train one with `moemla train`")
+            raise self._not_a_run()
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as err:

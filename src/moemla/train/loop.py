@@ -22,7 +22,7 @@ from moemla.data.tokenizer import token_bytes
 from moemla.device import amp_dtype, autocast
 from moemla.eval.perplexity import evaluate
 from moemla.model import Transformer
-from moemla.progress import Progress
+from moemla.progress import Progress, duration
 from moemla.runs import checkpoint
 from moemla.runs.folder import RunError, RunFolder
 from moemla.train import distributed
@@ -145,7 +145,7 @@ def _steps(s: _Session, data: PreparedData, log: Callable[[str], None]) -> dict[
             speed.add(tc.tokens_per_step, dt)
             tps = speed.tokens_per_s  # over the steps since the last logged one
             bar.set(s.step, f"loss {train_loss:.3f} | {tps:,.0f} tok/s")
-            eta = _duration(speed.seconds_for(total - s.step))
+            eta = duration(speed.seconds_for(total - s.step))
             if d.main and speed.session_steps == 1 and s.step < total:  # how long this will take, up front
                 log(f"step {s.step}/{total} took {dt:.1f} s ({tc.tokens_per_step / dt:,.0f} tok/s, warm-up included): "
                     f"about {eta} for the remaining {total - s.step} steps")  # fmt: skip
@@ -320,14 +320,6 @@ def _eval_line(step: int, total: int, train_loss: float, ev: dict, tps: float, e
         f"step {step}/{total} | train loss {train_loss:.4f} | val loss {ev['val_loss']:.4f} "
         f"(ppl {ev['val_ppl']:.2f}){cv} | {tps:,.0f} tok/s | ETA {eta}"
     )
-
-
-def _duration(seconds: float) -> str:
-    """3 h 05 min, 4 min 10 s, 12 s."""
-    s = round(seconds)
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def _to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
