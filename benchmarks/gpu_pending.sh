@@ -8,6 +8,7 @@
 # Suggested device calls, each well under 600 s on an H100 (compiling a step takes tens of seconds per bucket):
 #   1. decode-eager decode-graph cuda-tests      2. decode-compiled-graph
 #   3. decode-2048-graph decode-2048-compiled-graph memory-4096      4. train-throughput moe-layer
+#   5. train-overhead reproduce-plan
 # Writes one log per measurement into $OUT (default gpu-results), the JSON rows at its end; BENCHMARKS.md's
 # "Pending on a GPU" section lists the targets each one is checked against. Each measurement stops after
 # $LIMIT seconds (default 500), so one that hangs cannot use up the call. Runs from a source checkout
@@ -35,9 +36,15 @@ declare -A CMD=(
 --candidates grouped,scatter,dense --profile"
     [train-throughput]="python3 benchmarks/train_throughput.py --device cuda --dtype bf16 --compile --hf --loop \
 --cases xs:50257,m:50257 --batch 64 --seq 512"
+    # issue 23, §7 question 1: the training-time overhead of every variant over MHA, side by side (EXPERIMENTS.md)
+    [train-overhead]="python3 benchmarks/train_throughput.py --device cuda --dtype bf16 --compile --cases xs:50257 \
+--batch 64 --seq 512 --variants mha,mla,mla-rope,moe-mha,moe-mla,moe-mla-rope,mha-rope,moe-mha-rope,mla-drope,moe-mla-drope"
+    # issue 23: a whole Table 2 at xs, one seed, in one process: must take under 9 minutes (prints the plan first)
+    [reproduce-plan]="python3 -m moemla reproduce table2 --preset xs --device cuda --batch-size 64 --seq-len 512 \
+--tokens 20000000 --plan"
 )
 ORDER=(decode-eager decode-graph cuda-tests decode-compiled-graph decode-2048-graph decode-2048-compiled-graph
-    memory-4096 train-throughput moe-layer)
+    memory-4096 train-throughput moe-layer train-overhead reproduce-plan)
 
 if [[ "${1:-}" == "--list" ]]; then
     for name in "${ORDER[@]}"; do echo "$name: ${CMD[$name]}"; done

@@ -31,7 +31,7 @@ def test_flops_per_token_equal_counted_flops(variant: str, monkeypatch: pytest.M
     # The counter sees neither torch._grouped_mm nor fused SDPA: use the per-expert matmul fallback
     # (equal to the grouped path, see test_moe) and the math SDPA backend, whose full T x T score
     # matrix is what flops_per_token charges at context = T.
-    monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda key: False)
+    monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda a, b: False)
     model, t = build(variant), 24
     idx = torch.randint(0, model.cfg.vocab_size, (1, t))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():

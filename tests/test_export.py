@@ -250,3 +250,19 @@ def test_remote_export_and_cpu_engine_refuse_the_same_unimplemented_fields(
     model, _, _ = load_run(run)
     with pytest.raises(ConfigError, match=r"CPU engine does not implement ModelConfig.bias_in_gate=False"):
         NumpyDecoder(model.cfg, model.state_dict())
+
+
+def test_top_p_routing_is_refused_by_the_export_and_the_cpu_engine_and_auto_picks_torch(
+    base_run: Path, tmp_path: Path
+) -> None:
+    """Dynamic expert selection runs in the torch model and decoder only; the second implementations say so."""
+    from moemla.config import ConfigError
+    from moemla.inference.decoder import TorchDecoder, make_decoder
+
+    run = make_run(base_run, tmp_path / "run", "moe-mla-rope", routing="top-p", routing_p=0.5)
+    with pytest.raises(ExportError, match=r"does not implement ModelConfig.routing='top-p'"):
+        export_hf(run, tmp_path / "hf")
+    model, _, _ = load_run(run)
+    with pytest.raises(ConfigError, match=r"CPU engine does not implement ModelConfig.routing='top-p'; use --engine"):
+        make_decoder(model, "numba")
+    assert isinstance(make_decoder(model, "auto"), TorchDecoder)

@@ -35,6 +35,25 @@ def test_cached_decode_equals_full_forward(variant: str) -> None:
     assert (cached - full).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("pad", [None, [0, 3]])
+def test_a_caller_counting_filled_slots_reads_only_those_with_the_same_logits(variant: str, pad: list | None) -> None:
+    """`filled` (the caller's count) shrinks what attention reads, and drops the mask where nothing is padded:
+    the logits equal those of the masked read over every slot, for a prompt, a chunk and single steps."""
+    model, t = build(variant), 20
+    idx = torch.randint(1, model.cfg.vocab_size, (2, t))
+    out = {}
+    for counted in (False, True):
+        cache = KVCache(model.cfg, batch_size=2, max_len=32, pad=pad)
+        ends = [6, 10, *range(11, t + 1)]  # a prompt, a chunk after it, then token by token
+        with torch.no_grad():
+            logits = [model(idx[:, a:b], cache=cache, filled=b if counted else None)[0]
+                      for a, b in zip([0, *ends], ends, strict=False)]  # fmt: skip
+        out[counted] = torch.cat(logits, dim=1)
+        assert cache.length == t
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
+
+
 MLA_VARIANTS = [v for v in ALL_VARIANTS if ModelConfig.from_preset("debug", v).attention == "mla"]
 
 

@@ -37,8 +37,8 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(params=["grouped_mm", "fallback"])
 def dispatch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "fallback":
-        monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda key: False)
-    elif not moe_module.grouped_mm_supported(("cpu", torch.float32, 32, 32)):
+        monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda a, b: False)
+    elif not moe_module.grouped_mm_supported(torch.ones(1, 32), torch.ones(1, 32, 32)):
         pytest.skip("torch._grouped_mm is not available in this torch build")
     return request.param
 
@@ -46,14 +46,16 @@ def dispatch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.parametrize("overrides", [dict(), dict(bias_in_gate=False), dict(n_shared_experts=0)], ids=str)
 def test_grouped_dispatch_equals_per_token_reference(dispatch: str, overrides: dict) -> None:
     moe = make_moe(**overrides)
-    x = torch.randn(37, moe.router.weight.shape[1], requires_grad=True)
-    upstream = torch.randn(37, x.shape[1])
+    assert_equals_reference(moe, torch.randn(37, moe.router.weight.shape[1], requires_grad=True))
 
+
+def assert_equals_reference(moe: MoE, x: torch.Tensor) -> None:
+    """moe's output and every gradient (input, weights) equal the token-by-token reference's."""
+    upstream = torch.randn(x.shape[0], x.shape[1])
     out = moe(x[None])[0]
     grads = torch.autograd.grad((out * upstream).sum(), [x, *moe.parameters()])
     ref = reference_moe(moe, x)
     ref_grads = torch.autograd.grad((ref * upstream).sum(), [x, *moe.parameters()])
-
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
@@ -108,7 +110,9 @@ def test_balance_delta_rules() -> None:
     assert load_cv(torch.tensor([0.0, 2.0])) == pytest.approx(1.0)
 
 
-def test_recomputation_does_not_count_loads_twice() -> None:
+def test_recomputation_leaves_the_balancing_step_unchanged() -> None:
+    # activation checkpointing runs the forward again in the backward pass and counts the routing again:
+    # what balancing and the load CV read, each expert's share of the loads, must not change
     moe = make_moe()
     moe.train()
     x = torch.randn(1, 40, moe.router.weight.shape[1], requires_grad=True)
@@ -116,8 +120,12 @@ def test_recomputation_does_not_count_loads_twice() -> None:
     plain = moe.train_load.clone()
     moe.train_load.zero_()
     checkpoint(moe, x, use_reentrant=False).sum().backward()
-    assert torch.equal(moe.train_load, plain)
+    recomputed = moe.train_load.clone()
     assert plain.sum() == 40 * moe.router.top_k
+    assert torch.equal(recomputed, 2 * plain)  # counted once more, uniformly
+    for rule in ("paper", "sign"):
+        torch.testing.assert_close(balance_delta(recomputed, 1e-2, rule), balance_delta(plain, 1e-2, rule))
+    assert load_cv(recomputed) == pytest.approx(load_cv(plain))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -130,9 +138,9 @@ def test_experts_run_in_the_autocast_dtype_with_fp32_master_weights(
     seen: list[tuple[torch.dtype, torch.dtype]] = []
     real = moe_module.grouped_mm
 
-    def spy(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def spy(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, tail: bool = False) -> torch.Tensor:
         seen.append((a.dtype, w.dtype))
-        return real(a, w, counts)
+        return real(a, w, counts, tail)
 
     monkeypatch.setattr(moe_module, "grouped_mm", spy)
     with torch.autocast("cpu", dtype=dtype):
@@ -181,3 +189,54 @@ def test_compiled_moe_matches_eager_forward_and_backward(amp: torch.dtype | None
     for a, b in zip(eager, compiled, strict=True):
         assert torch.allclose(a, b, atol=tol * a.abs().max(), rtol=0)
     assert int(moe.train_load.sum()) == 2 * 40 * moe.router.top_k  # counted once per forward, compiled too
+
+
+def test_top_p_keeps_the_fewest_leading_experts_whose_mass_reaches_p() -> None:
+    from moemla.model.moe import top_p
+
+    gates = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.9, 0.05, 0.03, 0.02]])
+    kept = (top_p(gates, 0.7, 1) > 0).sum(-1).tolist()
+    assert kept == [2, 3, 1]  # 0.5 + 0.3 reaches 0.7; a flat token needs three; a confident one one
+    assert (top_p(gates, 0.7, 2) > 0).sum(-1).tolist() == [2, 3, 2]  # at least min_k
+    assert torch.equal(top_p(gates, 1.0, 1), gates)  # p = 1 keeps all K: top-k routing
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(bias_in_gate=False)], ids=str)
+def test_top_p_routing_equals_the_per_token_reference_and_counts_only_kept_experts(
+    dispatch: str, overrides: dict
+) -> None:
+    """Dropped assignments sort past every expert's group: the grouped matmul leaves them out, and neither the
+    output nor any gradient may pick up what the kernel left in those rows."""
+    moe = make_moe(routing="top-p", routing_p=0.6, n_activated_experts=4, **overrides)
+    moe.train()
+    x = torch.randn(37, moe.router.weight.shape[1], requires_grad=True)
+    gates, _ = moe.router(x)
+    kept = (gates > 0).sum(-1)
+    assert kept.min() >= 1 and kept.max() <= 4 and kept.float().mean() < 4  # a variable number per token
+    torch.testing.assert_close(gates.sum(-1), torch.ones(37))
+    assert_equals_reference(moe, x)
+    assert int(moe.train_load.sum()) == int(kept.sum())
+
+
+def test_top_p_routing_compiles_without_graph_breaks_and_decodes_from_the_cache() -> None:
+    import torch._dynamo
+
+    from moemla import KVCache
+    from moemla.inference.decoder import TorchDecoder
+
+    model = build("moe-mla-rope", routing="top-p", routing_p=0.5)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 17))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda x, y: model(x, targets=y)[1])(idx[:, :-1], idx[:, 1:])
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    with torch.no_grad():
+        full = model(idx)[0]
+        for gather in (False, True):  # one-token steps grouped, or gathering each assignment's experts
+            cache = KVCache(model.cfg, 2, max_len=17, gather_experts=gather)
+            steps = [model(idx[:, :9], cache=cache)[0]] + [
+                model(idx[:, i : i + 1], cache=cache)[0] for i in range(9, 17)
+            ]
+            torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+    dec = TorchDecoder(model)
+    dec.prefill([idx[0, :9].tolist()])
+    torch.testing.assert_close(dec.step([int(idx[0, 9])])[0], full[0, 9], atol=1e-4, rtol=1e-4)

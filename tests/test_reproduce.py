@@ -161,3 +161,59 @@ def test_rows_run_a_subset_of_a_table_and_the_rope_control_gets_its_p_value(data
     assert len(control) == 1 and "p = " in control[0].ours and "over 2 seeds" in control[0].ours
     with pytest.raises(ValueError, match=r"has no row\(s\) \['gqa'\]"):
         reproduce("table2", "debug", steps=2, data=data, out=tmp_path / "d", rows=("mha", "gqa"))
+
+
+def _table2_result(folder: str, data: str, ppl: dict[str, list[float]], rows: list[str] | None = None) -> dict:
+    """A results.json of table2 as the sweep writes it, from per-seed perplexities (bits per byte from them)."""
+    import math
+
+    from moemla.experiments.sweep import aggregate
+
+    runs = [
+        {"name": name, "seed": seed, "val_ppl": p, "val_loss": math.log(p), "bits_per_byte": math.log2(p) / 4,
+         "expert_load_cv": [0.05] if name.startswith("moe") else None, "train_seconds": 60.0,
+         "active_params": 0.6 if name.startswith("moe") else 1.0, "kv_cache_bytes_per_token": 2 if "mla" in name else 4}
+        for name, values in ppl.items() for seed, p in enumerate(values)
+    ]  # fmt: skip
+    res = {"table": "table2", "data": data, "folder": folder, "runs": runs, "summary": aggregate(runs), "train": {}}
+    return {**res, "rows": rows} if rows else res
+
+
+def test_summary_takes_each_claim_from_the_table_with_most_seeds_per_corpus() -> None:
+    """A full table of one seed and the RoPE control of three seeds on one corpus: the claims the control also
+    tests come from it with p-values; the rest (synergy) from the full table; another corpus stays apart."""
+    from moemla.experiments import summary
+
+    one = {v: [10.0] for v in ("mha", "mla", "moe-mha", "mha-rope")} | {"moe-mla-rope": [8.0]}
+    control = {"mha": [10.0, 10.2, 9.9], "mha-rope": [8.0, 8.1, 7.9], "moe-mla-rope": [8.2, 8.35, 8.1]}
+    full = _table2_result("t2", "data/builtin", one)
+    ctrl = _table2_result("t2-control", "data/builtin", control, rows=list(control))
+    other = _table2_result("t2-code", "data/stdlib", {"mha": [5.0, 5.1], "moe-mla-rope": [4.0, 4.2]})
+    by = {c.text.split(" (")[0]: c for c in summary.best_claims([full, ctrl])}
+    quality = by["parameter-matched: MoE-MLA-RoPE improves perplexity over MHA"]
+    assert quality.source == "t2-control" and quality.seeds == 3 and "p = " in quality.ours
+    assert quality.verdict == "holds"
+    rope = next(c for t, c in by.items() if t.startswith("(our control"))
+    assert rope.source == "t2-control" and rope.verdict == "does not hold" and "over 3 seeds" in rope.ours
+    assert by["MoE and MLA are synergistic: the combination beats the sum of MLA alone and MoE alone"].source == "t2"
+    assert by["the gain over MHA grows with model size"].verdict == "not measured"
+    text = summary.markdown(summary.ordered({"stdlib": [other], "builtin": [full, ctrl]}))
+    assert text.index("## On the built-in corpus") < text.index("## On Python's standard library")
+    bpb = text.split("## Bits per byte")[1].split("##")[0]
+    assert "| mha | 0.8317 ± " in bpb and "(3 seeds) | 0.5841 ± " in bpb  # mean log2(ppl)/4 over 3 seeds; stdlib
+    assert "| mla | 0.8305 (1 seed) | - |" in bpb
+    assert "| t2-control | the built-in corpus | 9 | 3 | 9 min |" in text
+
+
+def test_routing_table_measures_active_experts_of_top_k_and_top_p(data: Path, tmp_path: Path) -> None:
+    """§7 question 3: top-k rows route exactly k experts per token; top-p rows a measured mean between 1 and 8."""
+    result = reproduce("routing", "debug", steps=2, seeds=(0, 1), data=data, out=tmp_path / "r", log=lambda _: None)
+    rows = {r["name"]: r for r in result["summary"]}
+    assert list(rows) == ["top-2", "top-4", "top-6", "top-8", "top-p=0.5", "top-p=0.7", "top-p=0.9"]
+    assert [rows[f"top-{k}"]["active_experts_mean"] for k in (2, 4, 6, 8)] == [2.0, 4.0, 6.0, 8.0]
+    dynamic = [rows[f"top-p={p}"]["active_experts_mean"] for p in ("0.5", "0.7", "0.9")]
+    assert all(1 <= a <= 8 for a in dynamic) and dynamic == sorted(dynamic)  # more mass kept, more experts
+    assert len({r["total_params"] for r in rows.values()}) == 1
+    md = result["markdown"]
+    assert "| top-6 | 6 | 6.00 |" in md and "| +0.0% | - |" in md
+    assert all(line.split("|")[8].strip() != "-" for line in md.splitlines() if line.startswith("| top-p"))

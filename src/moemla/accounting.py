@@ -81,6 +81,14 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> int:
     return 2 * matmul_weights_per_token(cfg) + cfg.n_layers * (attention + combine)
 
 
+def flops_per_token_at(cfg: ModelConfig, active_experts: float, context: int | None = None) -> float:
+    """flops_per_token with `active_experts` routed experts per token, a mean measured under top-p routing
+    (whose config names only the most a token may get)."""
+    one = cfg.replace(routing="top-k", n_activated_experts=1, min_activated_experts=1)
+    f1, f2 = flops_per_token(one, context), flops_per_token(one.replace(n_activated_experts=2), context)
+    return f1 + (active_experts - 1) * (f2 - f1)
+
+
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
 
 

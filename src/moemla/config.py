@@ -11,6 +11,7 @@ PositionKind = Literal["learned", "rope"]
 FFNKind = Literal["dense", "moe"]
 BalanceRule = Literal["paper", "sign"]
 RopeMode = Literal["post", "decoupled"]
+RoutingKind = Literal["top-k", "top-p"]
 
 
 # the one place for these defaults: what `moemla train` and the demo build (tiny trains on a CPU in minutes),
@@ -65,6 +66,12 @@ class ModelConfig:
     n_activated_experts: int = 6
     moe_inter_dim: int | None = None  # expert hidden width; None means d_ff / 4
     bias_in_gate: bool = True  # paper: gates come from softmax(l + b); False: DeepSeek-V3
+    # top-k: every token gets n_activated_experts (the paper). top-p (its §7 question 3, dynamic expert selection):
+    # each token gets the fewest of its top n_activated_experts, in gate order, whose share of their gate mass
+    # reaches routing_p, and at least min_activated_experts
+    routing: RoutingKind = "top-k"
+    routing_p: float = 0.5
+    min_activated_experts: int = 1
     balance_rule: BalanceRule = "paper"  # paper: Algorithm 1; sign: torchtitan / Megatron-LM
     balance_rate: float = 1e-3  # gamma of Algorithm 1
 
@@ -172,6 +179,7 @@ def validate(cfg: ModelConfig) -> None:
     _check_choice(cfg, "ffn", FFNKind)
     _check_choice(cfg, "balance_rule", BalanceRule)
     _check_choice(cfg, "rope_mode", RopeMode)
+    _check_choice(cfg, "routing", RoutingKind)
     if cfg.rope_mode == "decoupled" and not (cfg.attention == "mla" and cfg.positions == "rope"):
         raise ConfigError("rope_mode='decoupled' needs attention='mla' and positions='rope'")
     if cfg.decoupled and (cfg.rope_dim < 2 or cfg.rope_dim % 2):
@@ -200,6 +208,13 @@ def validate(cfg: ModelConfig) -> None:
             f"n_activated_experts (top-k) = {cfg.n_activated_experts} must be between 1 and "
             f"n_routed_experts = {cfg.n_routed_experts}"
         )
+    if not 0.0 < cfg.routing_p <= 1.0:
+        raise ConfigError(f"routing_p (the gate mass top-p routing keeps) must be in (0, 1], got {cfg.routing_p}")
+    if not 1 <= cfg.min_activated_experts <= cfg.n_activated_experts:
+        raise ConfigError(
+            f"min_activated_experts = {cfg.min_activated_experts} must be between 1 and n_activated_experts = "
+            f"{cfg.n_activated_experts} (top-p routing's largest set)"
+        )
     if cfg.ffn_inter_dim is not None and cfg.ffn_inter_dim < 1:
         raise ConfigError(f"ffn_inter_dim must be a positive integer or None, got {cfg.ffn_inter_dim}")
     if cfg.moe_inter_dim is not None and cfg.moe_inter_dim < 1:
@@ -221,6 +236,15 @@ PORTABLE: dict[str, tuple[object, ...] | None] = {
     "n_activated_experts": None, "moe_inter_dim": None, "bias_in_gate": None,
     "dropout": None, "balance_rule": None, "balance_rate": None,  # training only
 }  # fmt: skip
+
+
+def portable(cfg: ModelConfig) -> bool:
+    """Whether the second implementations run this model (check_portable would pass)."""
+    try:
+        check_portable(cfg, "", "")
+    except ConfigError:
+        return False
+    return True
 
 
 def check_portable(cfg: ModelConfig, what: str, way_out: str) -> None:

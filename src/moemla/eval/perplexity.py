@@ -50,7 +50,10 @@ def evaluate(
     loss_arr, w = np.array(losses), np.array(counts, dtype=np.float64)
     nats = float((loss_arr * w).sum())  # the total loss over every target token
     mean = nats / float(w.sum())
-    cv = [load_cv(load) for load in model.expert_loads("eval")] if model.moe_layers() else None
+    loads = model.expert_loads("eval")
+    cv = [load_cv(load) for load in loads] if loads else None
+    # routed experts per token, over layers: top-k's k, or what top-p routing chose on this text
+    active = float(sum(int(load.sum()) for load in loads)) / (len(loads) * float(w.sum())) if loads else None
     return {
         "val_loss": mean,
         "val_ppl": _exp(mean),
@@ -59,6 +62,7 @@ def evaluate(
         "tokens": int(w.sum()),
         "batches": len(losses),
         "expert_load_cv": cv,
+        "active_experts": active,
     }
 
 

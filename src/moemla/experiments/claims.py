@@ -26,6 +26,8 @@ class Claim:
     ours: str
     verdict: str  # holds / partly holds / does not hold / not measured
     why: str = ""
+    seeds: int = 0  # seeds behind a quality claim's test (0: not a quality claim)
+    source: str = ""  # the results folder it was measured in (results/summary.md)
 
 
 def _rows(results: Results, table: str) -> dict[str, Row] | None:
@@ -53,7 +55,8 @@ def _quality(text: str, paper_gain: float, ours: Row, mha: Row, use_loss: bool) 
     why = "smaller than half the paper's gain" if 0 < gain < paper_gain / 2 else ""
     if p is not None and p >= 0.05:
         why = "not significant at 0.05"
-    return Claim(text, f"{paper_gain:.1%}", f"{gain:.1%}{sig}", verdict, why)
+    seeds = min(int(ours["seeds"]), int(mha.get("seeds", ours["seeds"])))  # type: ignore[call-overload]
+    return Claim(text, f"{paper_gain:.1%}", f"{gain:.1%}{sig}", verdict, why, seeds)
 
 
 def _quality_or_missing(text: str, gain: float, rows: dict[str, Row] | None, use_loss: bool, table: str) -> Claim:
@@ -191,7 +194,7 @@ def _scaling_claims(t7: dict[str, Row] | None) -> list[Claim]:
     return claims
 
 
-def _balance_claims(results: Results) -> list[Claim]:
+def balance_claims(results: Results) -> list[Claim]:
     """§6: the expert-load CV across every MoE row of every table."""
     claims: list[Claim] = []
     cvs = [
@@ -221,22 +224,23 @@ def check(results: Results) -> list[Claim]:
         *_compression_claims(_rows(results, "table4")),
         *_granularity_claims(_rows(results, "table5")),
         *_scaling_claims(_rows(results, "table7")),
-        *_balance_claims(results),
+        *balance_claims(results),
         _judged_best(_rows(results, "table8")),
     ]
 
 
-def markdown(claims: list[Claim], where: str) -> str:
-    lines = [
-        f"# What holds: the paper's claims against our runs ({where})",
-        "",
+def preamble(where: str) -> str:
+    """The summary's title and its verdict rules."""
+    return (
+        f"# What holds: the paper's claims against our runs ({where})\n\n"
         "Verdicts follow fixed rules: a quality claim holds when ours points the same way with at least half the "
         "paper's size (and p < 0.05 with 2+ seeds), partly holds when it points the same way but is smaller or "
         "not significant; a number claim holds within 20% of the paper's value. Our scale is far smaller than "
-        "the paper's (see EXPERIMENTS.md), so a verdict here is about this scale only.",
-        "",
-        "| claim | paper | ours | verdict | note |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+        "the paper's (see EXPERIMENTS.md), so a verdict here is about this scale only."
+    )
+
+
+def markdown(claims: list[Claim], where: str) -> str:
+    lines = [preamble(where), "", "| claim | paper | ours | verdict | note |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {c.text} | {c.paper} | {c.ours} | **{c.verdict}** | {c.why} |" for c in claims]
     return "\n".join(lines) + "\n"

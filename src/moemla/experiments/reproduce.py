@@ -15,8 +15,8 @@ from moemla.data.prepare import prepare_data
 from moemla.data.shards import PreparedData
 from moemla.data.tokenizer import token_bytes
 from moemla.eval.perplexity import bits_per_byte, window_bytes
-from moemla.experiments import claims, figures
-from moemla.experiments.sweep import RunSpec, aggregate, run_sweep
+from moemla.experiments import claims, figures, summary
+from moemla.experiments.sweep import RunSpec, aggregate, run_sweep, train_seconds
 from moemla.experiments.tables import (
     PAPER_TABLE4,
     PAPER_TABLE7,
@@ -243,23 +243,32 @@ def _figures(table: str, rows: list[dict], summary: list[dict], out: Path) -> li
 
 
 def summarize(results_dir: str | Path = "results") -> str:
-    """summary.md over every table found under results_dir (each folder's results.json).
+    """summary.md over every table found under results_dir (each folder's results.json), corpus by corpus.
 
-    A table whose runs predate bits per byte gets it filled in (add_bits_per_byte) and its report rewritten.
+    A table whose runs predate bits per byte or the recorded training time gets them filled in (from its data
+    folder and its runs' own records, where at hand) and its report rewritten.
     """
-    results: dict[str, dict] = {}
+    by_corpus: dict[str, list[dict]] = {}
     for path in sorted(Path(results_dir).glob("*/results.json")):
         res = json.loads(path.read_text())
         if "table" not in res:
             continue
-        if add_bits_per_byte(res):
+        if add_bits_per_byte(res) | add_train_seconds(res):
             write_report(path.parent, res)
-        if res["table"] in results and "builtin" not in res["data"]:  # two datasets: the built-in corpus's wins
-            continue
-        if res.get("rows"):  # a subset of the table (--rows) answers its own claims, in its own summary.md
-            continue
-        results[res["table"]] = {**res, "folder": path.parent.name}
-    where = "; ".join(f"{t} from {r['folder']}" for t, r in sorted(results.items())) or "no tables run yet"
-    text = claims.markdown(claims.check(results), where)
+        by_corpus.setdefault(summary.corpus(res), []).append({**res, "folder": path.parent.name})
+    if by_corpus:
+        text = summary.markdown(summary.ordered(by_corpus))
+    else:
+        text = claims.markdown(claims.check({}), "no tables run yet")
     (Path(results_dir) / "summary.md").write_text(text)
     return text
+
+
+def add_train_seconds(result: dict) -> bool:
+    """Fill in each run's training time from its folder's metrics, for runs recorded before it was. True if any."""
+    changed = False
+    for r in result["runs"]:
+        if r.get("train_seconds") is None and (Path(str(r["run"])) / "metrics.jsonl").is_file():
+            r["train_seconds"] = train_seconds(RunFolder(str(r["run"])).metrics())
+            changed = changed or r["train_seconds"] is not None
+    return changed

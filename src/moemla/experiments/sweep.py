@@ -47,18 +47,26 @@ def run_sweep(
         else:
             log(f"run {i}/{len(specs)}: {spec.folder}")
             train(data_dir, run_dir, spec.cfg, run_tc, resume=True, log=log)
-        val = [r for r in RunFolder(run_dir).metrics() if r["split"] == "val"]
+        metrics = RunFolder(run_dir).metrics()
+        val = [r for r in metrics if r["split"] == "val"]
         rows.append(
             {
                 "name": spec.name, "seed": spec.seed, **spec.labels, "val_loss": val[-1]["val_loss"],
                 "val_ppl": val[-1]["val_ppl"], "val_ppl_ci95": val[-1]["val_ppl_ci95"],
                 "bits_per_byte": val[-1].get("bits_per_byte"),
-                "expert_load_cv": val[-1]["expert_load_cv"],
+                "expert_load_cv": val[-1]["expert_load_cv"], "train_seconds": train_seconds(metrics),
+                "active_experts": val[-1].get("active_experts"),
                 "total_params": accounting.total_params(spec.cfg), "active_params": accounting.active_params(spec.cfg),
                 "kv_cache_bytes_per_token": accounting.kv_cache_bytes_per_token(spec.cfg), "run": str(run_dir),
             }
         )  # fmt: skip
     return rows
+
+
+def train_seconds(metrics: list[dict]) -> float | None:
+    """Wall time a run spent training, from its last training record (None without one)."""
+    times = [r["elapsed_s"] for r in metrics if r["split"] == "train" and "elapsed_s" in r]
+    return float(times[-1]) if times else None
 
 
 def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData) -> None:
@@ -100,6 +108,7 @@ def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
                 "max_load_cv": statistics.mean(cvs) if cvs else None,
                 "val_ppl_by_seed": ppl,
                 "bits_per_byte_mean": _mean_or_none([r.get("bits_per_byte") for r in group]),
+                "active_experts_mean": _mean_or_none([r.get("active_experts") for r in group]),
             }
         )
     return out

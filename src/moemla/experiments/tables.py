@@ -7,6 +7,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from moemla import accounting
 from moemla.config import VARIANTS, ModelConfig
 from moemla.experiments.matching import match, measure
 from moemla.experiments.sweep import RunSpec
@@ -82,10 +83,11 @@ def paired_p_value(a: list[float], b: list[float]) -> float | None:
     return float(ttest_rel(a, b).pvalue)
 
 
-def _vs_mha(row: Row, mha: Row) -> tuple[float, str]:
-    """Perplexity relative to MHA's, and the paired t-test's p-value as text ("-" for MHA itself or 1 seed)."""
-    p = paired_p_value(row["val_ppl_by_seed"], mha["val_ppl_by_seed"]) if row is not mha else None  # type: ignore[arg-type]
-    return row["val_ppl_mean"] / mha["val_ppl_mean"] - 1, "-" if p is None else f"{p:.3g}"  # type: ignore[operator]
+def _versus(row: Row, base: Row) -> tuple[float, str]:
+    """Perplexity relative to the base row's (MHA), and the paired t-test's p-value as text ("-" for the base
+    itself or 1 seed)."""
+    p = paired_p_value(row["val_ppl_by_seed"], base["val_ppl_by_seed"]) if row is not base else None  # type: ignore[arg-type]
+    return row["val_ppl_mean"] / base["val_ppl_mean"] - 1, "-" if p is None else f"{p:.3g}"  # type: ignore[operator]
 
 
 def table2_markdown(rows: list[dict[str, object]]) -> str:
@@ -97,7 +99,7 @@ def table2_markdown(rows: list[dict[str, object]]) -> str:
     ]
     for r in rows:
         name = str(r["name"])
-        rel, p = _vs_mha(r, base)
+        rel, p = _versus(r, base)
         paper = PAPER_TABLE2.get(name)
         paper_cols = f"{paper} | {paper / PAPER_TABLE2['mha'] - 1:+.1%}" if paper else "(our addition) | -"
         lines.append(
@@ -176,7 +178,7 @@ def table3_markdown(rows: list[Row]) -> str:
     ]
     for r in rows:
         name = str(r["name"])
-        rel, p = _vs_mha(r, base)
+        rel, p = _versus(r, base)
         paper = PAPER_TABLE3.get(name)
         paper_cols = f"{paper[0]} | {paper[1]:.2f}x | {paper[2]:.1f}x" if paper else "(our addition) | - | -"
         speed = f"{r['decode_speedup_vs_mha']:.2f}x" if r.get("decode_speedup_vs_mha") is not None else "-"
@@ -213,6 +215,46 @@ def table5_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpe
         cfg = fine.replace(n_routed_experts=total - 2, moe_inter_dim=width)
         specs += [RunSpec(name, cfg, s, {"total_experts": total, "expert_width": width}) for s in seeds]
     return specs
+
+
+ROUTING = {"top-2": 2, "top-4": 4, "top-6": 6, "top-8": 8, "top-p=0.5": 0.5, "top-p=0.7": 0.7, "top-p=0.9": 0.9}
+
+
+def routing_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpec]:
+    """§7 question 3, dynamic expert selection: MoE-MLA-RoPE with top-k routing for k = 2, 4, 6, 8 and with top-p
+    routing (up to 8 experts, at least 1) for three p; the same experts and parameters in every row."""
+    (base,) = bases.values()
+    moe = base.replace(attention="mla", positions="rope", ffn="moe", rope_mode="post")
+    specs = []
+    for name, value in ROUTING.items():
+        if isinstance(value, int):
+            cfg = moe.replace(n_activated_experts=value, min_activated_experts=1)
+        else:
+            cfg = moe.replace(routing="top-p", routing_p=value, n_activated_experts=8, min_activated_experts=1)
+        one = accounting.flops_per_token_at(cfg, 1, SEQ_LEN)
+        labels = {"max_experts": cfg.n_activated_experts, "flops_one": one,
+                  "flops_per_expert": accounting.flops_per_token_at(cfg, 2, SEQ_LEN) - one}  # fmt: skip
+        specs += [RunSpec(name, cfg, s, labels) for s in seeds]
+    return specs
+
+
+def routing_markdown(rows: list[Row]) -> str:
+    """Quality against the routed experts a token actually got (measured on validation text) and their FLOPs."""
+    base = next(r for r in rows if r["name"] == "top-6")
+    lines = [
+        "| routing | most experts | mean routed experts (measured) | forward GFLOPs/token | val PPL | bits/byte "
+        "| vs top-6 | p (paired t) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        active = r.get("active_experts_mean")
+        flops = "-" if active is None else f"{(r['flops_one'] + (active - 1) * r['flops_per_expert']) / 1e9:.4f}"  # type: ignore[operator]
+        rel, p = _versus(r, base)
+        shown = "-" if active is None else f"{active:.2f}"
+        lines.append(
+            f"| {r['name']} | {r['max_experts']} | {shown} | {flops} | {_ppl(r)} | {_bpb(r)} | {rel:+.1%} | {p} |"
+        )
+    return "\n".join(lines) + f"\n\nFLOPs at context {SEQ_LEN}, with the measured mean number of routed experts."
 
 
 def table7_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpec]:
@@ -333,6 +375,7 @@ TABLES = {
     "table4": Table(table4_specs, table4_markdown, "KV compression 1:1..8:1"),
     "table5": Table(table5_specs, table5_markdown, "expert granularity 8/16/64"),
     "table7": Table(table7_specs, table7_markdown, "scaling over size presets", multi_size=True),
+    "routing": Table(routing_specs, routing_markdown, "dynamic expert selection: top-k 2..8 vs top-p (§7, q. 3)"),
     "table8": Table(
         table8_specs, table8_markdown, "story quality by LLM judge (--endpoint) and statistics", judged=True
     ),

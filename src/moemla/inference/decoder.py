@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moemla.compiling import CompiledOrEager
-from moemla.config import ConfigError, ModelConfig
+from moemla.config import ConfigError, ModelConfig, portable
 from moemla.model import KVCache, Transformer
 
 Engine = Literal["torch", "numpy", "numba"]
@@ -80,12 +80,16 @@ def bucket(n: int, floor: int = 1) -> int:
 class TorchDecoder:
     """The Transformer behind the Decoder interface, on any device and dtype, with its preallocated KVCache.
 
-    mode: eager (the cache grows by one slot per step); static (one-token steps with fixed shapes over a cache
-    reused per batch and length bucket: what a CUDA graph captures, checkable on a CPU); cuda-graph (the static
-    step captured once per bucket and replayed: one launch per token instead of hundreds).
-    compile: torch.compile the one-token step, once per bucket (fixed shapes, no graph break: static steps read
-    no Python int), fusing its small kernels; implies static steps, and combines with cuda-graph (the compiled
-    step is what is captured). Prefill stays eager: one call per request, of any length.
+    Every mode runs the same forward (the cache writes at a device slot and reads no Python int); they differ in
+    what is reused and launched. mode: eager (a cache sized to each request); static (one cache reused per batch
+    and length bucket, so a step has a few fixed shapes: what a CUDA graph captures, checkable on a CPU);
+    cuda-graph (the static step captured once per bucket and replayed: one launch per token instead of hundreds).
+    compile: torch.compile the one-token step, once per bucket (fixed shapes, no graph break), fusing its small
+    kernels; implies static steps, and combines with cuda-graph (the compiled step is what is captured).
+    Prefill stays eager: one call per request, of any length.
+
+    This decoder, not the model, chooses how the model decodes, on each cache: `absorbed` MLA steps, and
+    `gather_experts` (gather_experts below) for one-token MoE steps.
     """
 
     max_batch = None
@@ -99,18 +103,21 @@ class TorchDecoder:
         if mode == "cuda-graph" and self.device.type != "cuda":
             raise ConfigError("CUDA-graph decoding needs the model on a CUDA device; use mode eager or static")
         self.static = mode != "eager" or compile
+        # a captured step cannot hold a host sync; a compiled bf16 step's grouped experts have none
+        self.captured = mode == "cuda-graph" and not (compile and self.param.dtype == torch.bfloat16)
         self.cache: KVCache | None = None
         self.rows = 0  # real sequences in the batch (a static bucket may hold more)
+        self._length = 0  # slots filled: counted here, so no step reads the cache's device slot back
         self._static: dict[tuple[int, int], KVCache] = {}  # bucket -> its reused cache
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
-        self._step: Callable[[Transformer, torch.Tensor, KVCache], torch.Tensor] = _last_logits
+        self._step: Callable[..., torch.Tensor] = _last_logits
         if compile:
             then = "decoding continues with the uncompiled step (drop --compile to skip the attempt)"
             self._step = CompiledOrEager(_last_logits, then=then, recompile_limit=64, fullgraph=True, dynamic=False)
 
     @property
     def length(self) -> int:
-        return 0 if self.cache is None else self.cache.length
+        return self._length
 
     @property
     def cache_nbytes(self) -> int:
@@ -124,35 +131,40 @@ class TorchDecoder:
     def max_len(self) -> int:
         return self.cfg.max_seq_len if self.cache is None else self.cache.max_len
 
+    def _new_cache(self, rows: int, size: int, pad: Sequence[int] | None = None) -> KVCache:
+        gather = gather_experts(self.cfg, rows, self.captured)
+        return KVCache(self.cfg, rows, max_len=size, dtype=self.param.dtype, device=self.device, pad=pad,
+                       absorbed=self.absorbed, gather_experts=gather)  # fmt: skip
+
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], max_len: int | None = None) -> torch.Tensor:
         size = min(self.cfg.max_seq_len, max_len or self.cfg.max_seq_len)
         self.rows = len(prompts)
         if self.static:  # a bucket's cache, filled with dummy one-token rows
             key = (bucket(len(prompts)), min(self.cfg.max_seq_len, bucket(size, 64)))
-            prompts = [*prompts, *[[0]] * (key[0] - len(prompts))]
-            rows, pad = left_pad(prompts)
+            rows, pad = left_pad([*prompts, *[[0]] * (key[0] - len(prompts))])
             if key not in self._static:
-                self._static[key] = KVCache(self.cfg, key[0], max_len=key[1], dtype=self.param.dtype,
-                                            device=self.device, absorbed=self.absorbed, static=True)  # fmt: skip
+                self._static[key] = self._new_cache(*key)
             self.cache = self._static[key]
             self.cache.rewind(pad)
         else:
             rows, pad = left_pad(prompts)
-            self.cache = KVCache(self.cfg, len(rows), max_len=size, dtype=self.param.dtype, device=self.device,
-                                 pad=pad, absorbed=self.absorbed)  # fmt: skip
-        return _last_logits(self.model, torch.tensor(rows, device=self.device), self.cache)[: self.rows]
+            self.cache = self._new_cache(len(rows), size, pad)
+        if len(rows[0]) > self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} tokens; {len(rows[0])} requested")
+        filled = None if self.static else len(rows[0])
+        logits = _last_logits(self.model, torch.tensor(rows, device=self.device), self.cache, filled)[: self.rows]
+        self._length = len(rows[0])
+        return logits
 
     @torch.no_grad()
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         cache = self.cache
         if cache is None:
             raise ValueError("step before prefill: prefill the prompts first")
+        if self._length >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {self._length + 1} requested")
         ids = torch.as_tensor(tokens, device=self.device).view(-1, 1)  # (B, 1)
-        if not self.static:
-            return _last_logits(self.model, ids, cache)
-        if cache.length >= cache.max_len:  # a static step does not check (it reads no Python int)
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length + 1} requested")
         if self.rows < cache.batch_size:  # a static bucket's dummy rows step on token 0
             ids = torch.cat([ids, ids.new_zeros(cache.batch_size - self.rows, 1)])
         if self.mode == "cuda-graph":
@@ -160,19 +172,28 @@ class TorchDecoder:
             if key not in self._graphs:
                 self._graphs[key] = _CapturedStep(lambda x: self._step(self.model, x, cache), cache, ids)
             logits = self._graphs[key].replay(ids)
-        else:
-            logits = self._step(self.model, ids, cache)
-        cache.length += 1  # the static step advanced only the device slot `pos`
+        else:  # an eager step reads only the filled slots; a static one reads all (fixed shapes)
+            logits = self._step(self.model, ids, cache, None if self.static else self._length + 1)
+        self._length += 1
         return logits[: self.rows]
 
     def reset(self) -> None:
-        self.cache = None
+        self.cache, self._length = None, 0
 
 
-def _last_logits(model: Transformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def gather_experts(cfg: ModelConfig, batch: int, captured: bool) -> bool:
+    """Whether one-token MoE steps gather each assignment's expert weights (RoutedExperts.forward_gathered)
+    instead of grouping tokens by expert: when a step routes fewer assignments than there are experts, and
+    always in a captured step, which cannot hold the grouped path's host sync (`captured`)."""
+    if cfg.ffn != "moe":
+        return False
+    return captured or batch * cfg.n_activated_experts < cfg.n_routed_experts
+
+
+def _last_logits(model: Transformer, ids: torch.Tensor, cache: KVCache, filled: int | None = None) -> torch.Tensor:
     """ids (B, T) appended to the cache -> logits (B, V) of each row's last token, the only one sampled from.
     A prefill (any T) or a one-token step (T = 1, what compile and CUDA graphs take)."""
-    return lm_head(model.hidden(ids, cache)[:, -1], model.wte.weight)
+    return lm_head(model.hidden(ids, cache, filled)[:, -1], model.wte.weight)
 
 
 class _CapturedStep:
@@ -216,10 +237,11 @@ def make_decoder(
     compile: bool = False,
 ) -> Decoder:
     """The decoder for an engine; "auto": the numba CPU engine for one sequence on a CPU, else torch (and torch
-    whenever a torch mode or compile is asked for)."""
+    whenever a torch mode or compile is asked for, or the model has a field the CPU engine does not implement)."""
     torch_only = compile or mode != "eager"
     if engine == "auto":
-        one_on_cpu = model.wte.weight.device.type == "cpu" and batch_size == 1 and not torch_only
+        cpu_engine_runs = not torch_only and portable(model.cfg)
+        one_on_cpu = model.wte.weight.device.type == "cpu" and batch_size == 1 and cpu_engine_runs
         engine = ("numba" if importlib.util.find_spec("numba") else "numpy") if one_on_cpu else "torch"
     if engine == "torch":
         if quantize != "none":

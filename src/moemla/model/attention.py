@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemla.config import ModelConfig
-from moemla.model.kv_cache import KVCache
+from moemla.model.kv_cache import Write
 from moemla.model.rope import apply_rope
 
 
@@ -26,27 +26,17 @@ Rope = Angles | None
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, dropout: float, key_ok: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """q (B, H, T, D) at positions start..start+T-1 attends to k, v (B, H, start+T, D); out (B, H, T, D).
+    """q (B, H, T, D) attends to k, v (B, H, S, D); out (B, H, T, D).
 
-    key_ok (B, start+T): False at left-padding slots, which no query reads (see KVCache.pad).
+    mask (B, T, S) from KVCache.key_mask says which slots each query reads. Without one (no cache, or a cache
+    write with nothing padded, see KVCache.write): T queries from slot 0 are causal (query i reads keys 0..i),
+    and one new query reads every slot.
     """
-    t, s = q.shape[2], k.shape[2]
-    if t == 1:  # one new token reads every slot written so far that holds a real token
-        mask = None if key_ok is None else key_ok[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    if key_ok is not None:
-        q_pos, k_pos = torch.arange(start, start + t, device=q.device), torch.arange(s, device=q.device)
-        # a padding query attends to itself alone: its row stays finite (never read), so no NaN enters the cache
-        own = k_pos[None, :] == q_pos[:, None]  # (T, S)
-        mask = (k_pos[None, :] <= q_pos[:, None]) & (key_ok[:, None, :] | own)  # (B, T, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout)
-    if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-    # a chunk after a cached prefix: query i sits at absolute position start + i
-    mask = torch.arange(s, device=q.device)[None, :] <= torch.arange(start, start + t, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=q.shape[2] > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout)
 
 
 def post_rope_scores(
@@ -83,19 +73,18 @@ class MHA(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, at: Write | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim).unbind(2)  # (B, T, H, D) each
-        start = 0 if cache is None else cache.start(t)
         if rope is not None:
             q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.q_cos, rope.q_sin)  # keys cached rotated
-        key_ok = None
-        if cache is not None:
-            kv = cache.append(layer, k=k, v=v)
-            k, v = kv["k"], kv["v"]  # (B, S, H, D), S = start + T
-            key_ok = cache.key_mask(t)
+        mask = None
+        if at is not None:
+            kv = at.cache.append(layer, at, k=k, v=v)
+            k, v = kv["k"], kv["v"]  # (B, S, H, D), S = the write's span
+            mask = at.mask
         dropout = self.dropout if self.training else 0.0
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, dropout, key_ok)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout, mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -121,24 +110,21 @@ class MLA(nn.Module):
         self.wv_b = nn.Linear(self.rank, cfg.dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, at: Write | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         h, d, p = self.n_heads, self.head_dim, self.rope_dim
         q, q_pe = self.wq(x).view(b, t, h, d + p).split([d, p], dim=-1)  # (B, T, H, D), (B, T, H, P)
         c_k, c_v, k_pe = self.wkv_a(x).split([self.rank, self.rank, p], dim=-1)  # (B, T, R) x 2, (B, T, P)
-        start = 0 if cache is None else cache.start(t)
         if self.decoupled:
             q_pe = apply_rope(q_pe, rope.q_cos, rope.q_sin)
-            k_pe = apply_rope(k_pe[:, :, None], rope.q_cos, rope.q_sin)[
-                :, :, 0
-            ]  # one key for all heads, cached rotated
-        key_ok = None
-        if cache is not None:
-            kv = cache.append(layer, c_k=c_k, c_v=c_v, **({"k_pe": k_pe} if self.decoupled else {}))
-            c_k, c_v, k_pe = kv["c_k"], kv["c_v"], kv.get("k_pe")  # (B, S, R), S = start + T
-            key_ok = cache.key_mask(t)
-            if t == 1 and cache.absorbed and not self.training:  # one-token steps attend over the latents
-                return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, key_ok)
+            k_pe = apply_rope(k_pe[:, :, None], rope.q_cos, rope.q_sin)[:, :, 0]  # one key for all heads, rotated
+        mask = None
+        if at is not None:
+            kv = at.cache.append(layer, at, c_k=c_k, c_v=c_v, **({"k_pe": k_pe} if self.decoupled else {}))
+            c_k, c_v, k_pe = kv["c_k"], kv["c_v"], kv.get("k_pe")  # (B, S, R), S = the write's span
+            mask = at.mask
+            if t == 1 and at.cache.absorbed and not self.training:  # one-token steps attend over the latents
+                return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, None if mask is None else mask[:, 0])
         s = c_k.shape[1]
         k = self.wk_b(c_k).view(b, s, h, d)  # (B, S, H, D)
         v = self.wv_b(c_v).view(b, s, h, d)
@@ -151,7 +137,7 @@ class MLA(nn.Module):
             q = apply_rope(q, rope.q_cos, rope.q_sin)
             k = apply_rope(k, rope.k_cos[:s], rope.k_sin[:s])
         dropout = self.dropout if self.training else 0.0
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, dropout, key_ok)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout, mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
     def decode_absorbed(
@@ -164,7 +150,8 @@ class MLA(nn.Module):
         rope: Rope,
         key_ok: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One new token (q (B, 1, H, D)) over S cached latents without expanding V or K; key_ok (B, S): real slots."""
+        """One new token (q (B, 1, H, D)) over S cached latents without expanding V or K; key_ok (B, S): the
+        slots it reads (None: all)."""
         b = c_k.shape[0]
         h, d = self.n_heads, self.head_dim
         if self.decoupled or rope is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -19,12 +20,33 @@ def cache_spec(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {"k": (cfg.n_heads, cfg.head_dim), "v": (cfg.n_heads, cfg.head_dim)}
 
 
+class Write(NamedTuple):
+    """Where one forward's T new tokens go in a cache: found once per forward, read by every layer."""
+
+    cache: KVCache
+    slots: torch.Tensor  # (T,) the slots written
+    mask: torch.Tensor | None  # (B, T, span): the slots each new token reads (key_mask); None: causal alone
+    span: int  # the forward reads slots 0..span-1
+
+
 class KVCache:
-    """Per-layer buffers (B, max_len, *spec) written in place; `length` tokens are filled.
+    """Per-layer buffers (B, max_len, *spec) written in place at the device slot `pos`.
+
+    Its one piece of state is where the next token goes, a device tensor (as gpt-fast's input_pos): a forward
+    of T tokens writes slots pos..pos+T-1 and attends over every slot under a mask, reading no Python int, so
+    eager, compiled and CUDA-graphed steps take one path. Whoever feeds tokens keeps count of them (TorchDecoder
+    does) and checks the room; it may pass `filled` = its count after the forward, so that attention reads only
+    those slots (a shape per call; a captured step needs the fixed default). Reading `length` costs a host sync
+    on an accelerator.
 
     `pad` (one count per sequence) marks each sequence's first slots as left padding: prompts of
     different lengths share one batch, the attention never reads those slots, and learned positions
     count from each sequence's first real token (RoPE scores depend only on distances already).
+
+    The inference code that owns a cache also chooses, on it, how the model decodes: `absorbed` (MLA steps
+    over the latents, DeepSeek-V2's inference path, or through re-expanded K and V) and `gather_experts`
+    (one-token steps copy each assignment's expert weights side by side instead of grouping tokens by expert,
+    into reusable `scratch` buffers).
     """
 
     def __init__(
@@ -36,24 +58,16 @@ class KVCache:
         device: torch.device | str | None = None,
         pad: Sequence[int] | None = None,
         absorbed: bool = True,
-        static: bool = False,
+        gather_experts: bool = False,
     ) -> None:
         self.max_len = max_len or cfg.max_seq_len
         if self.max_len > cfg.max_seq_len:
             raise ValueError(f"cache max_len={self.max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         self.batch_size = batch_size
-        self.length = 0
-        # MLA decode steps over the latents (absorbed, DeepSeek-V2's inference path) or through re-expanded
-        # K and V (naive); a property of the cache, which inference code owns, not a flag on the model
-        self.absorbed = absorbed
-        # static: one-token steps keep every shape fixed (the write slot and the mask read a device tensor, the
-        # attention spans all max_len slots) and read no Python int, so a step compiles once per shape and can be
-        # captured once as a CUDA graph and replayed. Such a step advances only `pos`: whoever runs static steps
-        # counts `length` outside them (TorchDecoder does), since a compiled step would guard on its value.
-        self.static = static
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # next slot to write, for static steps
-        self.pad: torch.Tensor | None = None
-        self.pad_counts = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,), read by static steps
+        self.absorbed, self.gather_experts = absorbed, gather_experts
+        self.scratch: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # the next slot to write
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) left-padding slots per row
         self.rewind(pad)
         spec = cache_spec(cfg)
         self.layers: list[dict[str, torch.Tensor]] = [
@@ -66,65 +80,53 @@ class KVCache:
 
     def rewind(self, pad: Sequence[int] | None = None) -> None:
         """Empty the cache for a new batch of prompts (the buffers stay: a captured step keeps reading them)."""
-        self.length = 0
-        self.pos.zero_()
         counts = list(pad) if pad is not None else [0] * self.batch_size
         if len(counts) != self.batch_size or not all(0 <= n < self.max_len for n in counts):
             raise ValueError(f"pad needs {self.batch_size} counts in [0, {self.max_len}); got {counts}")
-        self.pad_counts.copy_(torch.tensor(counts))
-        self.pad = self.pad_counts if any(counts) else None
+        self.pos.zero_()
+        self.pad.copy_(torch.tensor(counts))
+        self.padded = any(counts)  # a fact of this batch, known on the host
 
-    def stepping(self, t: int) -> bool:
-        """Whether a forward of t tokens is a static one-token step (fixed shapes, see `static`)."""
-        return self.static and t == 1
+    @property
+    def length(self) -> int:
+        """Slots filled, left padding included. A host read of `pos`: a sync on an accelerator."""
+        return int(self.pos)
 
-    def append(self, layer: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Write new entries (B, T, ...) after the filled prefix; return the filled prefix plus them.
+    def write(self, t: int, filled: int | None = None) -> Write:
+        """Where t new tokens go: slots pos..pos+t-1 (on the device), and which slots each of them reads.
 
-        A static step writes at the device slot `pos` and returns every slot; the mask says which are filled.
-        """
-        if self.stepping(next(iter(new.values())).shape[1]):
-            for name, value in new.items():
-                self.layers[layer][name].index_copy_(1, self.pos.view(1), value)
-            return dict(self.layers[layer])
-        start = self.length
-        out = {}
+        filled: pos + t, from a caller that counts its tokens (pos lives on the device). The forward then reads
+        only the filled slots, and with nothing padded needs no mask: one new token reads every filled slot, and
+        a first chunk (filled == t) is causal from slot 0."""
+        if filled is not None and not t <= filled <= self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {filled} requested")
+        slots = self.pos + torch.arange(t, device=self.pos.device)  # (T,)
+        if filled is not None and not self.padded and t in (1, filled):
+            return Write(self, slots, None, filled)
+        span = filled or self.max_len
+        return Write(self, slots, self.key_mask(slots, span), span)
+
+    def append(self, layer: int, at: Write, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Write new entries (B, T, ...) at the write's slots; return the buffers of its span (B, span, ...)."""
         for name, value in new.items():
-            buf = self.layers[layer][name]
-            end = start + value.shape[1]
-            buf[:, start:end] = value
-            out[name] = buf[:, :end]
-        return out
+            self.layers[layer][name].index_copy_(1, at.slots, value)
+        return {name: buf[:, : at.span] for name, buf in self.layers[layer].items()}
 
-    def start(self, t: int) -> int:
-        """Where a chunk of t new tokens begins: `length`; 0 for a static step, which reads no Python int
-        (its one query ignores where it starts: the mask says which slots it reads)."""
-        return 0 if self.stepping(t) else self.length
+    def key_mask(self, slots: torch.Tensor, span: int) -> torch.Tensor:
+        """(B, T, span): True where the query at slots[i] reads a key slot, written and not padding.
 
-    def key_mask(self, t: int) -> torch.Tensor | None:
-        """(B, length + t): True at the slots that hold real tokens, after t new ones; None when nothing is padded.
+        A padding query reads itself alone: its row stays finite (never read), so no NaN enters the cache."""
+        keys = torch.arange(span, device=slots.device)[None, None, :]  # (1, 1, S)
+        queries = slots[None, :, None]  # (1, T, 1)
+        real = keys >= self.pad[:, None, None]  # (B, 1, S)
+        return (keys <= queries) & (real | (keys == queries))
 
-        In a static step: (B, max_len), the filled slots (up to `pos`) that are not padding."""
-        if self.stepping(t):
-            slots = torch.arange(self.max_len, device=self.pos.device)
-            return (slots[None, :] <= self.pos) & (slots[None, :] >= self.pad_counts[:, None])
-        if self.pad is None:
-            return None
-        return torch.arange(self.length + t, device=self.pad.device)[None, :] >= self.pad[:, None]
-
-    def positions(self, start: int, end: int, device: torch.device) -> torch.Tensor:
-        """Position ids of slots start..end-1: (T,), or (B, T) counted from each sequence's first real token."""
-        if self.stepping(end - start):
-            return (self.pos - self.pad_counts).clamp(min=0)[:, None]  # (B, 1)
-        slots = torch.arange(start, end, device=device)
-        return slots if self.pad is None else (slots[None, :] - self.pad[:, None]).clamp(min=0)
+    def positions(self, slots: torch.Tensor) -> torch.Tensor:
+        """Learned-position ids (B, T) of `slots`, counted from each sequence's first real token."""
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
 
     def advance(self, n_tokens: int) -> None:
-        if self.stepping(n_tokens):
-            self.pos.add_(1)  # `length` is the caller's to count (see `static`)
-            return
-        self.length += n_tokens
-        self.pos.fill_(self.length)
+        self.pos.add_(n_tokens)
 
     @property
     def nbytes(self) -> int:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemla.config import BalanceRule, ModelConfig
+from moemla.model.kv_cache import Write
 
 
 class MLP(nn.Module):
@@ -29,12 +30,15 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.top_k, self.bias_in_gate = cfg.n_activated_experts, cfg.bias_in_gate
+        self.top_p = cfg.routing_p if cfg.routing == "top-p" else None
+        self.min_k = cfg.min_activated_experts
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         # persistent: the bias is learned state that checkpoints must carry
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, C) -> gates (N, K) summing to 1, expert indices (N, K)."""
+        """x (N, C) -> gates (N, K) summing to 1, expert indices (N, K). Under top-p routing a token's gates are
+        0 past its set: those assignments are dropped (MoE.forward)."""
         logits = F.linear(x.float(), self.weight.float())  # (N, E); router math in fp32
         if self.bias_in_gate:
             # Algorithm 1 / Eq. 2: l = W_g x + b, TopK(softmax(l)), gates renormalized over the top-k
@@ -44,33 +48,50 @@ class Router(nn.Module):
             scores = torch.softmax(logits, dim=-1)
             idx = (scores + self.bias).topk(self.top_k, dim=-1).indices
             gates = scores.gather(-1, idx)
+        if self.top_p is not None:
+            gates = top_p(gates / gates.sum(dim=-1, keepdim=True), self.top_p, self.min_k)
         return gates / gates.sum(dim=-1, keepdim=True), idx
 
 
-# (device type, dtype, K, N) where torch._grouped_mm raised: e.g. fp32 on GPUs whose kernel wants bf16
-_GROUPED_MM_UNSUPPORTED: set[tuple[str, torch.dtype, int, int]] = set()
+def top_p(gates: torch.Tensor, p: float, min_k: int) -> torch.Tensor:
+    """gates (N, K) in selection order, each row summing to 1 -> the same with 0 past the fewest leading experts
+    whose mass reaches p (at least min_k): a confident token keeps few experts, an unsure one up to K."""
+    before = gates.cumsum(dim=-1) - gates  # (N, K): mass of the experts chosen before each one
+    rank = torch.arange(gates.shape[-1], device=gates.device)
+    return torch.where((before < p) | (rank < min_k), gates, 0.0)
 
 
-def grouped_mm_supported(key: tuple[str, torch.dtype, int, int]) -> bool:
-    return hasattr(torch, "_grouped_mm") and key not in _GROUPED_MM_UNSUPPORTED
+def grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes a (M, K) and b (G, K, N) or (M, N), by its limits: fp32, bf16 or fp16 on
+    a CPU, bf16 on a GPU (its CUDA kernel and fake-tensor check want bf16), rows a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or a.dtype != b.dtype:
+        return False
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if a.device.type == "cpu" else (torch.bfloat16,)
+    return a.dtype in dtypes and all(n * a.element_size() % 16 == 0 for n in (a.shape[-1], b.shape[-1]))
 
 
 def _native_or_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """(M, K) rows grouped by the end offsets `offs` (G,) times w (G, K, N) -> (M, N), in eager mode."""
-    key = (x.device.type, x.dtype, w.shape[1], w.shape[2])
-    if grouped_mm_supported(key):
+    if grouped_mm_supported(x, w):
         try:
             # NOTE: its backward rejects stride-0 gradients (e.g. from .sum()); ours are dense
             return torch._grouped_mm(x, w, offs=offs)
-        except (RuntimeError, NotImplementedError):
-            _GROUPED_MM_UNSUPPORTED.add(key)
+        except (RuntimeError, NotImplementedError):  # a device whose kernel has other limits (e.g. an older GPU)
+            pass
     # fallback: one host sync for all groups, then a matmul per group
-    return torch.cat([xs @ w[g] for g, xs in enumerate(x.split(_group_sizes(offs)))])
+    *groups, rest = x.split(_sizes(offs, x.shape[0]))
+    return torch.cat([xs @ w[g] for g, xs in enumerate(groups)] + [_zeros(rest, w)])
 
 
-def _group_sizes(offs: torch.Tensor) -> list[int]:
-    """Rows per group from the end offsets (G,): one host sync."""
-    return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+def _sizes(offs: torch.Tensor, rows: int) -> list[int]:
+    """Rows per group from the end offsets (G,), then the rows past the last group (maybe 0): one host sync."""
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    return [*sizes, rows - sum(sizes)]
+
+
+def _zeros(rest: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The output rows past every group: zeros (R, N)."""
+    return rest.new_zeros(rest.shape[0], w.shape[2])
 
 
 @torch.library.custom_op("moemla::grouped_mm", mutates_args=())
@@ -87,11 +108,11 @@ def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("moemla::grouped_mm_weight_grad", mutates_args=())
 def _weight_grad_op(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
     """dL/dw (G, K, N) of the grouped matmul: x_g^T dy_g per group."""
-    if hasattr(torch, "_grouped_mm"):
+    if grouped_mm_supported(x, dy):
         with contextlib.suppress(RuntimeError, NotImplementedError):  # else the loop below
             return torch._grouped_mm(x.t(), dy, offs=offs)  # (K, M) x (M, N) split along M -> (G, K, N)
-    sizes = _group_sizes(offs)
-    pairs = zip(x.split(sizes), dy.split(sizes), strict=True)
+    sizes = _sizes(offs, x.shape[0])
+    pairs = zip(x.split(sizes)[:-1], dy.split(sizes)[:-1], strict=True)
     return torch.stack([xs.t() @ ds for xs, ds in pairs])
 
 
@@ -113,15 +134,21 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tup
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x (M, K) sorted by group, group g of counts[g] rows times w[g] (G, K, N) -> (M, N)."""
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, tail: bool = False) -> torch.Tensor:
+    """Rows of x (M, K) sorted by group, group g of counts[g] rows times w[g] (G, K, N) -> (M, N).
+
+    tail: rows past the groups (sum(counts) < M: assignments top-p routing dropped) come out 0, and pass no
+    gradient back (the kernels leave them unwritten)."""
+    if tail:
+        inside = (torch.arange(x.shape[0], device=x.device) < counts.sum())[:, None]  # (M, 1), no host sync
+        return torch.where(inside, grouped_mm(torch.where(inside, x, 0.0), w, counts), 0.0)
     if x.shape[0] < w.shape[0] and not torch.compiler.is_compiling():
-        # fewer rows than groups (decoding): run only the groups that have rows
+        # fewer rows than groups (a short prompt, a small batch): run only the groups that have rows
         sizes = counts.tolist()  # one host sync
-        pieces = x.split(sizes)
-        return torch.cat([pieces[g] @ w[g] for g, n in enumerate(sizes) if n])
+        pieces = x.split([*sizes, x.shape[0] - sum(sizes)])
+        return torch.cat([pieces[g] @ w[g] for g, n in enumerate(sizes) if n] + [_zeros(pieces[-1], w)])
     offs = counts.cumsum(0).to(torch.int32)  # end offset of each group, no host sync
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+    if torch.compiler.is_compiling() and (x.dtype != torch.bfloat16 or not grouped_mm_supported(x, w)):
         # NOTE: the native op's fake-tensor check wants bf16 on every device; other dtypes trace as our op
         return _grouped_mm_op(x, w, offs)
     return _native_or_loop(x, w, offs)
@@ -142,75 +169,67 @@ class RoutedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # (E, C, h)
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))  # (E, h, C)
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (N, C), gates and idx (N, K), counts (E,) -> sum_k gates[:, k] * E_idx[:, k](x), (N, C). Dropless."""
-        few = idx.numel() < self.n_experts
-        # NOTE: a captured CUDA graph cannot hold the grouped path's host sync (its fallback reads group sizes)
-        if (few or _capturing(x)) and self.w1.dtype == x.dtype and not torch.is_grad_enabled():
-            return self.forward_gathered(x, gates, idx)
+    def forward(
+        self, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (N, C), gates and idx (N, K), counts (E,) -> sum_k gates[:, k] * E_idx[:, k](x), (N, C). Dropless.
+
+        keep (N, K): the assignments top-p routing kept (None: all); the dropped ones sort after every expert's
+        group, where the grouped matmul leaves them out (on a GPU it skips them; the loop never runs them)."""
         n, k = idx.shape
         # NOTE: autocast does not cover torch._grouped_mm, so under bf16/fp16 autocast it would get the fp32
         # LayerNorm output and fp32 master weights and run every expert GEMM in fp32; cast both operands
         dtype = compute_dtype(x)
-        order = idx.flatten().argsort(stable=True)  # assignment a belongs to token a // K; grouped by expert
+        flat = idx.flatten() if keep is None else torch.where(keep.flatten(), idx.flatten(), self.n_experts)
+        order = flat.argsort(stable=True)  # assignment a belongs to token a // K; grouped by expert
         # index_select, not x[...]: its backward is a plain index_add, cheaper than index_put on CPU
         xs = x.to(dtype).index_select(0, order // k)  # (N*K, C) in expert order
-        h = F.gelu(grouped_mm(xs, self.w1.to(dtype), counts))  # (N*K, h)
-        y = grouped_mm(h, self.w2.to(dtype), counts)  # (N*K, C)
+        tail = keep is not None
+        h = F.gelu(grouped_mm(xs, self.w1.to(dtype), counts, tail))  # (N*K, h)
+        y = grouped_mm(h, self.w2.to(dtype), counts, tail)  # (N*K, C)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         y = y.index_select(0, inverse).view(n, k, -1)  # (N, K, C) back in token order
         # Eq. 2's gate-weighted sum over the K experts as one batched matmul: (N, 1, K) @ (N, K, C)
         return torch.bmm(gates.unsqueeze(1).to(y.dtype), y).squeeze(1)
 
-    def forward_gathered(self, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Decode, fewer assignments than experts: copy each assignment's expert weights side by side, then
-        one batched matmul per projection. Same result as forward, without sorting or a host sync."""
+    def forward_gathered(
+        self, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor, scratch: dict | None = None
+    ) -> torch.Tensor:
+        """Decode: copy each assignment's expert weights side by side, then one batched matmul per projection.
+        Same result as forward, without sorting or a host sync (what a captured CUDA graph needs). `scratch`:
+        the caller's reused buffers for the copies (KVCache.scratch)."""
         # NOTE: measured on CPU (xs, one token, 6 experts): a matmul of one row waits on memory latency
         # (~8 GB/s from DRAM), while one index_select copies all six experts with both threads and the
         # matmuls then read them from cache: about 2x less time per MoE layer (BENCHMARKS.md).
         n, k = idx.shape
         flat = idx.flatten()  # (A,), A = N * K assignments in token order
-        w1 = _gather(self.w1, flat, "w1")  # (A, C, h)
+        x = x.to(self.w1.dtype)
+        w1 = _gather(self.w1, flat, "w1", scratch)  # (A, C, h)
         h = F.gelu(torch.bmm(x.repeat_interleave(k, dim=0)[:, None], w1))  # (A, 1, h)
-        w2 = _gather(self.w2, flat, "w2")  # (A, h, C)
+        w2 = _gather(self.w2, flat, "w2", scratch)  # (A, h, C)
         y = torch.bmm(h, w2).view(n, k, -1)  # (N, K, C)
         return torch.bmm(gates.unsqueeze(1).to(y.dtype), y).squeeze(1)
 
 
-# Reused decode buffers for gathered expert weights, one per (name, shape, dtype, device): a buffer
-# that stays allocated stays in cache, and a fresh MiB-sized tensor every layer costs page faults.
-_SCRATCH: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _gather(w: torch.Tensor, rows: torch.Tensor, name: str) -> torch.Tensor:
-    """w[rows] along dim 0, written into the reused buffer `name` (a fresh tensor under torch.compile)."""
-    if torch.compiler.is_compiling():  # the compiler plans its own buffers
+def _gather(w: torch.Tensor, rows: torch.Tensor, name: str, scratch: dict | None) -> torch.Tensor:
+    """w[rows] along dim 0, into scratch's buffer for `name`: a buffer that stays allocated stays in cache, and
+    a fresh MiB-sized tensor every layer costs page faults (a fresh tensor under torch.compile, which plans
+    its own buffers)."""
+    if scratch is None or torch.compiler.is_compiling():
         return w.index_select(0, rows)
-    key = (name, (rows.numel(), *w.shape[1:]), w.dtype, w.device)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(key[1], dtype=w.dtype, device=w.device)
-    return torch.index_select(w, 0, rows, out=_SCRATCH[key])
+    key = (name, (rows.numel(), *w.shape[1:]), w.dtype)
+    if key not in scratch:
+        scratch[key] = torch.empty(key[1], dtype=w.dtype, device=w.device)
+    return torch.index_select(w, 0, rows, out=scratch[key])
 
 
-def _capturing(x: torch.Tensor) -> bool:
-    # NOTE: a compiled step traces the grouped path, which is sync-free in bf16 (PyTorch's _grouped_mm)
-    return x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
-
-
-def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Assignments per expert (E,) from indices (N, K): bincount with a fixed output size, which
-    torch.compile traces without a graph break (bincount's size depends on the data)."""
+def expert_counts(idx: torch.Tensor, n_experts: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Assignments per expert (E,) from indices (N, K), only those in `keep` (N, K) if given: bincount with a
+    fixed output size, which torch.compile traces without a graph break (bincount's size depends on the data)."""
     flat = idx.flatten()
-    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
-
-
-def _in_backward() -> bool:
-    # Activation recomputation re-runs forward inside the backward pass; counting its routing
-    # again would double every expert's load (and so the balancing step).
-    # NOTE: a compiled graph is traced from the forward alone (its recomputation runs no Python), and
-    # this private query would break the graph, so under torch.compile the answer is no
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    ones = torch.ones_like(flat) if keep is None else keep.flatten().long()
+    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, ones)
 
 
 class MoE(nn.Module):
@@ -227,14 +246,22 @@ class MoE(nn.Module):
         self.register_buffer("train_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("eval_load", torch.zeros(cfg.n_routed_experts), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: Write | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With a cache write `at` whose cache gathers experts, a one-token step runs
+        forward_gathered: the inference code that owns the cache chooses the decode path, not this module."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C), N = B * T
         gates, idx = self.router(x)  # (N, K) each
-        counts = expert_counts(idx, self.experts.n_experts)  # (E,) assignments
-        if not _in_backward():
-            (self.train_load if self.training else self.eval_load).add_(counts)
-        y = self.experts(x, gates, idx, counts)
+        keep = gates > 0 if self.router.top_p is not None else None  # (N, K) top-p routing's kept assignments
+        counts = expert_counts(idx, self.experts.n_experts, keep)  # (E,) assignments
+        # NOTE: activation recomputation (torch.utils.checkpoint) runs this again in the backward pass and
+        # counts the same routing twice; both balancing rules and the load CV read only each expert's share
+        # of the loads, which a uniform recount leaves unchanged (tests/test_moe.py)
+        (self.train_load if self.training else self.eval_load).add_(counts)
+        if at is not None and at.cache.gather_experts and shape[1] == 1:
+            y = self.experts.forward_gathered(x, gates, idx, at.cache.scratch)
+        else:
+            y = self.experts(x, gates, idx, counts, keep)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape)

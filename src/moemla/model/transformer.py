@@ -10,7 +10,7 @@ from torch import nn
 
 from moemla.config import ModelConfig
 from moemla.model.attention import MHA, MLA, Angles
-from moemla.model.kv_cache import KVCache
+from moemla.model.kv_cache import KVCache, Write
 from moemla.model.moe import MLP, MoE, RoutedExperts, Router, load_cvs
 from moemla.model.rope import rope_tables
 
@@ -25,20 +25,22 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg.dim, cfg.dense_inter_dim, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: Angles | None, cache: KVCache | None) -> torch.Tensor:
-        h = x + self.drop(self.attn(self.ln1(x), rope, cache, self.layer))  # Eq. 11
-        return h + self.drop(self.ffn(self.ln2(h)))  # Eq. 12
+    def forward(self, x: torch.Tensor, rope: Angles | None, at: Write | None) -> torch.Tensor:
+        h = x + self.drop(self.attn(self.ln1(x), rope, at, self.layer))  # Eq. 11
+        z = self.ln2(h)
+        return h + self.drop(self.ffn(z, at) if isinstance(self.ffn, MoE) else self.ffn(z))  # Eq. 12
 
 
-def _check_room(end: int, max_seq_len: int, cache: KVCache | None) -> None:
-    """A forward that ends at position `end` fits the model's context and the cache."""
-    if end > max_seq_len:
+def _check_room(t: int, max_seq_len: int, cache: KVCache | None) -> None:
+    """A forward of t tokens fits the model's context and the cache (where the cache's slots start is the
+    caller's to check: it lives on the device, see KVCache)."""
+    if t > max_seq_len:
         raise ValueError(
-            f"sequence of {end} tokens exceeds the model's context (max_seq_len={max_seq_len}); "
+            f"sequence of {t} tokens exceeds the model's context (max_seq_len={max_seq_len}); "
             "shorten the input or use a model with a longer context"
         )
-    if cache is not None and end > cache.max_len:
-        raise ValueError(f"KV cache holds {cache.max_len} tokens; {end} requested")
+    if cache is not None and t > cache.max_len:
+        raise ValueError(f"KV cache holds {cache.max_len} tokens; {t} requested")
 
 
 class Transformer(nn.Module):
@@ -70,42 +72,41 @@ class Transformer(nn.Module):
             for p in module.parameters(recurse=False):
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> final hidden states (B, T, C), after ln_f; appends to `cache` if given."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, filled: int | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> final hidden states (B, T, C), after ln_f; appends to `cache` if given.
+        filled: the cache's filled slots after this forward, from a caller that counts them (KVCache.write)."""
         t = idx.shape[1]
-        start = 0 if cache is None else cache.start(t)
-        end = start + t
-        if cache is None or not cache.stepping(t):  # a static step's caller checks the room (see KVCache.static)
-            _check_room(end, self.cfg.max_seq_len, cache)
+        _check_room(t, self.cfg.max_seq_len, cache)
+        at = None if cache is None else cache.write(t, filled)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            if cache is None:
-                pos = torch.arange(start, end, device=idx.device)
-            else:
-                pos = cache.positions(start, end, idx.device)  # (B, T) with left padding
-            x = x + self.wpe(pos)
+            x = x + self.wpe(torch.arange(t, device=idx.device) if at is None else cache.positions(at.slots))
         x = self.drop(x)
-        rope = self.angles(start, end, cache) if self.cfg.positions == "rope" else None
+        rope = self.angles(t, at) if self.cfg.positions == "rope" else None
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, at)
         if cache is not None:
             cache.advance(t)
         return self.ln_f(x)
 
-    def angles(self, start: int, end: int, cache: KVCache | None) -> Angles:
-        """RoPE angles of the new tokens (slots start..end-1) and of every key slot; a static step gathers its
-        query's angle at the cache's device slot, so nothing in the step depends on a Python int."""
-        if cache is not None and cache.stepping(end - start):
-            at = cache.pos.view(1)
-            return Angles(self.rope_cos.index_select(0, at), self.rope_sin.index_select(0, at),
-                          self.rope_cos[: cache.max_len], self.rope_sin[: cache.max_len])  # fmt: skip
-        return Angles(self.rope_cos[start:end], self.rope_sin[start:end], self.rope_cos[:end], self.rope_sin[:end])
+    def angles(self, t: int, at: Write | None) -> Angles:
+        """RoPE angles of the t new tokens and of every key slot; with a cache, gathered at the new tokens'
+        device slots, so nothing depends on a Python int."""
+        if at is None:
+            return Angles(self.rope_cos[:t], self.rope_sin[:t], self.rope_cos[:t], self.rope_sin[:t])
+        s = at.span
+        return Angles(self.rope_cos.index_select(0, at.slots), self.rope_sin.index_select(0, at.slots),
+                      self.rope_cos[:s], self.rope_sin[:s])  # fmt: skip
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        filled: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy."""
-        logits = F.linear(self.hidden(idx, cache), self.wte.weight)  # (B, T, V); tied input/output embedding
+        logits = F.linear(self.hidden(idx, cache, filled), self.wte.weight)  # (B, T, V); tied input/output embedding
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)

@@ -1,0 +1,118 @@
+"""results/summary.md: the paper's claims on every corpus under results/, each taken from the table that tested
+it with the most seeds; bits per byte of the same variants across corpora; the CPU time each table took."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from moemla.experiments import claims
+from moemla.experiments.claims import Claim
+from moemla.experiments.tables import TABLES
+
+# corpora by their prepared folder's name, in the order the summary shows them (others follow, by name)
+CORPORA = {
+    "builtin": "the built-in corpus",
+    "tinystories-sample": "the TinyStories sample (../shared/data)",
+    "stdlib": "Python's standard library (code)",
+}
+
+
+def corpus(result: dict) -> str:
+    """The corpus a table was trained on: its prepared data folder's name."""
+    return Path(str(result["data"])).name
+
+
+def best_claims(results: list[dict]) -> list[Claim]:
+    """The claims over one corpus's tables. Each table's claims come from its full run (all rows), unless a run
+    of fewer rows (--rows, e.g. the RoPE control) tested the same claim with more seeds; `source` says which."""
+    full_first = sorted(results, key=lambda r: (bool(r.get("rows")), -_seeds(r)))
+    chosen: dict[str, dict] = {}
+    for res in full_first:
+        chosen.setdefault(res["table"], res)
+    listed = claims.check({t: r for t, r in chosen.items()})  # every claim in order, measured or not
+    balance_text = claims.balance_claims({})[0].text  # over every table at once, below
+    best: dict[str, Claim] = {}
+    for res in full_first:
+        for c in claims.check({res["table"]: res}):
+            if c.verdict == "not measured" or c.text == balance_text:
+                continue
+            c = replace(c, source=str(res["folder"]))
+            if c.text not in best or c.seeds > best[c.text].seeds:
+                best[c.text] = c
+    balance = {c.text: c for c in claims.balance_claims({str(r["folder"]): r for r in results})}
+    out = [balance.get(c.text) or best.get(c.text) or c for c in listed]
+    return out + [c for text, c in best.items() if text not in {o.text for o in out}]
+
+
+def _seeds(result: dict) -> int:
+    return len({r["seed"] for r in result["runs"]})
+
+
+def bits_per_byte_table(by_corpus: dict[str, list[dict]]) -> str:
+    """Table 2's variants in bits per byte (comparable across tokenizers and corpora): mean ± 95% interval over
+    seeds, each variant from the run of its corpus with the most seeds."""
+    cells: dict[str, dict[str, str]] = {}
+    for name, results in by_corpus.items():
+        for res in sorted((r for r in results if r["table"] == "table2"), key=_seeds):  # most seeds last, wins
+            for variant in dict.fromkeys(str(r["name"]) for r in res["runs"]):
+                values = [r.get("bits_per_byte") for r in res["runs"] if r["name"] == variant]
+                if all(v is not None for v in values):
+                    cells.setdefault(variant, {})[name] = _mean_interval([float(v) for v in values])  # type: ignore[arg-type]
+    if not cells:
+        return "No table2 run has bits per byte yet."
+    names = list(by_corpus)
+    lines = ["| variant | " + " | ".join(_label(n) for n in names) + " |", "| --- |" + " --- |" * len(names)]
+    lines += [f"| {v} | " + " | ".join(row.get(n, "-") for n in names) + " |" for v, row in cells.items()]
+    return "\n".join(lines)
+
+
+def _mean_interval(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f} (1 seed)"
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{statistics.mean(values):.4f} ± {half:.4f} ({len(values)} seeds)"
+
+
+def time_table(by_corpus: dict[str, list[dict]]) -> str:
+    """The CPU (or GPU) time each table's runs took to train, from the runs' own records."""
+    lines = ["| table | corpus | runs | seeds | training time | device |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, results in by_corpus.items():
+        for res in results:
+            seconds = [r.get("train_seconds") for r in res["runs"]]
+            took = f"{sum(seconds) / 60:.0f} min" if all(s is not None for s in seconds) else "not recorded"
+            where = f"{_label(name)} | {len(res['runs'])} | {_seeds(res)} | {took} | {res['train'].get('device')}"
+            lines.append(f"| {res['folder']} | {where} |")
+    return "\n".join(lines)
+
+
+def _label(name: str) -> str:
+    return CORPORA.get(name, name)
+
+
+def markdown(by_corpus: dict[str, list[dict]]) -> str:
+    """The whole summary: per corpus, every claim with its verdict and source; then bits per byte and times."""
+    parts = [claims.preamble("every corpus under results/")]
+    parts.append(
+        "Each claim is taken from the table that tested it with the most seeds: a full table, or a run of a "
+        "few of its rows with more seeds (`--rows`, e.g. the RoPE control); the last column names it."
+    )
+    for name, results in by_corpus.items():
+        rows = best_claims(results)
+        lines = [f"## On {_label(name)}", "", "| claim | paper | ours | verdict | note | from |"]
+        lines.append("| --- | --- | --- | --- | --- | --- |")
+        lines += [f"| {c.text} | {c.paper} | {c.ours} | **{c.verdict}** | {c.why} | {c.source} |" for c in rows]
+        parts.append("\n".join(lines))
+    parts.append("## Bits per byte across corpora (table2's variants)\n\n" + bits_per_byte_table(by_corpus))
+    parts.append("## Training time per table\n\n" + time_table(by_corpus))
+    return "\n\n".join(parts) + "\n"
+
+
+def ordered(by_corpus: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Corpora in CORPORA's order, then the rest by name; each corpus's tables in TABLES order."""
+    keys = sorted(by_corpus, key=lambda n: (list(CORPORA).index(n) if n in CORPORA else len(CORPORA), n))
+    return {k: sorted(by_corpus[k], key=lambda r: (list(TABLES).index(r["table"]), r["folder"])) for k in keys}
