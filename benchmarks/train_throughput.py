@@ -59,7 +59,7 @@ def our_step(idx: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype | None, com
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.update_routing_biases()
+        model.routing_bias_step()
         _sync(device)
 
     return run
@@ -138,7 +138,7 @@ def bench_case(size: str, vocab: int, args: argparse.Namespace, data: Path | Non
         for v, cfg in configs.items():
             fns[f"hf:{v}"], hf_params[v] = hf_step(idx, cfg, dtype)
     mm, mm_flops = matmul(device, dtype)
-    seconds = median_seconds({**fns, "matmul": mm}, args.repeats)
+    seconds = median_seconds({**fns, "matmul": mm}, args.repeats, device)
     rate = mm_flops / seconds["matmul"]
     rows = []
     for name in fns:

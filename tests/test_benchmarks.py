@@ -42,6 +42,16 @@ def test_moe_layer_benchmark_measures_every_candidate_on_a_tiny_layer() -> None:
     assert bad.returncode == 2 and "unknown candidates ['fast']" in bad.stderr
 
 
+def test_train_throughput_benchmark_runs_every_variant_on_a_tiny_model() -> None:
+    """The overhead table of EXPERIMENTS.md (issue 23, question 1) comes from this script: it must run."""
+    argv = ["--cases", "debug:256", "--variants", "mha,moe-mla-rope,mla", "--batch", "2", "--seq", "16"]
+    out = _run(sys.executable, "benchmarks/train_throughput.py", *argv, "--repeats", "1")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["variant"] for r in rows] == ["mha", "moe-mla-rope", "mla"] and rows[0]["tokens_vs_mha"] == 1.0
+    assert all(r["step_ms"] > 0 for r in rows)
+
+
 def test_gpu_pending_lists_its_measurements_and_refuses_unknown_ones() -> None:
     listed = _run("bash", "benchmarks/gpu_pending.sh", "--list")
     assert listed.returncode == 0
