@@ -1,6 +1,7 @@
 """Training throughput and model-FLOPs utilization (MFU): moemla's variants, Hugging Face anchors, and the loop.
 
     python benchmarks/train_throughput.py [--cases tiny:4096,xs:50257] [--batch 8] [--seq 256] [--repeats 5]
+    python benchmarks/train_throughput.py --cases tiny:4096 --matched --variants mha,mla,moe-mla-rope
     python benchmarks/train_throughput.py --device cuda --dtype bf16 --compile --hf --loop \
         --cases xs:50257,m:50257 --batch 64 --seq 512
 
@@ -131,6 +132,12 @@ def bench_case(size: str, vocab: int, args: argparse.Namespace, data: Path | Non
     configs = {
         v: ModelConfig.from_preset(size, v, vocab_size=vocab, max_seq_len=args.seq) for v in args.variants.split(",")
     }
+    if args.matched:  # as `moemla reproduce table2` trains them: each variant within 2% of dense MHA's parameters
+        from moemla.experiments.tables import table2_specs
+
+        specs = table2_specs({size: ModelConfig.from_preset(size, "moe-mla-rope", vocab_size=vocab,
+                                                            max_seq_len=args.seq)}, [0])  # fmt: skip
+        configs = {v: next(s.cfg for s in specs if s.name == v) for v in configs}
     idx = batch_tokens(args, vocab, data).to(device)
     fns: dict[str, Callable] = {v: our_step(idx, cfg, dtype, args.compile) for v, cfg in configs.items()}
     hf_params = {}
@@ -187,6 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="tiny:4096,xs:50257", help="comma-separated SIZE:VOCAB")
     parser.add_argument("--variants", default="mha,moe-mla-rope", help="comma-separated moemla variants")
+    parser.add_argument("--matched", action="store_true", help="parameter-match each variant to mha, as table2 does")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=5)
