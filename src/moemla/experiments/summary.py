@@ -79,15 +79,30 @@ def _mean_interval(values: list[float]) -> str:
 
 
 def time_table(by_corpus: dict[str, list[dict]]) -> str:
-    """The CPU (or GPU) time each table's runs took to train, from the runs' own records."""
-    lines = ["| table | corpus | runs | seeds | training time | device |", "| --- | --- | --- | --- | --- | --- |"]
+    """The CPU (or GPU) time each table's runs took to train, from the runs' own records, and how many passes
+    over its corpus's training split each run made (where the data folder is at hand): watch for over-fitting."""
+    lines = [
+        "| table | corpus | runs | seeds | training time | device | epochs per run |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, results in by_corpus.items():
         for res in results:
             seconds = [r.get("train_seconds") for r in res["runs"]]
             took = f"{sum(seconds) / 60:.0f} min" if all(s is not None for s in seconds) else "not recorded"
             where = f"{_label(name)} | {len(res['runs'])} | {_seeds(res)} | {took} | {res['train'].get('device')}"
-            lines.append(f"| {res['folder']} | {where} |")
+            lines.append(f"| {res['folder']} | {where} | {_epochs(res)} |")
     return "\n".join(lines)
+
+
+def _epochs(result: dict) -> str:
+    """Training tokens per run over the training split's tokens."""
+    from moemla.data.shards import PreparedData
+    from moemla.train.config import TrainConfig
+
+    if not (Path(str(result["data"])) / "manifest.json").is_file() or not result["train"]:
+        return "-"
+    tc = TrainConfig.from_dict(result["train"])
+    return f"{tc.steps * tc.tokens_per_step / PreparedData.open(result['data']).tokens('train'):.2f}"
 
 
 def _label(name: str) -> str:
