@@ -215,5 +215,6 @@ def test_routing_table_measures_active_experts_of_top_k_and_top_p(data: Path, tm
     assert all(1 <= a <= 8 for a in dynamic) and dynamic == sorted(dynamic)  # more mass kept, more experts
     assert len({r["total_params"] for r in rows.values()}) == 1
     md = result["markdown"]
-    assert "| top-6 | 6 | 6.00 |" in md and "| +0.0% | - |" in md
+    assert "| top-6 | 6 | 6.00 |" in md and "| +0.0% | - | - | - |" in md
+    assert all(line.split("|")[10].strip() in {"yes", "no"} for line in md.splitlines() if line.startswith("| top-p"))
     assert all(line.split("|")[8].strip() != "-" for line in md.splitlines() if line.startswith("| top-p"))

@@ -7,6 +7,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from moemla import accounting
 from moemla.config import VARIANTS, ModelConfig
 from moemla.experiments.matching import match, measure
@@ -239,20 +241,28 @@ def routing_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSp
 
 
 def routing_markdown(rows: list[Row]) -> str:
-    """Quality against the routed experts a token actually got (measured on validation text) and their FLOPs."""
+    """Quality against the routed experts a token actually got (measured on validation text) and their FLOPs; a
+    top-p row beats fixed routing when its perplexity is below the top-k curve at its mean (EXPERIMENTS.md)."""
     base = next(r for r in rows if r["name"] == "top-6")
+    curve = sorted((float(r["active_experts_mean"]), float(r["val_ppl_mean"])) for r in rows  # type: ignore[arg-type]
+                   if not str(r["name"]).startswith("top-p") and r.get("active_experts_mean") is not None)  # fmt: skip
     lines = [
         "| routing | most experts | mean routed experts (measured) | forward GFLOPs/token | val PPL | bits/byte "
-        "| vs top-6 | p (paired t) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| vs top-6 | p (paired t) | top-k curve at that mean | below the curve |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         active = r.get("active_experts_mean")
         flops = "-" if active is None else f"{(r['flops_one'] + (active - 1) * r['flops_per_expert']) / 1e9:.4f}"  # type: ignore[operator]
         rel, p = _versus(r, base)
-        shown = "-" if active is None else f"{active:.2f}"
+        shown, at, below = "-" if active is None else f"{active:.2f}", "-", "-"
+        if str(r["name"]).startswith("top-p") and active is not None and len(curve) > 1:
+            ks, ppls = zip(*curve, strict=True)
+            level = float(np.interp(active, ks, ppls))
+            at, below = f"{level:.3f}", "yes" if r["val_ppl_mean"] < level else "no"  # type: ignore[operator]
         lines.append(
-            f"| {r['name']} | {r['max_experts']} | {shown} | {flops} | {_ppl(r)} | {_bpb(r)} | {rel:+.1%} | {p} |"
+            f"| {r['name']} | {r['max_experts']} | {shown} | {flops} | {_ppl(r)} | {_bpb(r)} | {rel:+.1%} | {p} "
+            f"| {at} | {below} |"
         )
     return "\n".join(lines) + f"\n\nFLOPs at context {SEQ_LEN}, with the measured mean number of routed experts."
 
