@@ -150,8 +150,6 @@ class TorchDecoder:
         else:
             rows, pad = left_pad(prompts)
             self.cache = self._new_cache(len(rows), size, pad)
-        if len(rows[0]) > self.cache.max_len:
-            raise ValueError(f"KV cache holds {self.cache.max_len} tokens; {len(rows[0])} requested")
         filled = None if self.static else len(rows[0])
         logits = _last_logits(self.model, torch.tensor(rows, device=self.device), self.cache, filled)[: self.rows]
         self._length = len(rows[0])

@@ -73,11 +73,10 @@ def grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _native_or_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """(M, K) rows grouped by the end offsets `offs` (G,) times w (G, K, N) -> (M, N), in eager mode."""
     if grouped_mm_supported(x, w):
-        try:
+        # else the loop below: a device whose kernel has other limits (e.g. an older GPU)
+        with contextlib.suppress(RuntimeError, NotImplementedError):
             # NOTE: its backward rejects stride-0 gradients (e.g. from .sum()); ours are dense
             return torch._grouped_mm(x, w, offs=offs)
-        except (RuntimeError, NotImplementedError):  # a device whose kernel has other limits (e.g. an older GPU)
-            pass
     # fallback: one host sync for all groups, then a matmul per group
     *groups, rest = x.split(_sizes(offs, x.shape[0]))
     return torch.cat([xs @ w[g] for g, xs in enumerate(groups)] + [_zeros(rest, w)])
