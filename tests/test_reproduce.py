@@ -47,6 +47,15 @@ def test_table4_sweep_runs_reports_and_resumes(data: Path, tmp_path: Path) -> No
     assert all("already finished" in line for line in runs) and len(runs) == 8
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     assert again["summary"] == result["summary"]
+    # a run made before a config field existed ran with its default, so it is still this spec's run
+    meta_file = tmp_path / "t4" / "runs" / "1-1-seed0" / "run.json"
+    meta = json.loads(meta_file.read_text())
+    for key in ("routing", "routing_p", "min_activated_experts"):
+        del meta["model"][key]
+    meta_file.write_text(json.dumps(meta))
+    log.clear()
+    reproduce("table4", "debug", steps=2, seeds=(0,), data=data, out=tmp_path / "t4", log=log.append)
+    assert all("already finished" in line for line in log if line.startswith("run "))
     # finished runs with other settings are never silently reused
     with pytest.raises(ConfigError, match=r"train.max_steps: 2 there, 3 now.*another --out"):
         reproduce("table4", "debug", steps=3, seeds=(0,), data=data, out=tmp_path / "t4", log=log.append)
@@ -119,6 +128,50 @@ def test_claim_verdict_rules() -> None:
     assert _quality("x", 0.135, better, mha, False).verdict == "holds"
     assert _quality("x", 0.135, slightly, mha, False).verdict == "partly holds"
     assert _quality("x", 0.135, worse, mha, False).verdict == "does not hold"
+
+
+def _row(name: str, ppl: list[float], **extra: object) -> dict[str, object]:
+    return {"name": name, "val_ppl_mean": sum(ppl) / len(ppl), "val_ppl_by_seed": ppl, "seeds": len(ppl), **extra}
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_every_quality_claim_gets_a_paired_test_with_seeds(seeds: int) -> None:
+    """Synergy, the compression knee, granularity and scaling: each tested per seed once there are 2+ seeds, and
+    "holds" needs p < 0.05; a consistent effect holds, noise around the paper's direction only partly holds."""
+    from moemla.experiments.claims import _compression_claims, _granularity_claims, _scaling_claims, _synergy
+
+    def rows(spec: dict[str, float], noise: list[float]) -> dict[str, dict[str, object]]:
+        # each row's own share of the seed-to-seed spread, so that per-seed differences vary a little
+        return {n: _row(n, [v * (1 + e * (1 + i / 2)) for e in noise[:seeds]]) for i, (n, v) in enumerate(spec.items())}
+
+    steady = [0.0, 0.004, -0.004]
+    t2 = {"mha": 10.0, "mla": 10.5, "moe-mha": 12.0, "moe-mla-rope": 8.0}
+    synergy = _synergy(rows(t2, steady))
+    assert synergy.verdict == "holds" and synergy.seeds == seeds
+    assert ("p = " in synergy.ours) == (seeds > 1) and ("no test" in synergy.ours) == (seeds == 1)
+    t4 = {"1:1": 10.0, "2:1": 10.05, "4:1": 11.0, "8:1": 12.0}
+    (knee,) = _compression_claims(rows(t4, steady))
+    assert knee.verdict == "holds" and knee.seeds == seeds and ("4:1 vs 2:1: p =" in knee.ours) == (seeds > 1)
+    t5 = {"coarse": 11.0, "standard": 10.5, "fine": 10.0}
+    (fine,) = _granularity_claims(rows(t5, steady))
+    assert fine.verdict == "holds" and ("fine vs coarse, standard: p =" in fine.ours) == (seeds > 1)
+    # the same effects when seeds disagree on one row: the direction still matches, the test does not back it
+    check = {"mla": (t2, lambda r: _synergy(r)), "4:1": (t4, lambda r: _compression_claims(r)[0]),
+             "fine": (t5, lambda r: _granularity_claims(r)[0])}  # fmt: skip
+    for row, (spec, claim) in check.items():
+        mixed = rows(spec, steady) | rows({row: spec[row]}, [0.0, 0.25, -0.25])
+        assert claim(mixed).verdict == ("partly holds" if seeds > 1 else "holds"), row
+    t7 = {}
+    for size, (mha, moe) in {"debug": (20.0, 18.0), "tiny": (10.0, 8.5), "xs": (8.0, 6.4)}.items():
+        for name, v in (("mha", mha), ("moe-mla-rope", moe)):
+            spread = steady[:seeds] if name == "mha" else [e / 2 for e in steady[:seeds]]
+            t7[f"{size}/{name}"] = _row(name, [v * (1 + e) for e in spread], preset=size, val_ppl_ci95=None)
+    (grows,) = _scaling_claims(t7)
+    assert grows.verdict == "holds" and grows.seeds == seeds and ("each step: p =" in grows.ours) == (seeds > 1)
+    t7["xs/moe-mla-rope"] = _row(
+        "moe-mla-rope", [7.0 * (1 + e) for e in steady[:seeds]], preset="xs", val_ppl_ci95=None
+    )
+    assert _scaling_claims(t7)[0].verdict == "does not hold"  # xs gains 12.5% < tiny's 15%
 
 
 def test_reproduce_rejects_bad_presets(data: Path, tmp_path: Path) -> None:
@@ -218,3 +271,18 @@ def test_routing_table_measures_active_experts_of_top_k_and_top_p(data: Path, tm
     assert "| top-6 | 6 | 6.00 |" in md and "| +0.0% | - | - | - |" in md
     assert all(line.split("|")[10].strip() in {"yes", "no"} for line in md.splitlines() if line.startswith("| top-p"))
     assert all(line.split("|")[8].strip() != "-" for line in md.splitlines() if line.startswith("| top-p"))
+
+
+def test_training_time_is_filled_in_only_from_the_run_recorded(tmp_path: Path) -> None:
+    """A table recorded before training times were gets them from its runs' folders, unless a folder now holds
+    another run (a new sweep into the same --out, still under way): its time would be another run's."""
+    from moemla.experiments.reproduce import add_train_seconds
+
+    for name, last_val in (("same", 2.5), ("other", 3.9)):
+        (tmp_path / name).mkdir()
+        records = [{"split": "train", "elapsed_s": 90.0}, {"split": "val", "val_loss": last_val}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = {"runs": [{"run": str(tmp_path / n), "val_loss": 2.5} for n in ("same", "other", "gone")]}
+    assert add_train_seconds(result)
+    assert [r.get("train_seconds") for r in result["runs"]] == [90.0, None, None]
+    assert not add_train_seconds(result)  # nothing more to fill

@@ -4,6 +4,10 @@ Verdicts follow fixed rules, stated in the summary itself, so that a reader can 
 - a quality claim (X% better than MHA) *holds* when ours points the same way with at least half
   the paper's size (and p < 0.05 where there are 2+ seeds), *partly holds* when it points the same
   way but is smaller or not significant, and *does not hold* otherwise;
+- an ordering claim (synergy, the 2:1 knee, fine experts best, the gain growing with size) holds when ours is
+  ordered as the paper's and each of its paired tests over seeds gives p < 0.05 (synergy: the per-seed margin
+  against zero; knee: 4:1 against 2:1; granularity: fine against each coarser row; scaling: each size's
+  per-seed gain against the size below), partly holds when ordered so without significance;
 - a number claim (68% KV saving, 3.2x speed) holds within 20% of the paper's value;
 - a claim whose table has not been run is *not measured*, with the command that measures it.
 """
@@ -11,6 +15,7 @@ Verdicts follow fixed rules, stated in the summary itself, so that a reader can 
 from __future__ import annotations
 
 import itertools
+import statistics
 from dataclasses import dataclass
 
 from moemla.experiments.tables import PAPER_TABLE4, paired_p_value, relative_improvement
@@ -65,6 +70,39 @@ def _quality_or_missing(text: str, gain: float, rows: dict[str, Row] | None, use
     return _quality(text, gain, rows["moe-mla-rope"], rows["mha"], use_loss)
 
 
+def _by_seed(row: Row) -> list[float]:
+    return [float(v) for v in row["val_ppl_by_seed"]]  # type: ignore[union-attr]
+
+
+def _gains(row: Row, mha: Row) -> list[float]:
+    """Per-seed perplexity reduction against MHA (seed i of both rows shares its data order)."""
+    return [1 - a / b for a, b in zip(_by_seed(row), _by_seed(mha), strict=True)]
+
+
+def _one_sample_p(diffs: list[float]) -> float | None:
+    """Two-sided t-test that per-seed differences average zero (scipy); None with fewer than 2 seeds."""
+    if len(diffs) < 2:
+        return None
+    try:
+        from scipy.stats import ttest_1samp
+    except ImportError:
+        return None
+    return float(ttest_1samp(diffs, 0.0).pvalue)
+
+
+def _tested(points_right: bool, ps: list[float | None], seeds: int) -> tuple[str, str, str]:
+    """The rule for a direction claim tested by one or more paired tests: holds when it points the paper's way and
+    every test gives p < 0.05 (no test with 1 seed), partly holds when it points that way without significance.
+    Returns the verdict, the significance as text and a note."""
+    known = [p for p in ps if p is not None]
+    sig = f", p = {', '.join(f'{p:.3g}' for p in known)} over {seeds} seeds" if known else f", {seeds} seed: no test"
+    if not points_right:
+        return "does not hold", sig, ""
+    if known and max(known) >= 0.05:
+        return "partly holds", sig, "not significant at 0.05"
+    return "holds", sig, ""
+
+
 def _number(text: str, paper: float, ours: float, fmt: str, why: str, unit: str = "") -> Claim:
     verdict = "holds" if abs(ours / paper - 1) <= 0.2 else "does not hold"
     return Claim(text, format(paper, fmt) + unit, format(ours, fmt) + unit, verdict, why)
@@ -93,16 +131,7 @@ def _matched_claims(t2: dict[str, Row] | None) -> list[Claim]:
         text = f"parameter-matched: MoE-MLA-RoPE improves {metric} over MHA (abstract, Table 2)"
         claims.append(_quality_or_missing(text, gain, t2, use_loss, "table2"))
     if t2 and all(v in t2 for v in ("mla", "moe-mha", "moe-mla-rope")):  # a subset (--rows) may lack them
-        mla, moe, both = (
-            1 - t2[v]["val_ppl_mean"] / t2["mha"]["val_ppl_mean"]  # type: ignore[operator]
-            for v in ("mla", "moe-mha", "moe-mla-rope")
-        )
-        synergy = both > mla + moe
-        claims.append(Claim(
-            "MoE and MLA are synergistic: the combination beats the sum of MLA alone and MoE alone (§6)",
-            "MLA -5.0%, MoE +5.3%, both +13.5%", f"MLA {mla:+.1%}, MoE {moe:+.1%}, both {both:+.1%}",
-            "holds" if synergy else "does not hold", "gains are perplexity reductions vs MHA",
-        ))  # fmt: skip
+        claims.append(_synergy(t2))
     if t2:
         if "mha-rope" in t2:  # our control: is the gain more than what RoPE alone gives dense MHA?
             claims.append(_quality(
@@ -122,6 +151,21 @@ def _matched_claims(t2: dict[str, Row] | None) -> list[Claim]:
     else:
         claims.append(_missing("MLA at r = d/2 cuts the KV cache by 68% (abstract, §5.4)", "68%", "table2"))
     return claims
+
+
+def _synergy(t2: dict[str, Row]) -> Claim:
+    """§6: both together gain more than the sum of each alone. Tested per seed: the margin
+    gain(both) - (gain(MLA) + gain(MoE)) against zero, one-sample t-test over seeds."""
+    mla, moe, both = (_gains(t2[v], t2["mha"]) for v in ("mla", "moe-mha", "moe-mla-rope"))
+    margins = [c - (a + b) for a, b, c in zip(mla, moe, both, strict=True)]
+    mean = statistics.mean
+    verdict, sig, why = _tested(mean(margins) > 0, [_one_sample_p(margins)], len(margins))
+    return Claim(
+        "MoE and MLA are synergistic: the combination beats the sum of MLA alone and MoE alone (§6)",
+        "MLA -5.0%, MoE +5.3%, both +13.5%",
+        f"MLA {mean(mla):+.1%}, MoE {mean(moe):+.1%}, both {mean(both):+.1%}{sig}",
+        verdict, why or "gains are perplexity reductions vs MHA; the test is on the per-seed margin", len(margins),
+    )  # fmt: skip
 
 
 def _flop_matched_claims(t3: dict[str, Row] | None) -> list[Claim]:
@@ -151,11 +195,15 @@ def _compression_claims(t4: dict[str, Row] | None) -> list[Claim]:
         cost = {n: t4[n]["val_ppl_mean"] / t4["1:1"]["val_ppl_mean"] - 1 for n in PAPER_TABLE4}  # type: ignore[operator]
         near = cost["2:1"] <= 0.01
         knee = near and cost["4:1"] - cost["2:1"] >= 2 * max(cost["2:1"], 0.0)
-        ours = ", ".join(f"{n} {c:+.1%}" for n, c in cost.items())
-        verdict = "holds" if knee else "partly holds" if near else "does not hold"
+        # with seeds, the knee must be real: 4:1 worse than 2:1 by a paired test
+        p = paired_p_value(_by_seed(t4["4:1"]), _by_seed(t4["2:1"]))
+        verdict, sig, why = _tested(knee, [p], int(t4["2:1"]["seeds"]))  # type: ignore[call-overload]
+        verdict = "partly holds" if near and verdict == "does not hold" else verdict
+        ours = ", ".join(f"{n} {c:+.1%}" for n, c in cost.items()) + sig.replace(", p =", "; 4:1 vs 2:1: p =")
+        rule = "rule: 2:1 within 1% of 1:1 and the 2:1 -> 4:1 step at least twice the 1:1 -> 2:1 step"
         claims.append(Claim(
-            text, "1:1 +0.0%, 2:1 +0.6%, 4:1 +7.7%, 8:1 +21%", ours, verdict,
-            "rule: 2:1 within 1% of 1:1 and the 2:1 -> 4:1 step at least twice the 1:1 -> 2:1 step",
+            text, "1:1 +0.0%, 2:1 +0.6%, 4:1 +7.7%, 8:1 +21%", ours, verdict, f"{why}; {rule}" if why else rule,
+            int(t4["2:1"]["seeds"]),  # type: ignore[call-overload]
         ))  # fmt: skip
     else:
         claims.append(_missing(text, "2:1 +0.6%", "table4"))
@@ -168,9 +216,15 @@ def _granularity_claims(t5: dict[str, Row] | None) -> list[Claim]:
     text = "64 experts (fine-grained) give the lowest perplexity at 8 active (Table 5)"
     if t5:
         best = min(t5.values(), key=lambda r: r["val_ppl_mean"])  # type: ignore[arg-type, return-value]
+        # with seeds, fine must beat each coarser row by a paired test
+        ps = [paired_p_value(_by_seed(t5["fine"]), _by_seed(r)) for n, r in t5.items() if n != "fine"]
+        verdict, sig, why = _tested(best["name"] == "fine", ps, int(t5["fine"]["seeds"]))  # type: ignore[call-overload]
         ours = ", ".join(f"{n} {r['val_ppl_mean']:.3f}" for n, r in t5.items())
-        verdict = "holds" if best["name"] == "fine" else "does not hold"
-        claims.append(Claim(text, "coarse 8.234, standard 7.812, fine 7.388", ours, verdict))
+        ours += sig.replace(", p =", "; fine vs coarse, standard: p =") if len(ps) == 2 else sig
+        claims.append(Claim(
+            text, "coarse 8.234, standard 7.812, fine 7.388", ours, verdict, why,
+            int(t5["fine"]["seeds"]),  # type: ignore[call-overload]
+        ))  # fmt: skip
     else:
         claims.append(_missing(text, "fine best", "table5"))
     return claims
@@ -187,8 +241,15 @@ def _scaling_claims(t7: dict[str, Row] | None) -> list[Claim]:
         if len(presets) < 2:
             claims.append(Claim(text, "7.2% -> 13.3%", ours, "not measured", "needs 2+ sizes"))
         else:
-            verdict = "holds" if all(b > a for a, b in itertools.pairwise(gains)) else "does not hold"
-            claims.append(Claim(text, "7.2% -> 13.3%", ours, verdict, "perplexity reduction per size"))
+            # with seeds, each size's gain must exceed the size below's by a paired test over seeds
+            per_seed = [_gains(t7[f"{p}/moe-mla-rope"], t7[f"{p}/mha"]) for p in presets]
+            ps = [paired_p_value(b, a) for a, b in itertools.pairwise(per_seed)]
+            grows = all(b > a for a, b in itertools.pairwise(gains))
+            verdict, sig, why = _tested(grows, ps, min(len(g) for g in per_seed))
+            claims.append(Claim(
+                text, "7.2% -> 13.3%", ours + sig.replace(", p =", "; each step: p ="), verdict,
+                why or "perplexity reduction per size", min(len(g) for g in per_seed),
+            ))  # fmt: skip
     else:
         claims.append(_missing(text, "7.2% -> 13.3%", "table7"))
     return claims
@@ -235,8 +296,10 @@ def preamble(where: str) -> str:
         f"# What holds: the paper's claims against our runs ({where})\n\n"
         "Verdicts follow fixed rules: a quality claim holds when ours points the same way with at least half the "
         "paper's size (and p < 0.05 with 2+ seeds), partly holds when it points the same way but is smaller or "
-        "not significant; a number claim holds within 20% of the paper's value. Our scale is far smaller than "
-        "the paper's (see EXPERIMENTS.md), so a verdict here is about this scale only."
+        "not significant; an ordering claim (synergy, the compression knee, granularity, scaling) holds when ours "
+        "is ordered as the paper's and each of its tests over seeds (paired by seed) gives p < 0.05, partly holds "
+        "when ordered so without significance; a number claim holds within 20% of the paper's value. Our scale "
+        "is far smaller than the paper's (see EXPERIMENTS.md), so a verdict here is about this scale only."
     )
 
 

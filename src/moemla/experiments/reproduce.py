@@ -265,10 +265,17 @@ def summarize(results_dir: str | Path = "results") -> str:
 
 
 def add_train_seconds(result: dict) -> bool:
-    """Fill in each run's training time from its folder's metrics, for runs recorded before it was. True if any."""
+    """Fill in each run's training time from its folder's metrics, for runs recorded before it was. True if any.
+
+    Only from the very run recorded (its last validation loss is the table's): the folder may since hold another
+    run, e.g. a longer sweep into the same --out that is still under way."""
     changed = False
     for r in result["runs"]:
-        if r.get("train_seconds") is None and (Path(str(r["run"])) / "metrics.jsonl").is_file():
-            r["train_seconds"] = train_seconds(RunFolder(str(r["run"])).metrics())
+        if r.get("train_seconds") is not None or not (Path(str(r["run"])) / "metrics.jsonl").is_file():
+            continue
+        metrics = RunFolder(str(r["run"])).metrics()
+        val = [m["val_loss"] for m in metrics if m["split"] == "val"]
+        if val and val[-1] == r["val_loss"]:
+            r["train_seconds"] = train_seconds(metrics)
             changed = changed or r["train_seconds"] is not None
     return changed

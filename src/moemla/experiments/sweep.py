@@ -76,9 +76,11 @@ def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: Prep
         **{f"model.{k}": v for k, v in cfg.to_dict().items()},
         **{f"train.{k}": v for k, v in tc.to_dict().items() if k not in EXECUTION_ONLY},
     }
+    # Through the config classes, so that a field added since that run was made reads as its default, which by
+    # rule keeps the old behaviour (e.g. `routing` is top-k for every run from before top-p existed).
     found = {
-        **{f"model.{k}": v for k, v in meta["model"].items()},
-        **{f"train.{k}": v for k, v in meta["train"].items()},
+        **{f"model.{k}": v for k, v in ModelConfig.from_dict(meta["model"]).to_dict().items()},
+        **{f"train.{k}": v for k, v in TrainConfig.from_dict(meta["train"]).to_dict().items()},
     }
     differ = [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v]
     if meta["data"]["tokenizer_sha256"] != data.tokenizer_sha256:
