@@ -1,5 +1,5 @@
 """results/summary.md: the paper's claims on every corpus under results/, each taken from the table that tested
-it with the most seeds; bits per byte of the same variants across corpora; the CPU time each table took."""
+it with the most seeds; bits per byte of every table's rows across corpora; the CPU time each table took."""
 
 from __future__ import annotations
 
@@ -52,20 +52,21 @@ def _seeds(result: dict) -> int:
 
 
 def bits_per_byte_table(by_corpus: dict[str, list[dict]]) -> str:
-    """Table 2's variants in bits per byte (comparable across tokenizers and corpora): mean ± 95% interval over
-    seeds, each variant from the run of its corpus with the most seeds."""
-    cells: dict[str, dict[str, str]] = {}
+    """Every table's rows in bits per byte (comparable across tokenizers and corpora): mean ± 95% interval over
+    seeds, each row from the run of its corpus that trained it with the most seeds."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
     for name, results in by_corpus.items():
-        for res in sorted((r for r in results if r["table"] == "table2"), key=_seeds):  # most seeds last, wins
-            for variant in dict.fromkeys(str(r["name"]) for r in res["runs"]):
-                values = [r.get("bits_per_byte") for r in res["runs"] if r["name"] == variant]
+        for res in sorted(results, key=_seeds):  # most seeds last, wins
+            for row in dict.fromkeys(str(r["name"]) for r in res["runs"]):
+                values = [r.get("bits_per_byte") for r in res["runs"] if r["name"] == row]
                 if all(v is not None for v in values):
-                    cells.setdefault(variant, {})[name] = _mean_interval([float(v) for v in values])  # type: ignore[arg-type]
+                    cells.setdefault((res["table"], row), {})[name] = _mean_interval([float(v) for v in values])  # type: ignore[arg-type]
     if not cells:
-        return "No table2 run has bits per byte yet."
+        return "No table has bits per byte yet."
     names = list(by_corpus)
-    lines = ["| variant | " + " | ".join(_label(n) for n in names) + " |", "| --- |" + " --- |" * len(names)]
-    lines += [f"| {v} | " + " | ".join(row.get(n, "-") for n in names) + " |" for v, row in cells.items()]
+    order = sorted(cells, key=lambda key: list(TABLES).index(key[0]))  # stable: rows keep first-seen order
+    lines = ["| table | row | " + " | ".join(_label(n) for n in names) + " |", "| --- | --- |" + " --- |" * len(names)]
+    lines += [f"| {t} | {v} | " + " | ".join(cells[t, v].get(n, "-") for n in names) + " |" for t, v in order]
     return "\n".join(lines)
 
 
@@ -122,7 +123,7 @@ def markdown(by_corpus: dict[str, list[dict]]) -> str:
         lines.append("| --- | --- | --- | --- | --- | --- |")
         lines += [f"| {c.text} | {c.paper} | {c.ours} | **{c.verdict}** | {c.why} | {c.source} |" for c in rows]
         parts.append("\n".join(lines))
-    parts.append("## Bits per byte across corpora (table2's variants)\n\n" + bits_per_byte_table(by_corpus))
+    parts.append("## Bits per byte across corpora (every table's rows)\n\n" + bits_per_byte_table(by_corpus))
     parts.append("## Training time per table\n\n" + time_table(by_corpus))
     return "\n\n".join(parts) + "\n"
 
