@@ -85,7 +85,9 @@ def test_table2_is_parameter_matched_with_paired_t_tests(data: Path, tmp_path: P
 def test_table3_is_flop_matched_and_measures_decode_speed(data: Path, tmp_path: Path) -> None:
     result = reproduce("table3", "debug", steps=2, seeds=(0,), data=data, out=tmp_path / "t3", log=lambda _: None)
     rows = {r["name"]: r for r in result["summary"]}
-    assert list(rows) == ["mha", "mla-rope", "moe-mha", "moe-mla-rope", "moe-mla-drope"]
+    assert list(rows) == ["mha", "mla-rope", "moe-mha", "moe-mla-rope", "moe-mla-drope", "mha-rope"]
+    assert abs(rows["mha-rope"]["flops_ratio"] - 1) <= 0.02  # our control keeps MHA's shape, and so its FLOPs
+    assert any(c.text.startswith("(our control") and "same RoPE and FLOPs" in c.text for c in result["claims"])
     assert all(abs(rows[n]["flops_ratio"] - 1) <= 0.02 for n in ("moe-mha", "moe-mla-rope", "moe-mla-drope"))
     assert rows["mha"]["decode_speedup_vs_mha"] == 1.0
     assert all(r["decode_tokens_per_s"] > 0 for r in rows.values())

@@ -174,6 +174,11 @@ def _flop_matched_claims(t3: dict[str, Row] | None) -> list[Claim]:
     for metric, gain, use_loss in (("validation loss", 0.111, True), ("perplexity", 0.179, False)):
         text = f"FLOP-matched: MoE-MLA-RoPE improves {metric} over MHA (abstract, Table 3)"
         claims.append(_quality_or_missing(text, gain, t3, use_loss, "table3"))
+    if t3 and "mha-rope" in t3:  # our control at equal FLOPs: does MoE-MLA-RoPE gain more than RoPE alone?
+        claims.append(_quality(
+            "(our control, not a paper claim) FLOP-matched: MoE-MLA-RoPE beats dense MHA with the same RoPE and FLOPs",
+            0.0, t3["moe-mla-rope"], t3["mha-rope"], False,
+        ))  # fmt: skip
     text = "MoE-MLA-RoPE decodes 3.2x faster than MHA (abstract, Table 3)"
     if t3 and t3["moe-mla-rope"].get("decode_speedup_vs_mha") is not None:
         r = t3["moe-mla-rope"]
