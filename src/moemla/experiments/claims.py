@@ -79,23 +79,13 @@ def _gains(row: Row, mha: Row) -> list[float]:
     return [1 - a / b for a, b in zip(_by_seed(row), _by_seed(mha), strict=True)]
 
 
-def _one_sample_p(diffs: list[float]) -> float | None:
-    """Two-sided t-test that per-seed differences average zero (scipy); None with fewer than 2 seeds."""
-    if len(diffs) < 2:
-        return None
-    try:
-        from scipy.stats import ttest_1samp
-    except ImportError:
-        return None
-    return float(ttest_1samp(diffs, 0.0).pvalue)
-
-
-def _tested(points_right: bool, ps: list[float | None], seeds: int) -> tuple[str, str, str]:
+def _tested(points_right: bool, ps: list[float | None], seeds: int, tests: str = "") -> tuple[str, str, str]:
     """The rule for a direction claim tested by one or more paired tests: holds when it points the paper's way and
     every test gives p < 0.05 (no test with 1 seed), partly holds when it points that way without significance.
-    Returns the verdict, the significance as text and a note."""
+    Returns the verdict, the significance as text (`tests` names what the p-values compare) and a note."""
     known = [p for p in ps if p is not None]
-    sig = f", p = {', '.join(f'{p:.3g}' for p in known)} over {seeds} seeds" if known else f", {seeds} seed: no test"
+    joined = ", ".join(f"{p:.3g}" for p in known)
+    sig = f"{tests or ','} p = {joined} over {seeds} seeds" if known else f", {seeds} seed: no test"
     if not points_right:
         return "does not hold", sig, ""
     if known and max(known) >= 0.05:
@@ -159,7 +149,8 @@ def _synergy(t2: dict[str, Row]) -> Claim:
     mla, moe, both = (_gains(t2[v], t2["mha"]) for v in ("mla", "moe-mha", "moe-mla-rope"))
     margins = [c - (a + b) for a, b, c in zip(mla, moe, both, strict=True)]
     mean = statistics.mean
-    verdict, sig, why = _tested(mean(margins) > 0, [_one_sample_p(margins)], len(margins))
+    zero = [0.0] * len(margins)  # paired against zeros: the one-sample t-test of the margins
+    verdict, sig, why = _tested(mean(margins) > 0, [paired_p_value(margins, zero)], len(margins))
     return Claim(
         "MoE and MLA are synergistic: the combination beats the sum of MLA alone and MoE alone (§6)",
         "MLA -5.0%, MoE +5.3%, both +13.5%",
@@ -202,9 +193,9 @@ def _compression_claims(t4: dict[str, Row] | None) -> list[Claim]:
         knee = near and cost["4:1"] - cost["2:1"] >= 2 * max(cost["2:1"], 0.0)
         # with seeds, the knee must be real: 4:1 worse than 2:1 by a paired test
         p = paired_p_value(_by_seed(t4["4:1"]), _by_seed(t4["2:1"]))
-        verdict, sig, why = _tested(knee, [p], int(t4["2:1"]["seeds"]))  # type: ignore[call-overload]
+        verdict, sig, why = _tested(knee, [p], int(t4["2:1"]["seeds"]), "; 4:1 vs 2:1:")  # type: ignore[call-overload]
         verdict = "partly holds" if near and verdict == "does not hold" else verdict
-        ours = ", ".join(f"{n} {c:+.1%}" for n, c in cost.items()) + sig.replace(", p =", "; 4:1 vs 2:1: p =")
+        ours = ", ".join(f"{n} {c:+.1%}" for n, c in cost.items()) + sig
         rule = "rule: 2:1 within 1% of 1:1 and the 2:1 -> 4:1 step at least twice the 1:1 -> 2:1 step"
         claims.append(Claim(
             text, "1:1 +0.0%, 2:1 +0.6%, 4:1 +7.7%, 8:1 +21%", ours, verdict, f"{why}; {rule}" if why else rule,
@@ -223,12 +214,13 @@ def _granularity_claims(t5: dict[str, Row] | None) -> list[Claim]:
         best = min(t5.values(), key=lambda r: r["val_ppl_mean"])  # type: ignore[arg-type, return-value]
         # with seeds, fine must beat each coarser row by a paired test
         ps = [paired_p_value(_by_seed(t5["fine"]), _by_seed(r)) for n, r in t5.items() if n != "fine"]
-        verdict, sig, why = _tested(best["name"] == "fine", ps, int(t5["fine"]["seeds"]))  # type: ignore[call-overload]
-        ours = ", ".join(f"{n} {r['val_ppl_mean']:.3f}" for n, r in t5.items())
-        ours += sig.replace(", p =", "; fine vs coarse, standard: p =") if len(ps) == 2 else sig
+        others = ", ".join(n for n in t5 if n != "fine")
+        seeds = int(t5["fine"]["seeds"])  # type: ignore[call-overload]
+        verdict, sig, why = _tested(best["name"] == "fine", ps, seeds, f"; fine vs {others}:")
+        ours = ", ".join(f"{n} {r['val_ppl_mean']:.3f}" for n, r in t5.items()) + sig
         claims.append(Claim(
             text, "coarse 8.234, standard 7.812, fine 7.388", ours, verdict, why,
-            int(t5["fine"]["seeds"]),  # type: ignore[call-overload]
+            seeds,
         ))  # fmt: skip
     else:
         claims.append(_missing(text, "fine best", "table5"))
@@ -250,10 +242,10 @@ def _scaling_claims(t7: dict[str, Row] | None) -> list[Claim]:
             per_seed = [_gains(t7[f"{p}/moe-mla-rope"], t7[f"{p}/mha"]) for p in presets]
             ps = [paired_p_value(b, a) for a, b in itertools.pairwise(per_seed)]
             grows = all(b > a for a, b in itertools.pairwise(gains))
-            verdict, sig, why = _tested(grows, ps, min(len(g) for g in per_seed))
+            seeds = min(len(g) for g in per_seed)
+            verdict, sig, why = _tested(grows, ps, seeds, "; each step:")
             claims.append(Claim(
-                text, "7.2% -> 13.3%", ours + sig.replace(", p =", "; each step: p ="), verdict,
-                why or "perplexity reduction per size", min(len(g) for g in per_seed),
+                text, "7.2% -> 13.3%", ours + sig, verdict, why or "perplexity reduction per size", seeds,
             ))  # fmt: skip
     else:
         claims.append(_missing(text, "7.2% -> 13.3%", "table7"))
