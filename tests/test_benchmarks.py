@@ -60,3 +60,22 @@ def test_gpu_pending_lists_its_measurements_and_refuses_unknown_ones() -> None:
     assert all("--device cuda" in line for line in listed.stdout.splitlines() if "bench" in line)
     unknown = _run("bash", "benchmarks/gpu_pending.sh", "decode-fast")
     assert unknown.returncode == 2 and "unknown measurement 'decode-fast'" in unknown.stderr
+
+
+def test_cpu_dropout_benchmark_times_all_three_paths_and_restores_ours() -> None:
+    argv = ["--cases", "debug:256", "--variants", "mha", "--batch", "2", "--seq", "16", "--repeats", "1"]
+    out = _run(sys.executable, "benchmarks/cpu_dropout.py", *argv)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+    assert all(row[f"{k}_s"] > 0 for k in ("ours", "torch", "no-dropout"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cpu_dropout
+        import moemla.model.dropout as dropout
+
+        before = dropout.fast
+        with cpu_dropout.torch_dropout():
+            assert not dropout.fast(None, 0.1, True)
+        assert dropout.fast is before
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))

@@ -288,3 +288,25 @@ def test_training_time_is_filled_in_only_from_the_run_recorded(tmp_path: Path) -
     assert add_train_seconds(result)
     assert [r.get("train_seconds") for r in result["runs"]] == [90.0, None, None]
     assert not add_train_seconds(result)  # nothing more to fill
+
+
+def test_a_subset_of_rows_leaves_what_it_cannot_compare_not_measured() -> None:
+    """`reproduce --rows` may train any subset: a table without the rows a claim compares reports that claim
+    "not measured" (with the command that measures it) instead of failing after hours of training."""
+    from moemla.experiments import claims
+
+    def table(names: list[str], **extra: object) -> dict[str, object]:
+        return {"summary": [_row(n, [10.0, 9.9], **extra) for n in names]}
+
+    partial = {
+        "table2": table(["mha"]),
+        "table3": table(["moe-mla-rope", "mha-rope"]),
+        "table4": table(["1:1", "2:1"]),
+        "table5": table(["fine"]),
+        "table7": {"summary": [_row("mha", [9.0, 9.1], preset="debug", val_ppl_ci95=None) | {"name": "debug/mha"}]},
+    }
+    for name, res in partial.items():
+        measured = [c for c in claims.check({name: res}) if c.verdict != "not measured" and "CV" not in c.text]
+        assert measured == [], (name, measured)
+    listed = claims.markdown(claims.check(partial), "subsets")
+    assert "run `moemla reproduce table2`" in listed and "run `moemla reproduce table4`" in listed

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemla.config import ModelConfig
+from moemla.model.dropout import causal_attention_dropout
+from moemla.model.dropout import fast as fast_dropout
 from moemla.model.kv_cache import Write
 from moemla.model.rope import apply_rope
 
@@ -34,6 +36,8 @@ def causal_attention(
     write with nothing padded, see KVCache.write): T queries from slot 0 are causal (query i reads keys 0..i),
     and one new query reads every slot.
     """
+    if mask is None and q.shape[2] == k.shape[2] > 1 and fast_dropout(q, dropout, True):  # CPU training
+        return causal_attention_dropout(q, k, v, dropout)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=q.shape[2] > 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout)

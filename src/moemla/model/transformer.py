@@ -10,6 +10,7 @@ from torch import nn
 
 from moemla.config import ModelConfig
 from moemla.model.attention import MHA, MLA, Angles
+from moemla.model.dropout import Dropout
 from moemla.model.kv_cache import KVCache, Write
 from moemla.model.moe import MLP, MoE, RoutedExperts, Router, load_cvs
 from moemla.model.rope import rope_tables
@@ -23,7 +24,7 @@ class Block(nn.Module):
         self.attn = MLA(cfg) if cfg.attention == "mla" else MHA(cfg)
         self.ln2 = nn.LayerNorm(cfg.dim)
         self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg.dim, cfg.dense_inter_dim, cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: Angles | None, at: Write | None) -> torch.Tensor:
         h = x + self.drop(self.attn(self.ln1(x), rope, at, self.layer))  # Eq. 11
@@ -49,7 +50,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim)
         if cfg.positions == "rope":
