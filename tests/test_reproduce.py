@@ -310,3 +310,34 @@ def test_a_subset_of_rows_leaves_what_it_cannot_compare_not_measured() -> None:
         assert measured == [], (name, measured)
     listed = claims.markdown(claims.check(partial), "subsets")
     assert "run `moemla reproduce table2`" in listed and "run `moemla reproduce table4`" in listed
+
+
+def test_reuse_copies_identical_runs_from_another_table_and_trains_only_the_rest(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Table 7's rows at one size are Table 2's mha and moe-mla-rope: --reuse copies those finished runs (same
+    model, settings, seed and data, as the sweep's own check says) and trains only what no folder holds."""
+    from moemla.cli import main
+
+    t2 = tmp_path / "t2"
+    reproduce("table2", "debug", steps=2, seeds=(0,), data=data, out=t2, rows=("mha", "moe-mla-rope"),
+              log=lambda _: None)  # fmt: skip
+    flags = ["--preset", "debug", "--steps", "2", "--seeds", "0,1", "--data", str(data), "--out", str(tmp_path / "t7"),
+             "--device", "cpu", "--reuse", str(t2)]  # fmt: skip
+    assert main(["reproduce", "table7", *flags, "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("copied from t2") == 2 and "To train: 2 of 4 runs" in text  # seed 1 is in no folder
+    log: list[str] = []
+    result = reproduce("table7", "debug", steps=2, seeds=(0, 1), data=data, out=tmp_path / "t7", log=log.append,
+                       reuse=(t2,))  # fmt: skip
+    assert sum("copied from" in line for line in log) == 2
+    assert sum(line.startswith("run ") and line.endswith(("-seed1",)) for line in log) == 2  # trained here
+    old = {r["name"]: r["val_loss"] for r in json.loads((t2 / "results.json").read_text())["runs"]}
+    new = {r["name"].split("/")[1]: r["val_loss"] for r in result["summary"] if r["seeds"]}
+    for name in ("mha", "moe-mla-rope"):
+        seed0 = [r for r in json.loads((tmp_path / "t7" / "results.json").read_text())["runs"]
+                 if r["name"] == f"debug/{name}" and r["seed"] == 0]  # fmt: skip
+        assert seed0[0]["val_loss"] == old[name] and name in new
+    assert not list((tmp_path / "t7" / "runs").glob("*.copying"))
+    with pytest.raises(ConfigError, match="--reuse: no folder"):
+        reproduce("table7", "debug", steps=2, data=data, out=tmp_path / "t7c", reuse=(tmp_path / "nowhere",))

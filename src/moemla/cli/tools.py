@@ -156,7 +156,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     steps = None if args.tokens else args.steps
     rows = tuple(args.rows.split(",")) if args.rows else None
     shape = {"tokens": args.tokens, "device": args.device, "batch_size": args.batch_size, "seq_len": args.seq_len,
-             "rows": rows}  # fmt: skip
+             "rows": rows, "reuse": tuple(args.reuse.split(",")) if args.reuse else ()}  # fmt: skip
     if args.plan:
         from moemla.device import resolve_device
         from moemla.experiments.plan import plan, plan_markdown
@@ -269,6 +269,11 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 16; a GPU wants more)")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence (default 256)")
     p.add_argument("--rows", help="only these rows of the table, comma-separated (e.g. mha,mha-rope,moe-mla-rope)")
+    p.add_argument(
+        "--reuse", metavar="FOLDERS",
+        help="results folders (comma-separated) whose finished runs of the very same model, settings, seed and data "
+        "are copied instead of trained again (e.g. Table 7's tiny rows from results/table2-tiny)",
+    )  # fmt: skip
     p.add_argument(
         "--plan", action="store_true",
         help="train nothing: print each run's tokens and its time on this device, measured by a few real steps",

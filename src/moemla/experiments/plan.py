@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moemla import accounting
+from moemla.data.shards import PreparedData
 from moemla.experiments.reproduce import Setup
+from moemla.experiments.sweep import find_same_run, run_tc
 from moemla.progress import duration
 from moemla.runs import RunFolder
 from moemla.train.loop import train
@@ -22,23 +24,30 @@ PROBE_STEPS = 3
 
 
 def plan(s: Setup, log: Callable[[str], None] = print) -> list[dict[str, object]]:
-    """One row per run (every seed): its tokens and estimated seconds, from a probe of its model."""
-    probes: dict[str, tuple[float, float]] = {}  # model config (as JSON) -> (warm-up s, s per step)
-    rows = []
+    """One row per run (every seed): its tokens and estimated seconds, from a probe of its model. A run already
+    finished, or one --reuse would copy, needs no estimate; a model with no run left to train is not probed."""
+    data = PreparedData.open(s.data)
+    probes: dict[str, tuple[float, float]] = {}  # model config (as text) -> (warm-up s, s per step)
+    rows, keys = [], []
     for spec in s.specs:
-        key = repr(spec.cfg)
-        if key not in probes:
-            log(f"probing {spec.name}: {PROBE_STEPS} steps")
-            probes[key] = _probe(s, spec.cfg)
-        warmup, per_step = probes[key]
-        tc = s.tc.replace(seq_len=min(s.tc.seq_len, spec.cfg.max_seq_len))
+        tc = run_tc(spec, s.tc)
+        run_dir = s.out / "runs" / spec.folder
+        finished = RunFolder(run_dir).finished(tc.steps)
+        same = None if finished or run_dir.exists() else find_same_run(s.reuse, spec.cfg, tc, data)
         rows.append({
             "run": spec.folder, "total_params": accounting.total_params(spec.cfg),
             "active_params": accounting.active_params(spec.cfg), "steps": tc.steps,
-            "tokens": tc.steps * tc.tokens_per_step, "seconds_per_step": per_step,
-            "estimated_s": warmup + (tc.steps - 1) * per_step,
-            "finished": RunFolder(s.out / "runs" / spec.folder).finished(tc.steps),
+            "tokens": tc.steps * tc.tokens_per_step, "finished": finished, "reused": str(same) if same else None,
         })  # fmt: skip
+        key = repr(spec.cfg)
+        if not (finished or same) and key not in probes:
+            log(f"probing {spec.name}: {PROBE_STEPS} steps")
+            probes[key] = _probe(s, spec.cfg)
+        keys.append(key)
+    for r, key in zip(rows, keys, strict=True):  # a finished seed shows the rate its model's other seeds were probed at
+        warmup, per_step = probes.get(key) or (0.0, None)
+        r["seconds_per_step"] = per_step
+        r["estimated_s"] = None if per_step is None else warmup + (int(r["steps"]) - 1) * per_step  # type: ignore[call-overload]
     return rows
 
 
@@ -63,11 +72,17 @@ def plan_markdown(rows: list[dict[str, object]], device: str) -> str:
     ]
     for r in rows:
         params = f"{r['total_params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M)"  # type: ignore[operator]
-        when = "finished" if r["finished"] else duration(float(r["estimated_s"]))  # type: ignore[arg-type]
-        lines.append(f"| {r['run']} | {params} | {r['steps']:,} | {r['tokens']:,} | {r['seconds_per_step']:.3f} "
-                     f"| {when} |")  # fmt: skip
-    todo = sum(float(r["estimated_s"]) for r in rows if not r["finished"])  # type: ignore[arg-type]
-    left = sum(not r["finished"] for r in rows)
+        if r["finished"]:
+            when = "finished"
+        elif r.get("reused"):
+            when = f"copied from {Path(str(r['reused'])).parent.parent.name}"
+        else:
+            when = duration(float(r["estimated_s"]))  # type: ignore[arg-type]
+        rate = "-" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.3f}"
+        lines.append(f"| {r['run']} | {params} | {r['steps']:,} | {r['tokens']:,} | {rate} | {when} |")
+    left_rows = [r for r in rows if not (r["finished"] or r.get("reused"))]
+    todo = sum(float(r["estimated_s"]) for r in left_rows)  # type: ignore[arg-type]
+    left = len(left_rows)
     lines.append(f"\nTo train: {left} of {len(rows)} runs, about {duration(todo)} on {device} (one process, one run "
                  "after another; evaluation and checkpoints not included).")  # fmt: skip
     return "\n".join(lines)

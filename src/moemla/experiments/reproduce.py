@@ -47,6 +47,7 @@ class Setup:
     presets: list[str]
     command: str  # the `moemla reproduce` command that sets this up again
     rows: list[str] | None = None  # a subset of the table's rows (--rows)
+    reuse: tuple[Path, ...] = ()  # results folders whose identical finished runs are copied, not retrained
 
 
 def setup(
@@ -62,6 +63,7 @@ def setup(
     batch_size: int | None = None,
     seq_len: int | None = None,
     rows: tuple[str, ...] | None = None,
+    reuse: tuple[str | Path, ...] = (),
 ) -> Setup:
     """`preset` is one size, or for table7 a comma-separated list (one size means every size up to it)."""
     if table not in TABLES:
@@ -97,7 +99,11 @@ def setup(
     )
     flags += f" --rows {','.join(rows)}" if rows else ""
     command = f"moemla reproduce {table} --preset {','.join(presets)} {flags} --seeds {','.join(map(str, seeds))}"
-    return Setup(specs, tc, Path(data), folder, presets, command, list(rows) if rows else None)
+    missing = [str(f) for f in reuse if not Path(f).is_dir()]
+    if missing:
+        raise ConfigError(f"--reuse: no folder {', '.join(missing)}; give results folders such as results/table2-tiny")
+    rows_ = list(rows) if rows else None
+    return Setup(specs, tc, Path(data), folder, presets, command, rows_, tuple(Path(f) for f in reuse))
 
 
 def reproduce(
@@ -115,14 +121,14 @@ def reproduce(
     **shape: Any,
 ) -> dict[str, object]:
     """Train a table's runs in this process (finished ones are skipped), then report them. `shape` is setup()'s:
-    tokens, device, batch_size, seq_len, rows.
+    tokens, device, batch_size, seq_len, rows, reuse.
 
     table8 judges its runs' stories at `endpoint` with `judge_model` (moemla.eval.quality), or computes
     only the judge-free statistics without an endpoint.
     """
     s = setup(table, preset, steps, seeds, data, out, **shape)
     spec = TABLES[table]
-    runs = run_sweep(s.specs, s.data, s.out, s.tc, log)
+    runs = run_sweep(s.specs, s.data, s.out, s.tc, log, reuse=s.reuse)
     summary = aggregate(runs)
     if spec.decode_speed:
         _add_decode_speed(summary, s.tc.seq_len, s.tc.device, log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,11 +12,12 @@ from moemla import accounting
 from moemla.config import ConfigError, ModelConfig
 from moemla.data.shards import PreparedData
 from moemla.runs import RunFolder
+from moemla.runs.folder import LOCK_FILE
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
 
 # settings that change how a run executes, not what it trains: a finished run is reused whatever they were
-EXECUTION_ONLY = {"compile"}
+EXECUTION_ONLY = {"compile", "device"}
 
 
 @dataclass(frozen=True)
@@ -30,23 +32,37 @@ class RunSpec:
         return f"{self.name.replace(':', '-').replace('/', '-')}-seed{self.seed}"
 
 
+def run_tc(spec: RunSpec, tc: TrainConfig) -> TrainConfig:
+    """The training settings of one run of a sweep: its seed, and sequences no longer than its model's context."""
+    return tc.replace(seed=spec.seed, seq_len=min(tc.seq_len, spec.cfg.max_seq_len))
+
+
 def run_sweep(
-    specs: list[RunSpec], data_dir: str | Path, out: str | Path, tc: TrainConfig, log: Callable[[str], None] = print
+    specs: list[RunSpec],
+    data_dir: str | Path,
+    out: str | Path,
+    tc: TrainConfig,
+    log: Callable[[str], None] = print,
+    reuse: tuple[Path, ...] = (),
 ) -> list[dict[str, object]]:
-    """Train every spec not yet finished (an interrupted sweep resumes), then collect each run's final metrics."""
+    """Train every spec not yet finished (an interrupted sweep resumes), then collect each run's final metrics.
+    A spec that a finished run under `reuse` (results folders) already trained is copied from there instead."""
     out = Path(out)
     data = PreparedData.open(data_dir)
     rows = []
     for i, spec in enumerate(specs, 1):
         run_dir = out / "runs" / spec.folder
-        run_tc = tc.replace(seed=spec.seed, seq_len=min(tc.seq_len, spec.cfg.max_seq_len))
+        tc_i = run_tc(spec, tc)
         if (run_dir / "run.json").exists():
-            _check_same_run(run_dir, spec.cfg, run_tc, data)
+            _check_same_run(run_dir, spec.cfg, tc_i, data)
+        elif (same := find_same_run(reuse, spec.cfg, tc_i, data)) is not None:
+            copy_run(same, run_dir)
+            log(f"run {i}/{len(specs)}: {spec.folder} copied from {same} (the same model, settings and data)")
         if RunFolder(run_dir).finished(tc.steps):
             log(f"run {i}/{len(specs)}: {spec.folder} already finished")
         else:
             log(f"run {i}/{len(specs)}: {spec.folder}")
-            train(data_dir, run_dir, spec.cfg, run_tc, resume=True, log=log)
+            train(data_dir, run_dir, spec.cfg, tc_i, resume=True, log=log)
         metrics = RunFolder(run_dir).metrics()
         val = [r for r in metrics if r["split"] == "val"]
         rows.append(
@@ -90,6 +106,33 @@ def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: Prep
             f"{run_dir} holds a run with other settings ({'; '.join(differ[:3])}); "
             "choose another --out for these settings, or delete that folder to retrain it"
         )
+
+
+def find_same_run(folders: tuple[Path, ...], cfg: ModelConfig, tc: TrainConfig, data: PreparedData) -> Path | None:
+    """A finished run under the results folders `folders` (their runs/) that trained exactly this: the same
+    model, training settings (seed included) and prepared data. Another table's identical row (Table 7's `tiny`
+    rows are Table 2's mha and moe-mla-rope) need not train twice."""
+    for folder in folders:
+        runs = folder / "runs" if (folder / "runs").is_dir() else folder
+        for run_dir in sorted(p for p in runs.glob("*") if (p / "run.json").is_file()):
+            if RunFolder(run_dir).meta["data"].get("sha256") != data.sha256 or not RunFolder(run_dir).finished(
+                tc.steps
+            ):
+                continue
+            try:
+                _check_same_run(run_dir, cfg, tc, data)
+            except ConfigError:
+                continue
+            return run_dir
+    return None
+
+
+def copy_run(src: Path, dest: Path) -> None:
+    """A finished run folder copied whole (checkpoints, metrics, run.json), appearing at `dest` only complete."""
+    partial = dest.with_name(dest.name + ".copying")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(src, partial, ignore=shutil.ignore_patterns(LOCK_FILE))
+    partial.rename(dest)
 
 
 def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
