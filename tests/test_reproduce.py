@@ -68,6 +68,12 @@ def test_table5_holds_total_expert_parameters_and_8_active() -> None:
     assert all(s.cfg.n_activated_experts + s.cfg.n_shared_experts == 8 for s in specs)
     totals = {(s.cfg.n_routed_experts + s.cfg.n_shared_experts) * s.cfg.expert_inter_dim for s in specs}
     assert len(totals) == 1
+    # the fine design is Table 4's 2:1 row and the routing table's top-6 row, so --reuse can share their runs
+    from moemla.experiments.tables import routing_specs, table4_specs
+
+    two_to_one = next(s.cfg for s in table4_specs({"tiny": base}, [0]) if s.name == "2:1")
+    top6 = next(s.cfg for s in routing_specs({"tiny": base}, [0]) if s.name == "top-6")
+    assert specs[-1].cfg == two_to_one == top6
 
 
 def test_table2_is_parameter_matched_with_paired_t_tests(data: Path, tmp_path: Path) -> None:

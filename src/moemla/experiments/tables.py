@@ -214,7 +214,8 @@ def table5_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpe
     specs = []
     for name, (total, _, _) in PAPER_TABLE5.items():
         width = fine.expert_inter_dim * 64 // total
-        cfg = fine.replace(n_routed_experts=total - 2, moe_inter_dim=width)
+        # 64 experts is the preset's own shape: width left unset, so that row is Table 4's 2:1 run (--reuse)
+        cfg = fine.replace(n_routed_experts=total - 2, moe_inter_dim=None if width == fine.expert_inter_dim else width)
         specs += [RunSpec(name, cfg, s, {"total_experts": total, "expert_width": width}) for s in seeds]
     return specs
 
