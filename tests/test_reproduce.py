@@ -345,5 +345,14 @@ def test_reuse_copies_identical_runs_from_another_table_and_trains_only_the_rest
                  if r["name"] == f"debug/{name}" and r["seed"] == 0]  # fmt: skip
         assert seed0[0]["val_loss"] == old[name] and name in new
     assert not list((tmp_path / "t7" / "runs").glob("*.copying"))
+    t7_runs = json.loads((tmp_path / "t7" / "results.json").read_text())["runs"]
+    copied = {(r["name"], r["seed"]): r["copied_from"] for r in t7_runs}
+    assert [k for k, v in copied.items() if v] == [("debug/mha", 0), ("debug/moe-mla-rope", 0)]
+    # the summary's time table counts a copied run's time where it was trained, not twice
+    text = summarize(tmp_path)
+    assert "| t7 | the built-in corpus | 4 | 2 |" in text and "(+ 2 runs copied)" in text
+    assert (
+        "| t2 | the built-in corpus | 2 | 1 |" in text and "| t2 | the built-in corpus | 2 | 1 | 0 min (+" not in text
+    )
     with pytest.raises(ConfigError, match="--reuse: no folder"):
         reproduce("table7", "debug", steps=2, data=data, out=tmp_path / "t7c", reuse=(tmp_path / "nowhere",))

@@ -16,7 +16,7 @@ from moemla.data.shards import PreparedData
 from moemla.data.tokenizer import token_bytes
 from moemla.eval.perplexity import bits_per_byte, window_bytes
 from moemla.experiments import claims, figures, summary
-from moemla.experiments.sweep import RunSpec, aggregate, run_sweep, train_seconds
+from moemla.experiments.sweep import RunSpec, aggregate, copied_from, run_sweep, train_seconds
 from moemla.experiments.tables import (
     PAPER_TABLE4,
     PAPER_TABLE7,
@@ -271,17 +271,23 @@ def summarize(results_dir: str | Path = "results") -> str:
 
 
 def add_train_seconds(result: dict) -> bool:
-    """Fill in each run's training time from its folder's metrics, for runs recorded before it was. True if any.
+    """Fill in each run's training time from its folder's metrics, for runs recorded before it was, and whether
+    --reuse copied it from another table (its time counted there). True if anything was filled in.
 
     Only from the very run recorded (its last validation loss is the table's): the folder may since hold another
     run, e.g. a longer sweep into the same --out that is still under way."""
     changed = False
     for r in result["runs"]:
-        if r.get("train_seconds") is not None or not (Path(str(r["run"])) / "metrics.jsonl").is_file():
+        folder = Path(str(r["run"]))
+        if (r.get("train_seconds") is not None and "copied_from" in r) or not (folder / "metrics.jsonl").is_file():
             continue
-        metrics = RunFolder(str(r["run"])).metrics()
+        metrics = RunFolder(folder).metrics()
         val = [m["val_loss"] for m in metrics if m["split"] == "val"]
-        if val and val[-1] == r["val_loss"]:
-            r["train_seconds"] = train_seconds(metrics)
-            changed = changed or r["train_seconds"] is not None
+        if not val or val[-1] != r["val_loss"]:
+            continue
+        if r.get("train_seconds") is None and train_seconds(metrics) is not None:
+            r["train_seconds"], changed = train_seconds(metrics), True
+        if "copied_from" not in r:
+            r["copied_from"] = copied_from(folder)
+            changed = changed or r["copied_from"] is not None
     return changed

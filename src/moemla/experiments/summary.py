@@ -80,7 +80,8 @@ def _mean_interval(values: list[float]) -> str:
 
 
 def time_table(by_corpus: dict[str, list[dict]]) -> str:
-    """The CPU (or GPU) time each table's runs took to train, from the runs' own records, and how many passes
+    """The CPU (or GPU) time each table's runs took to train, from the runs' own records (runs --reuse copied from
+    another table counted there, not here), and how many passes
     over its corpus's training split each run made (where the data folder is at hand): watch for over-fitting."""
     lines = [
         "| table | corpus | runs | seeds | training time | device | epochs per run |",
@@ -88,8 +89,10 @@ def time_table(by_corpus: dict[str, list[dict]]) -> str:
     ]
     for name, results in by_corpus.items():
         for res in results:
-            seconds = [r.get("train_seconds") for r in res["runs"]]
+            here = [r for r in res["runs"] if not r.get("copied_from")]  # a copied run's time was another table's
+            seconds = [r.get("train_seconds") for r in here]
             took = f"{sum(seconds) / 60:.0f} min" if all(s is not None for s in seconds) else "not recorded"
+            took += f" (+ {len(res['runs']) - len(here)} runs copied)" if len(here) < len(res["runs"]) else ""
             where = f"{_label(name)} | {len(res['runs'])} | {_seeds(res)} | {took} | {res['train'].get('device')}"
             lines.append(f"| {res['folder']} | {where} | {_epochs(res)} |")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from moemla.train.loop import train
 
 # settings that change how a run executes, not what it trains: a finished run is reused whatever they were
 EXECUTION_ONLY = {"compile", "device"}
+COPIED_FILE = "copied_from.json"  # in a run folder that --reuse copied from another table's
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ def run_sweep(
                 "val_ppl": val[-1]["val_ppl"], "val_ppl_ci95": val[-1]["val_ppl_ci95"],
                 "bits_per_byte": val[-1].get("bits_per_byte"),
                 "expert_load_cv": val[-1]["expert_load_cv"], "train_seconds": train_seconds(metrics),
+                "copied_from": copied_from(run_dir),
                 "active_experts": val[-1].get("active_experts"),
                 "total_params": accounting.total_params(spec.cfg), "active_params": accounting.active_params(spec.cfg),
                 "kv_cache_bytes_per_token": accounting.kv_cache_bytes_per_token(spec.cfg), "run": str(run_dir),
@@ -132,7 +135,14 @@ def copy_run(src: Path, dest: Path) -> None:
     partial = dest.with_name(dest.name + ".copying")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(src, partial, ignore=shutil.ignore_patterns(LOCK_FILE))
+    (partial / COPIED_FILE).write_text(json.dumps({"from": str(src)}) + "\n")  # its time was spent there
     partial.rename(dest)
+
+
+def copied_from(run_dir: Path) -> str | None:
+    """Where a run folder was copied from by --reuse (None: trained here)."""
+    path = run_dir / COPIED_FILE
+    return str(json.loads(path.read_text())["from"]) if path.is_file() else None
 
 
 def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
