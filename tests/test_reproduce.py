@@ -354,5 +354,14 @@ def test_reuse_copies_identical_runs_from_another_table_and_trains_only_the_rest
     assert (
         "| t2 | the built-in corpus | 2 | 1 |" in text and "| t2 | the built-in corpus | 2 | 1 | 0 min (+" not in text
     )
+    # the same tokenizer over other text is other data: neither reused in place nor copied
+    meta_path = t2 / "runs" / "mha-seed0" / "run.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "data": {**meta["data"], "sha256": "0" * 64}}))
+    with pytest.raises(ConfigError, match=r"data: .* there"):
+        reproduce("table2", "debug", steps=2, seeds=(0,), data=data, out=t2, rows=("mha",), log=lambda _: None)
+    capsys.readouterr()
+    assert main(["reproduce", "table7", *flags, "--plan", "--out", str(tmp_path / "t7d")]) == 0
+    assert capsys.readouterr().out.count("copied from t2") == 1  # moe-mla-rope only
     with pytest.raises(ConfigError, match="--reuse: no folder"):
         reproduce("table7", "debug", steps=2, data=data, out=tmp_path / "t7c", reuse=(tmp_path / "nowhere",))

@@ -102,7 +102,11 @@ def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: Prep
         **{f"train.{k}": v for k, v in TrainConfig.from_dict(meta["train"]).to_dict().items()},
     }
     differ = [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v]
-    if meta["data"]["tokenizer_sha256"] != data.tokenizer_sha256:
+    same_data = meta["data"]["tokenizer_sha256"] == data.tokenizer_sha256 and meta["data"].get("sha256") in (
+        None,  # recorded before run.json kept the data's checksum: the tokenizer is all there is to compare
+        data.sha256,
+    )
+    if not same_data:
         differ.append(f"data: {meta['data']['path']} there, {data.root} now")
     if differ:
         raise ConfigError(
@@ -118,9 +122,7 @@ def find_same_run(folders: tuple[Path, ...], cfg: ModelConfig, tc: TrainConfig, 
     for folder in folders:
         runs = folder / "runs" if (folder / "runs").is_dir() else folder
         for run_dir in sorted(p for p in runs.glob("*") if (p / "run.json").is_file()):
-            if RunFolder(run_dir).meta["data"].get("sha256") != data.sha256 or not RunFolder(run_dir).finished(
-                tc.steps
-            ):
+            if not RunFolder(run_dir).finished(tc.steps):
                 continue
             try:
                 _check_same_run(run_dir, cfg, tc, data)
