@@ -190,11 +190,15 @@ def test_reproduce_rejects_bad_presets(data: Path, tmp_path: Path) -> None:
 
 
 def test_plan_measures_every_run_and_trains_nothing_then_batch_and_seq_len_reach_the_runs(
-    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--plan prints each run's tokens and a time measured by a few real steps on this device; --batch-size and
-    --seq-len shape the sweep (recorded in results.json and the command)."""
+    """--plan prints each run's tokens and a time measured by a few real steps on this device, with a warning when
+    the CPU was busy as it probed; --batch-size and --seq-len shape the sweep (recorded in results.json and the
+    command)."""
     from moemla.cli import main
+    from moemla.experiments import plan
+
+    monkeypatch.setattr(plan, "cpu_load", lambda: 64.0)  # as if other jobs held every core
 
     out = tmp_path / "t4"
     flags = ["--preset", "debug", "--steps", "3", "--data", str(data), "--out", str(out), "--batch-size", "4",
@@ -204,13 +208,16 @@ def test_plan_measures_every_run_and_trains_nothing_then_batch_and_seq_len_reach
     runs = [line for line in text.splitlines() if line.startswith("| ") and "seed0" in line]
     assert len(runs) == 4 and all("| 3 | 576 |" in line for line in runs)  # 3 steps x 4 x 48 tokens
     assert "To train: 4 of 4 runs" in text and not (out / "runs").exists()
+    assert "The CPU was busy when the probes ran (load average 64.0" in text
+    monkeypatch.setattr(plan, "cpu_load", lambda: 0.0)
     assert main(["reproduce", "table4", *flags]) == 0
     result = json.loads((out / "results.json").read_text())
     assert (result["train"]["batch_size"], result["train"]["seq_len"]) == (4, 48)
     assert "--batch-size 4 --seq-len 48" in result["command"]
     capsys.readouterr()
     assert main(["reproduce", "table4", *flags, "--plan"]) == 0
-    assert "To train: 0 of 4 runs" in capsys.readouterr().out  # finished runs are not planned again
+    text = capsys.readouterr().out
+    assert "To train: 0 of 4 runs" in text and "busy" not in text  # finished runs are not planned again
 
 
 def test_rows_run_a_subset_of_a_table_and_the_rope_control_gets_its_p_value(data: Path, tmp_path: Path) -> None:
@@ -365,3 +372,12 @@ def test_reuse_copies_identical_runs_from_another_table_and_trains_only_the_rest
     assert capsys.readouterr().out.count("copied from t2") == 1  # moe-mla-rope only
     with pytest.raises(ConfigError, match="--reuse: no folder"):
         reproduce("table7", "debug", steps=2, data=data, out=tmp_path / "t7c", reuse=(tmp_path / "nowhere",))
+
+
+def test_busy_note_warns_only_when_other_work_held_more_than_half_the_cores() -> None:
+    from moemla.experiments.plan import busy_note
+
+    assert busy_note(None, 2) is None  # no load average on this OS: nothing to say
+    assert busy_note(0.4, 2) is None and busy_note(1.0, 2) is None
+    assert "load average 2.5 on 2 cores" in busy_note(2.5, 2)  # type: ignore[operator]
+    assert busy_note(6.0, 16) is None

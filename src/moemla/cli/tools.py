@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -159,12 +160,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
              "rows": rows, "reuse": tuple(args.reuse.split(",")) if args.reuse else ()}  # fmt: skip
     if args.plan:
         from moemla.device import resolve_device
-        from moemla.experiments.plan import plan, plan_markdown
+        from moemla.experiments import plan as planning
         from moemla.experiments.reproduce import setup
 
         s = setup(args.table, args.preset, steps, seeds, args.data, args.out, **shape)
         device = resolve_device(s.tc.device)
-        print(plan_markdown(plan(s, log=lambda line: print(line, file=sys.stderr)), str(device)))
+        load = planning.cpu_load() if device.type == "cpu" else None  # before our own probes add to it
+        rows = planning.plan(s, log=lambda line: print(line, file=sys.stderr))
+        print(planning.plan_markdown(rows, str(device), planning.busy_note(load, os.cpu_count() or 1)))
         return 0
     result = reproduce(
         args.table, args.preset, steps, seeds, args.data, args.out, endpoint=args.endpoint,

@@ -8,6 +8,7 @@ step's time stands for the warm-up (allocation, compilation); the later steps gi
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +65,21 @@ def _probe(s: Setup, cfg: object) -> tuple[float, float]:
     return elapsed[0], sum(later) / len(later)
 
 
-def plan_markdown(rows: list[dict[str, object]], device: str) -> str:
+def cpu_load() -> float | None:
+    """The 1-minute load average, where the OS keeps one (not on Windows)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def busy_note(load: float | None, cores: int) -> str | None:
+    """A warning when other work held the CPU as the probes ran: CPU processes share cores, so a probe beside
+    them runs slower (2-5x on our 2-core machine beside one training run) and so do its estimates."""
+    if load is None or load <= cores / 2:
+        return None
+    return (f"The CPU was busy when the probes ran (load average {load:.1f} on {cores} cores), so these estimates "
+            "run high; for a true estimate plan on an otherwise idle machine.")  # fmt: skip
+
+
+def plan_markdown(rows: list[dict[str, object]], device: str, note: str | None = None) -> str:
     """The plan as a table for people, with the total of the runs still to train."""
     lines = [
         "| run | params (active) | steps | tokens | s/step | estimated |",
@@ -85,4 +100,6 @@ def plan_markdown(rows: list[dict[str, object]], device: str) -> str:
     left = len(left_rows)
     lines.append(f"\nTo train: {left} of {len(rows)} runs, about {duration(todo)} on {device} (one process, one run "
                  "after another; evaluation and checkpoints not included).")  # fmt: skip
+    if note and left:  # nothing probed, nothing to warn about
+        lines.append(note)
     return "\n".join(lines)
