@@ -5,7 +5,7 @@ one Mersenne-twister number per masked element (`bernoulli_`), and `scaled_dot_p
 dropout leaves its fused kernel for a materialized path: at `tiny` (4 heads, 256 tokens, batch 16) dropout made
 MHA's training step 1.7x as long as without it (BENCHMARKS.md, "CPU training step: dropout"). Here one 64-bit
 draw gives four 15-bit uniforms, and attention computes its (T, T) weights once with a mask from those draws:
-training steps 1.1-1.2x faster, validation loss +0.010 over 4 seeds of `tiny` MHA (paired p = 0.27).
+training steps 1.1-1.2x faster, validation loss -0.001 over 6 seeds of `tiny` MHA (paired p = 0.90).
 
 Same distribution, different random stream: a CPU run after this change is not bitwise the run before it.
 CUDA keeps PyTorch's fused kernels (Philox dropout inside flash attention), and so does anything traced by
