@@ -16,5 +16,4 @@ compression = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
 s = setup("table2", data="data/tinystories-sample", seeds=(seed,), rows=("moe-mla-rope",))
 (spec,) = s.specs  # the control row's model and training settings, seed included
 cfg = spec.cfg.replace(kv_compression=compression)
-rank = round(cfg.dim * compression)
-train("data/tinystories-sample", f"runs/moe-mla-rope-r{rank}-s{seed}", cfg, run_tc(spec, s.tc), resume=True)
+train("data/tinystories-sample", f"runs/moe-mla-rope-r{cfg.kv_lora_rank}-s{seed}", cfg, run_tc(spec, s.tc), resume=True)
