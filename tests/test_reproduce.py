@@ -231,6 +231,17 @@ def test_rows_run_a_subset_of_a_table_and_the_rope_control_gets_its_p_value(data
         reproduce("table2", "debug", steps=2, data=data, out=tmp_path / "d", rows=("mha", "gqa"))
 
 
+def test_rows_without_the_base_row_still_write_the_report(data: Path, tmp_path: Path) -> None:
+    """Splitting a table by --rows across processes leaves a report without MHA (or top-6): it is written with
+    "-" where the comparison would be, not a crash after the training."""
+    for table in ("table2", "table3"):
+        result = reproduce(table, "debug", steps=2, seeds=(0,), data=data, out=tmp_path / table, log=lambda _: None,
+                           rows=("mha-rope",))  # fmt: skip
+        (line,) = [x for x in result["markdown"].splitlines() if x.startswith("| mha-rope |")]
+        assert "| - | - |" in line and "decode_speedup_vs_mha" not in result["summary"][0]
+        assert (tmp_path / table / f"{table}.md").is_file()
+
+
 def _table2_result(folder: str, data: str, ppl: dict[str, list[float]], rows: list[str] | None = None) -> dict:
     """A results.json of table2 as the sweep writes it, from per-seed perplexities (bits per byte from them)."""
     import math

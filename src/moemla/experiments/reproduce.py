@@ -207,8 +207,8 @@ def _add_decode_speed(summary: list[dict[str, object]], context: int, device: st
         row = bench(cfg, DECODE_BATCH, context, min(DECODE_NEW_TOKENS, context // 4), device=dev)
         r["decode_tokens_per_s"] = row["decode_tokens_per_s"]
         r["decode_setting"] = f"{dev.type} fp32, batch {DECODE_BATCH}, context {context}, random weights"
-    base = next(r for r in summary if r["name"] == "mha")
-    for r in summary:
+    base = next((r for r in summary if r["name"] == "mha"), None)
+    for r in summary if base is not None else ():  # --rows without mha: no speed ratio to give
         r["decode_speedup_vs_mha"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # type: ignore[operator]
 
 

@@ -85,15 +85,22 @@ def paired_p_value(a: list[float], b: list[float]) -> float | None:
     return float(ttest_rel(a, b).pvalue)
 
 
-def _versus(row: Row, base: Row) -> tuple[float, str]:
-    """Perplexity relative to the base row's (MHA), and the paired t-test's p-value as text ("-" for the base
-    itself or 1 seed)."""
+def _base(rows: list[Row], name: str) -> Row | None:
+    """The row the others are compared with, or None where --rows left it out (its columns then show "-")."""
+    return next((r for r in rows if r["name"] == name), None)
+
+
+def _versus(row: Row, base: Row | None) -> tuple[str, str]:
+    """Perplexity relative to the base row's (MHA) and the paired t-test's p-value, as text ("-" for the base
+    itself, for 1 seed, or where the base row was not run)."""
+    if base is None:
+        return "-", "-"
     p = paired_p_value(row["val_ppl_by_seed"], base["val_ppl_by_seed"]) if row is not base else None  # type: ignore[arg-type]
-    return row["val_ppl_mean"] / base["val_ppl_mean"] - 1, "-" if p is None else f"{p:.3g}"  # type: ignore[operator]
+    return f"{row['val_ppl_mean'] / base['val_ppl_mean'] - 1:+.1%}", "-" if p is None else f"{p:.3g}"  # type: ignore[operator]
 
 
 def table2_markdown(rows: list[dict[str, object]]) -> str:
-    base = next(r for r in rows if r["name"] == "mha")
+    base = _base(rows, "mha")
     lines = [
         "| variant | d | FFN/expert width | params (vs mha) | active params | val PPL (ours) | bits/byte | vs mha "
         "| p (paired t) | val PPL (paper) | vs mha (paper) |",
@@ -106,7 +113,7 @@ def table2_markdown(rows: list[dict[str, object]]) -> str:
         paper_cols = f"{paper} | {paper / PAPER_TABLE2['mha'] - 1:+.1%}" if paper else "(our addition) | -"
         lines.append(
             f"| {name} | {r['dim']} | {r['ffn_width']} | {r['total_params'] / 1e6:.2f}M ({r['matched_ratio']:.3f}) "
-            f"| {r['active_params'] / 1e6:.2f}M | {_ppl(r)} | {_bpb(r)} | {rel:+.1%} | {p} "
+            f"| {r['active_params'] / 1e6:.2f}M | {_ppl(r)} | {_bpb(r)} | {rel} | {p} "
             f"| {paper_cols} |"
         )
     return "\n".join(lines)
@@ -172,7 +179,7 @@ def measure_ratio(cfg: ModelConfig, reference: ModelConfig, context: int) -> flo
 
 
 def table3_markdown(rows: list[Row]) -> str:
-    base = next(r for r in rows if r["name"] == "mha")
+    base = _base(rows, "mha")
     lines = [
         "| variant | d | FFN/expert width | params | active | FLOPs (vs mha) | val PPL (ours) | bits/byte | vs mha "
         "| p (paired t) | decode vs mha (ours) | val PPL (paper) | FLOPs (paper) | speedup (paper) |",
@@ -187,7 +194,7 @@ def table3_markdown(rows: list[Row]) -> str:
         lines.append(
             f"| {name} | {r['dim']} | {r['ffn_width']} | {r['total_params'] / 1e6:.2f}M "
             f"| {r['active_params'] / 1e6:.2f}M "
-            f"| {r['flops_ratio']:.3f}x | {_ppl(r)} | {_bpb(r)} | {rel:+.1%} | {p} | {speed} "
+            f"| {r['flops_ratio']:.3f}x | {_ppl(r)} | {_bpb(r)} | {rel} | {p} | {speed} "
             f"| {paper_cols} |"
         )
     return "\n".join(lines)
@@ -244,7 +251,7 @@ def routing_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSp
 def routing_markdown(rows: list[Row]) -> str:
     """Quality against the routed experts a token actually got (measured on validation text) and their FLOPs; a
     top-p row beats fixed routing when its perplexity is below the top-k curve at its mean (EXPERIMENTS.md)."""
-    base = next(r for r in rows if r["name"] == "top-6")
+    base = _base(rows, "top-6")
     curve = sorted((float(r["active_experts_mean"]), float(r["val_ppl_mean"])) for r in rows  # type: ignore[arg-type]
                    if not str(r["name"]).startswith("top-p") and r.get("active_experts_mean") is not None)  # fmt: skip
     lines = [
@@ -262,7 +269,7 @@ def routing_markdown(rows: list[Row]) -> str:
             level = float(np.interp(active, ks, ppls))
             at, below = f"{level:.3f}", "yes" if r["val_ppl_mean"] < level else "no"  # type: ignore[operator]
         lines.append(
-            f"| {r['name']} | {r['max_experts']} | {shown} | {flops} | {_ppl(r)} | {_bpb(r)} | {rel:+.1%} | {p} "
+            f"| {r['name']} | {r['max_experts']} | {shown} | {flops} | {_ppl(r)} | {_bpb(r)} | {rel} | {p} "
             f"| {at} | {below} |"
         )
     return "\n".join(lines) + f"\n\nFLOPs at context {SEQ_LEN}, with the measured mean number of routed experts."
