@@ -232,14 +232,22 @@ def test_rows_run_a_subset_of_a_table_and_the_rope_control_gets_its_p_value(data
 
 
 def test_rows_without_the_base_row_still_write_the_report(data: Path, tmp_path: Path) -> None:
-    """Splitting a table by --rows across processes leaves a report without MHA (or top-6): it is written with
-    "-" where the comparison would be, not a crash after the training."""
+    """Splitting a table by --rows across processes leaves a report without its reference row (MHA, top-6, 1:1, a
+    size's pair): it is written with "-" where the comparison would be, not a crash after the training."""
     for table in ("table2", "table3"):
         result = reproduce(table, "debug", steps=2, seeds=(0,), data=data, out=tmp_path / table, log=lambda _: None,
                            rows=("mha-rope",))  # fmt: skip
         (line,) = [x for x in result["markdown"].splitlines() if x.startswith("| mha-rope |")]
         assert "| - | - |" in line and "decode_speedup_vs_mha" not in result["summary"][0]
         assert (tmp_path / table / f"{table}.md").is_file()
+    t4 = reproduce("table4", "debug", steps=2, seeds=(0,), data=data, out=tmp_path / "t4", log=lambda _: None,
+                   rows=("2:1",))  # fmt: skip
+    (line,) = [x for x in t4["markdown"].splitlines() if x.startswith("| 2:1 |")]
+    assert line.endswith("| - | 50.0% |") and not (tmp_path / "t4" / "tradeoff.png").exists()
+    t7 = reproduce("table7", "debug", steps=2, seeds=(0,), data=data, out=tmp_path / "t7", log=lambda _: None,
+                   rows=("debug/moe-mla-rope",))  # fmt: skip
+    assert "| debug |" not in t7["markdown"] and not (tmp_path / "t7" / "scaling.png").exists()
+    assert (tmp_path / "t7" / "table7.md").is_file()
 
 
 def _table2_result(folder: str, data: str, ppl: dict[str, list[float]], rows: list[str] | None = None) -> dict:

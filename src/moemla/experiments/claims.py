@@ -18,7 +18,7 @@ import itertools
 import statistics
 from dataclasses import dataclass
 
-from moemla.experiments.tables import PAPER_TABLE4, paired_p_value, relative_improvement
+from moemla.experiments.tables import PAPER_TABLE4, paired_p_value, paired_sizes, relative_improvement
 
 Row = dict[str, object]
 Results = dict[str, dict]  # table name -> its results.json
@@ -236,17 +236,16 @@ def _scaling_claims(t7: dict[str, Row] | None) -> list[Claim]:
     """Table 7: the gain over MHA by model size."""
     claims: list[Claim] = []
     text = "the gain over MHA grows with model size (Table 7)"
-    if t7:  # the sizes that trained both rows
-        presets = [
-            p for p in dict.fromkeys(r["preset"] for r in t7.values()) if {f"{p}/mha", f"{p}/moe-mla-rope"} <= t7.keys()
-        ]
-        gains = [-relative_improvement(t7[f"{p}/moe-mla-rope"], t7[f"{p}/mha"])[0] for p in presets]
+    if t7:
+        pairs = paired_sizes(t7)  # the sizes that trained both rows
+        presets = [p for p, _, _ in pairs]
+        gains = [-relative_improvement(moe, mha)[0] for _, mha, moe in pairs]
         ours = ", ".join(f"{p} {g:.1%}" for p, g in zip(presets, gains, strict=True))
         if len(presets) < 2:
             claims.append(Claim(text, "7.2% -> 13.3%", ours, "not measured", "needs 2+ sizes"))
         else:
             # with seeds, each size's gain must exceed the size below's by a paired test over seeds
-            per_seed = [_gains(t7[f"{p}/moe-mla-rope"], t7[f"{p}/mha"]) for p in presets]
+            per_seed = [_gains(moe, mha) for _, mha, moe in pairs]
             ps = [paired_p_value(b, a) for a, b in itertools.pairwise(per_seed)]
             grows = all(b > a for a, b in itertools.pairwise(gains))
             seeds = min(len(g) for g in per_seed)

@@ -22,6 +22,8 @@ from moemla.experiments.tables import (
     PAPER_TABLE7,
     SEQ_LEN,
     TABLES,
+    base_row,
+    paired_sizes,
     params_note,
     relative_improvement,
 )
@@ -207,7 +209,7 @@ def _add_decode_speed(summary: list[dict[str, object]], context: int, device: st
         row = bench(cfg, DECODE_BATCH, context, min(DECODE_NEW_TOKENS, context // 4), device=dev)
         r["decode_tokens_per_s"] = row["decode_tokens_per_s"]
         r["decode_setting"] = f"{dev.type} fp32, batch {DECODE_BATCH}, context {context}, random weights"
-    base = next((r for r in summary if r["name"] == "mha"), None)
+    base = base_row(summary, "mha")
     for r in summary if base is not None else ():  # --rows without mha: no speed ratio to give
         r["decode_speedup_vs_mha"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]  # type: ignore[operator]
 
@@ -235,15 +237,13 @@ def _figures(table: str, rows: list[dict], summary: list[dict], out: Path) -> li
     paths = [figures.val_loss_curves(rows, out / "val_loss.png", f"{table}: validation loss")]
     cv = figures.load_cv_curves(rows, out / "load_cv.png", f"{table}: expert-load CV over training")
     paths += [cv] if cv else []
-    if table == "table4":
-        paths.append(figures.compression_tradeoff(summary, PAPER_TABLE4, out / "tradeoff.png"))
-    if table == "table7":
-        by = {str(r["name"]): r for r in summary}
+    if table == "table4" and (full := base_row(summary, "1:1")) is not None:  # the trade-off is relative to 1:1
+        paths.append(figures.compression_tradeoff(summary, full, PAPER_TABLE4, out / "tradeoff.png"))
+    if table == "table7" and (pairs := paired_sizes(summary)):
         points = []
-        for preset in dict.fromkeys(r["preset"] for r in summary):
-            mha, moe = by[f"{preset}/mha"], by[f"{preset}/moe-mla-rope"]
+        for preset, mha, moe in pairs:
             rel, half, _ = relative_improvement(moe, mha)
-            points.append((str(preset), float(mha["total_params"]), rel, half))  # type: ignore[arg-type]
+            points.append((preset, float(mha["total_params"]), rel, half))  # type: ignore[arg-type]
         paths.append(figures.scaling(points, PAPER_TABLE7, out / "scaling.png"))
     return paths
 

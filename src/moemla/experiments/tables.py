@@ -85,7 +85,7 @@ def paired_p_value(a: list[float], b: list[float]) -> float | None:
     return float(ttest_rel(a, b).pvalue)
 
 
-def _base(rows: list[Row], name: str) -> Row | None:
+def base_row(rows: list[Row], name: str) -> Row | None:
     """The row the others are compared with, or None where --rows left it out (its columns then show "-")."""
     return next((r for r in rows if r["name"] == name), None)
 
@@ -100,7 +100,7 @@ def _versus(row: Row, base: Row | None) -> tuple[str, str]:
 
 
 def table2_markdown(rows: list[dict[str, object]]) -> str:
-    base = _base(rows, "mha")
+    base = base_row(rows, "mha")
     lines = [
         "| variant | d | FFN/expert width | params (vs mha) | active params | val PPL (ours) | bits/byte | vs mha "
         "| p (paired t) | val PPL (paper) | vs mha (paper) |",
@@ -179,7 +179,7 @@ def measure_ratio(cfg: ModelConfig, reference: ModelConfig, context: int) -> flo
 
 
 def table3_markdown(rows: list[Row]) -> str:
-    base = _base(rows, "mha")
+    base = base_row(rows, "mha")
     lines = [
         "| variant | d | FFN/expert width | params | active | FLOPs (vs mha) | val PPL (ours) | bits/byte | vs mha "
         "| p (paired t) | decode vs mha (ours) | val PPL (paper) | FLOPs (paper) | speedup (paper) |",
@@ -251,7 +251,7 @@ def routing_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSp
 def routing_markdown(rows: list[Row]) -> str:
     """Quality against the routed experts a token actually got (measured on validation text) and their FLOPs; a
     top-p row beats fixed routing when its perplexity is below the top-k curve at its mean (EXPERIMENTS.md)."""
-    base = _base(rows, "top-6")
+    base = base_row(rows, "top-6")
     curve = sorted((float(r["active_experts_mean"]), float(r["val_ppl_mean"])) for r in rows  # type: ignore[arg-type]
                    if not str(r["name"]).startswith("top-p") and r.get("active_experts_mean") is not None)  # fmt: skip
     lines = [
@@ -308,17 +308,26 @@ def relative_improvement(moe: Row, mha: Row) -> tuple[float, float, str]:
     return rel, 1.96 * math.hypot(*se) * (1 + rel), "1 seed: validation batches only"
 
 
+def paired_sizes(rows: list[Row] | dict[str, Row]) -> list[tuple[str, Row, Row]]:
+    """Table 7's sizes that trained both rows, as (preset, mha, moe-mla-rope), from the summary's rows or a mapping
+    of "size/variant" to row: a size that a --rows split left with one row has nothing to compare, so the table,
+    plot and claim skip it."""
+    by = rows if isinstance(rows, dict) else {str(r["name"]): r for r in rows}
+    presets = dict.fromkeys(str(r["preset"]) for r in by.values())
+    return [
+        (p, by[f"{p}/mha"], by[f"{p}/moe-mla-rope"]) for p in presets if {f"{p}/mha", f"{p}/moe-mla-rope"} <= by.keys()
+    ]
+
+
 def table7_markdown(rows: list[Row]) -> str:
     lines = [
         "| size | params (M) | MHA PPL | MoE-MLA-RoPE PPL | MHA bits/byte | MoE-MLA-RoPE bits/byte | relative (ours) "
         "| 95% CI (ours) | params (paper) | relative (paper) | 95% CI (paper) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for preset in dict.fromkeys(r["preset"] for r in rows):
-        mha = next(r for r in rows if r["name"] == f"{preset}/mha")
-        moe = next(r for r in rows if r["name"] == f"{preset}/moe-mla-rope")
+    for preset, mha, moe in paired_sizes(rows):
         rel, half, how = relative_improvement(moe, mha)
-        paper = PAPER_TABLE7.get(str(preset))
+        paper = PAPER_TABLE7.get(preset)
         paper_cols = f"{paper[0]} | {paper[3]:+.1%} | ±{paper[4]:.1%}" if paper else "- | - | -"
         lines.append(
             f"| {preset} | {mha['total_params'] / 1e6:.2f} | {_ppl(mha)} | {_ppl(moe)} | {_bpb(mha)} | {_bpb(moe)} "
@@ -340,7 +349,7 @@ def _bpb(row: Row) -> str:
 
 
 def table4_markdown(rows: list[dict[str, object]]) -> str:
-    full = next(r for r in rows if r["name"] == "1:1")["kv_cache_bytes_per_token"]
+    full = base_row(rows, "1:1")
     lines = [
         "| compression | latent dim r | val PPL (ours) | bits/byte | val PPL (paper) | KV saving (ours) "
         "| KV saving (paper) |",
@@ -348,8 +357,8 @@ def table4_markdown(rows: list[dict[str, object]]) -> str:
     ]
     for r in rows:
         ppl, saving = PAPER_TABLE4[str(r["name"])]
-        ours = 1 - r["kv_cache_bytes_per_token"] / full  # type: ignore[operator]
-        lines.append(f"| {r['name']} | {r['latent_dim']} | {_ppl(r)} | {_bpb(r)} | {ppl} | {ours:.1%} | {saving:.1%} |")
+        ours = "-" if full is None else f"{1 - r['kv_cache_bytes_per_token'] / full['kv_cache_bytes_per_token']:.1%}"  # type: ignore[operator]
+        lines.append(f"| {r['name']} | {r['latent_dim']} | {_ppl(r)} | {_bpb(r)} | {ppl} | {ours} | {saving:.1%} |")
     best = min(rows, key=lambda r: r["val_ppl_mean"])  # type: ignore[arg-type, return-value]
     lines.append(f"\nLowest perplexity here: {best['name']} (the paper names 2:1 the sweet spot; 1:1 is its lowest).")
     return "\n".join(lines)
