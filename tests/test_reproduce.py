@@ -250,7 +250,9 @@ def test_rows_without_the_base_row_still_write_the_report(data: Path, tmp_path: 
     assert (tmp_path / "t7" / "table7.md").is_file()
 
 
-def _table2_result(folder: str, data: str, ppl: dict[str, list[float]], rows: list[str] | None = None) -> dict:
+def _table2_result(
+    folder: str, data: str, ppl: dict[str, list[float]], rows: list[str] | None = None, preset: str = "tiny"
+) -> dict:
     """A results.json of table2 as the sweep writes it, from per-seed perplexities (bits per byte from them)."""
     import math
 
@@ -262,7 +264,8 @@ def _table2_result(folder: str, data: str, ppl: dict[str, list[float]], rows: li
          "active_params": 0.6 if name.startswith("moe") else 1.0, "kv_cache_bytes_per_token": 2 if "mla" in name else 4}
         for name, values in ppl.items() for seed, p in enumerate(values)
     ]  # fmt: skip
-    res = {"table": "table2", "data": data, "folder": folder, "runs": runs, "summary": aggregate(runs), "train": {}}
+    res = {"table": "table2", "presets": [preset], "data": data, "folder": folder, "runs": runs,
+           "summary": aggregate(runs), "train": {}}  # fmt: skip
     return {**res, "rows": rows} if rows else res
 
 
@@ -287,9 +290,24 @@ def test_summary_takes_each_claim_from_the_table_with_most_seeds_per_corpus() ->
     text = summary.markdown(summary.ordered({"stdlib": [other], "builtin": [full, ctrl]}))
     assert text.index("## On the built-in corpus") < text.index("## On Python's standard library")
     bpb = text.split("## Bits per byte")[1].split("##")[0]
-    assert "| table2 | mha | 0.8317 ± " in bpb and "(3 seeds) | 0.5841 ± " in bpb  # mean log2(ppl)/4, 3 seeds; stdlib
-    assert "| table2 | mla | 0.8305 (1 seed) | - |" in bpb
-    assert "| t2-control | the built-in corpus | 9 | 3 | 9 min |" in text
+    assert "| table2 | tiny | mha | 0.8317 ± " in bpb and "(3 seeds) | 0.5841 ± " in bpb  # mean log2(ppl)/4; stdlib
+    assert "| table2 | tiny | mla | 0.8305 (1 seed) | - |" in bpb
+    assert "| t2-control | the built-in corpus | tiny | 9 | 3 | 9 min |" in text
+
+
+def test_summary_keeps_each_size_apart() -> None:
+    """A Table 2 at xs beside one at tiny on the same corpus: each claim once per size, smaller first, and its
+    bits per byte in rows of its own size, never pooled with or replacing the tiny rows."""
+    from moemla.experiments import summary
+
+    tiny = _table2_result("t2-tiny", "data/builtin", {"mha": [10.0, 10.2, 9.9], "moe-mla-rope": [8.0, 8.1, 7.9]})
+    xs = _table2_result("t2-xs", "data/builtin", {"mha": [9.0] * 4, "moe-mla-rope": [9.5, 9.4, 9.6, 9.5]}, preset="xs")
+    matched = "parameter-matched: MoE-MLA-RoPE improves p"
+    got = [(c.size, c.source, c.verdict) for c in summary.best_claims([xs, tiny]) if c.text.startswith(matched)]
+    assert got == [("tiny", "t2-tiny", "holds"), ("xs", "t2-xs", "does not hold")]
+    text = summary.markdown({"builtin": [tiny, xs]})
+    assert "| table2 | tiny | mha | 0.8317 ± " in text and "| table2 | xs | mha | 0.7925 ± " in text
+    assert "| t2-xs | the built-in corpus | xs | 8 | 4 |" in text
 
 
 def test_routing_table_measures_active_experts_of_top_k_and_top_p(data: Path, tmp_path: Path) -> None:
@@ -376,10 +394,9 @@ def test_reuse_copies_identical_runs_from_another_table_and_trains_only_the_rest
     assert [k for k, v in copied.items() if v] == [("debug/mha", 0), ("debug/moe-mla-rope", 0)]
     # the summary's time table counts a copied run's time where it was trained, not twice
     text = summarize(tmp_path)
-    assert "| t7 | the built-in corpus | 4 | 2 |" in text and "(+ 2 runs copied)" in text
-    assert (
-        "| t2 | the built-in corpus | 2 | 1 |" in text and "| t2 | the built-in corpus | 2 | 1 | 0 min (+" not in text
-    )
+    assert "| t7 | the built-in corpus | debug | 4 | 2 |" in text and "(+ 2 runs copied)" in text
+    t2_line = "| t2 | the built-in corpus | debug | 2 | 1 |"
+    assert t2_line in text and f"{t2_line} 0 min (+" not in text
     # the same tokenizer over other text is other data: neither reused in place nor copied
     meta_path = t2 / "runs" / "mha-seed0" / "run.json"
     meta = json.loads(meta_path.read_text())

@@ -33,6 +33,7 @@ class Claim:
     why: str = ""
     seeds: int = 0  # seeds behind a quality claim's test (0: not a quality claim)
     source: str = ""  # the results folder it was measured in (results/summary.md)
+    size: str = ""  # the size preset(s) it was measured at (results/summary.md)
 
 
 # the rows each table's claims compare; a run of fewer rows (--rows) leaves those claims "not measured"
