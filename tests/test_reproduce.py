@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -397,6 +398,9 @@ def test_reuse_copies_identical_runs_from_another_table_and_trains_only_the_rest
     assert "| t7 | the built-in corpus | debug | 4 | 2 |" in text and "(+ 2 runs copied)" in text
     t2_line = "| t2 | the built-in corpus | debug | 2 | 1 |"
     assert t2_line in text and f"{t2_line} 0 min (+" not in text
+    # and names the device that trained them, as the runs recorded it, not the --device asked for
+    assert re.search(r"\| t2 \| the built-in corpus \| debug \| 2 \| 1 \| \d+ min \| cpu, \d+ threads? \|", text)
+    assert re.search(r"\(data: `[^`]+`; trained on cpu, \d+ threads?\)", (tmp_path / "t7" / "table7.md").read_text())
     # the same tokenizer over other text is other data: neither reused in place nor copied
     meta_path = t2 / "runs" / "mha-seed0" / "run.json"
     meta = json.loads(meta_path.read_text())
@@ -417,3 +421,15 @@ def test_busy_note_warns_only_when_other_work_held_more_than_half_the_cores() ->
     assert busy_note(0.4, 2) is None and busy_note(1.0, 2) is None
     assert "load average 2.5 on 2 cores" in busy_note(2.5, 2)  # type: ignore[operator]
     assert busy_note(6.0, 16) is None
+
+
+def test_train_device_names_each_machine_a_resumed_run_trained_on() -> None:
+    from moemla.experiments.sweep import train_device
+
+    def rec(step: int, device: str | None) -> dict:
+        return {"step": step, "split": "train", "elapsed_s": step} | ({"device": device} if device else {})
+
+    assert train_device([rec(10, None), {"step": 10, "split": "val"}]) is None  # recorded before devices were
+    assert train_device([rec(10, "cpu, 2 threads"), rec(20, "cpu, 2 threads")]) == "cpu, 2 threads"
+    moved = [rec(10, "cpu, 2 threads"), rec(20, "NVIDIA H200"), rec(30, "NVIDIA H200")]
+    assert train_device(moved) == "cpu, 2 threads then NVIDIA H200"

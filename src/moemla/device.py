@@ -17,6 +17,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def describe(device: torch.device, processes: int = 1) -> str:
+    """What trained a run, for the records a reader compares times by: the GPU's name, or the CPU's threads."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+    return f"{processes} x {name}" if processes > 1 else name
+
+
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     """The autocast dtype for an `amp` setting: auto means bf16 on CUDA and full precision on CPU."""
     if amp == "auto":

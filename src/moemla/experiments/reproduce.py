@@ -153,7 +153,7 @@ def write_report(out: Path, result: dict) -> tuple[str, list[claims.Claim]]:
     report = "\n\n".join(
         [
             f"# {table}: {', '.join(presets)}, {tc.steps} steps of {tc.tokens_per_step:,} tokens, seeds {seeds}",
-            f"Command: `{result['command']}` (data: `{result['data']}`)",
+            f"Command: `{result['command']}` (data: `{result['data']}`{_trained_on(result['runs'])})",
             TABLES[table].markdown(summary),
             params_note(summary),
         ]
@@ -163,6 +163,12 @@ def write_report(out: Path, result: dict) -> tuple[str, list[claims.Claim]]:
     tested = [c for c in claims.check({table: {"summary": summary}}) if c.verdict != "not measured"]
     (out / "summary.md").write_text(claims.markdown(tested, f"{table}, {', '.join(presets)}"))
     return report, tested
+
+
+def _trained_on(runs: list[dict]) -> str:
+    """', trained on: ...' naming the devices the runs recorded (none for runs from before that was recorded)."""
+    devices = dict.fromkeys(str(r["device"]) for r in runs if r.get("device") and not r.get("copied_from"))
+    return f"; trained on {', '.join(devices)}" if devices else ""
 
 
 def add_bits_per_byte(result: dict) -> bool:

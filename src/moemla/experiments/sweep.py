@@ -73,6 +73,7 @@ def run_sweep(
                 "val_ppl": val[-1]["val_ppl"], "val_ppl_ci95": val[-1]["val_ppl_ci95"],
                 "bits_per_byte": val[-1].get("bits_per_byte"),
                 "expert_load_cv": val[-1]["expert_load_cv"], "train_seconds": train_seconds(metrics),
+                "device": train_device(metrics),
                 "copied_from": copied_from(run_dir),
                 "active_experts": val[-1].get("active_experts"),
                 "total_params": accounting.total_params(spec.cfg), "active_params": accounting.active_params(spec.cfg),
@@ -86,6 +87,13 @@ def train_seconds(metrics: list[dict]) -> float | None:
     """Wall time a run spent training, from its last training record (None without one)."""
     times = [r["elapsed_s"] for r in metrics if r["split"] == "train" and "elapsed_s" in r]
     return float(times[-1]) if times else None
+
+
+def train_device(metrics: list[dict]) -> str | None:
+    """What trained a run (e.g. "NVIDIA H200", "cpu, 1 thread"), every device in order where a resume moved it;
+    None for runs recorded before training logged it."""
+    found = [r["device"] for r in metrics if r["split"] == "train" and r.get("device")]
+    return " then ".join(dict.fromkeys(found)) or None
 
 
 def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData) -> None:

@@ -19,7 +19,7 @@ from moemla.config import ConfigError, ModelConfig
 from moemla.data.shards import PreparedData, train_batch
 from moemla.data.sources import DataError
 from moemla.data.tokenizer import token_bytes
-from moemla.device import amp_dtype, autocast
+from moemla.device import amp_dtype, autocast, describe
 from moemla.eval.perplexity import evaluate
 from moemla.model import Transformer
 from moemla.progress import Progress, duration
@@ -133,6 +133,7 @@ def _steps(s: _Session, data: PreparedData, log: Callable[[str], None]) -> dict[
     flops_per_token = 3 * accounting.flops_per_token(s.model.cfg, tc.seq_len)  # forward + backward
     speed = _Speed()
     last: dict[str, object] = {"step": s.step}
+    where = describe(d.device, d.world)  # in each training record: a resumed run may have moved machines
     total = tc.steps
     s.model.train()
     with _Recorder(run_dir if d.main else None) as recorder, Progress(f"train {run_dir.name}", total=total) as bar:
@@ -154,7 +155,7 @@ def _steps(s: _Session, data: PreparedData, log: Callable[[str], None]) -> dict[
                     "step": s.step, "split": "train", "loss": train_loss, "lr": lr, "grad_norm": norm,
                     "tokens": s.step * tc.tokens_per_step, "tokens_per_s": tps,
                     "mfu_flops_per_s": tps * flops_per_token, "elapsed_s": s.elapsed,
-                    "load_cv": cvs or None,
+                    "load_cv": cvs or None, "device": where,
                 }  # fmt: skip
                 recorder.record(last)
                 speed.new_window()
