@@ -22,7 +22,8 @@ def describe(device: torch.device, processes: int = 1) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{device.type}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+        threads = torch.get_num_threads()
+        name = f"{device.type}, {threads} thread{'s' if threads > 1 else ''}"
     return f"{processes} x {name}" if processes > 1 else name
 
 

@@ -166,9 +166,9 @@ def write_report(out: Path, result: dict) -> tuple[str, list[claims.Claim]]:
 
 
 def _trained_on(runs: list[dict]) -> str:
-    """', trained on: ...' naming the devices the runs recorded (none for runs from before that was recorded)."""
-    devices = dict.fromkeys(str(r["device"]) for r in runs if r.get("device") and not r.get("copied_from"))
-    return f"; trained on {', '.join(devices)}" if devices else ""
+    """'; trained on ...' naming the devices the runs recorded (nothing for runs from before that was recorded)."""
+    found = summary.devices(runs)
+    return f"; trained on {found}" if found else ""
 
 
 def add_bits_per_byte(result: dict) -> bool:

@@ -115,14 +115,15 @@ def time_table(by_corpus: dict[str, list[dict]]) -> str:
             took = f"{sum(seconds) / 60:.0f} min" if all(s is not None for s in seconds) else "not recorded"
             took += f" (+ {len(res['runs']) - len(here)} runs copied)" if len(here) < len(res["runs"]) else ""
             where = f"{_label(name)} | {size(res)} | {len(res['runs'])} | {_seeds(res)} | {took}"
-            where += f" | {_devices(here) or res['train'].get('device')}"
+            where += f" | {devices(res['runs']) or res['train'].get('device')}"
             lines.append(f"| {res['folder']} | {where} | {_epochs(res)} |")
     return "\n".join(lines)
 
 
-def _devices(runs: list[dict]) -> str:
-    """The devices that trained these runs, as their records name them (runs before that was recorded: none)."""
-    return "; ".join(dict.fromkeys(str(r["device"]) for r in runs if r.get("device")))
+def devices(runs: list[dict]) -> str:
+    """The devices that trained a table's runs, as their records name them ("; " apart: a name may hold a comma);
+    runs --reuse copied trained elsewhere, and runs from before devices were recorded name none."""
+    return "; ".join(dict.fromkeys(str(r["device"]) for r in runs if r.get("device") and not r.get("copied_from")))
 
 
 def _epochs(result: dict) -> str:
