@@ -70,7 +70,8 @@ def test_table5_holds_total_expert_parameters_and_8_active() -> None:
     totals = {(s.cfg.n_routed_experts + s.cfg.n_shared_experts) * s.cfg.expert_inter_dim for s in specs}
     assert len(totals) == 1
     # the fine design is Table 4's 2:1 row and the routing table's top-6 row, so --reuse can share their runs
-    from moemla.experiments.tables import routing_specs, table4_specs
+    from moemla.experiments.routing import routing_specs
+    from moemla.experiments.tables import table4_specs
 
     two_to_one = next(s.cfg for s in table4_specs({"tiny": base}, [0]) if s.name == "2:1")
     top6 = next(s.cfg for s in routing_specs({"tiny": base}, [0]) if s.name == "top-6")

@@ -18,7 +18,8 @@ import itertools
 import statistics
 from dataclasses import dataclass
 
-from moemla.experiments.tables import PAPER_TABLE4, paired_p_value, paired_sizes, relative_improvement
+from moemla.experiments.rows import paired_p_value
+from moemla.experiments.tables import PAPER_TABLE4, paired_sizes, relative_improvement
 
 Row = dict[str, object]
 Results = dict[str, dict]  # table name -> its results.json

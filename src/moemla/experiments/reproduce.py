@@ -16,13 +16,12 @@ from moemla.data.shards import PreparedData
 from moemla.data.tokenizer import token_bytes
 from moemla.eval.perplexity import bits_per_byte, window_bytes
 from moemla.experiments import claims, figures, summary
+from moemla.experiments.rows import SEQ_LEN, base_row
 from moemla.experiments.sweep import RunSpec, aggregate, copied_from, run_sweep, train_seconds
 from moemla.experiments.tables import (
     PAPER_TABLE4,
     PAPER_TABLE7,
-    SEQ_LEN,
     TABLES,
-    base_row,
     paired_sizes,
     params_note,
     relative_improvement,

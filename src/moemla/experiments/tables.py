@@ -7,14 +7,11 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
-from moemla import accounting
 from moemla.config import VARIANTS, ModelConfig
 from moemla.experiments.matching import match, measure
+from moemla.experiments.routing import routing_markdown, routing_specs
+from moemla.experiments.rows import SEQ_LEN, Row, base_row, bpb_cell, ppl_cell, versus
 from moemla.experiments.sweep import RunSpec
-
-Row = dict[str, object]
 
 # Table 4 (9L-512d MoE-MLA-RoPE): compression -> (validation perplexity, memory saving)
 PAPER_TABLE4 = {"1:1": (7.347, 0.0), "2:1": (7.388, 0.50), "4:1": (7.916, 0.75), "8:1": (8.893, 0.875)}
@@ -44,8 +41,6 @@ PAPER_TABLE7 = {
     "l": (123.3, 6.23, 5.51, -0.115, 0.002),
     "xl": (202.7, 5.12, 4.44, -0.133, 0.002),
 }
-# every table trains on sequences of SEQ_LEN tokens; table3 matches FLOPs at this context
-SEQ_LEN = 256
 COMPRESSIONS = {"1:1": 1.0, "2:1": 0.5, "4:1": 0.25, "8:1": 0.125}
 
 
@@ -74,31 +69,6 @@ def table2_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpe
     return specs
 
 
-def paired_p_value(a: list[float], b: list[float]) -> float | None:
-    """Two-sided paired t-test over seeds (scipy); None with fewer than 2 pairs or without scipy."""
-    if len(a) < 2 or len(a) != len(b):
-        return None
-    try:
-        from scipy.stats import ttest_rel
-    except ImportError:
-        return None
-    return float(ttest_rel(a, b).pvalue)
-
-
-def base_row(rows: list[Row], name: str) -> Row | None:
-    """The row the others are compared with, or None where --rows left it out (its columns then show "-")."""
-    return next((r for r in rows if r["name"] == name), None)
-
-
-def _versus(row: Row, base: Row | None) -> tuple[str, str]:
-    """Perplexity relative to the base row's (MHA) and the paired t-test's p-value, as text ("-" for the base
-    itself, for 1 seed, or where the base row was not run)."""
-    if base is None:
-        return "-", "-"
-    p = paired_p_value(row["val_ppl_by_seed"], base["val_ppl_by_seed"]) if row is not base else None  # type: ignore[arg-type]
-    return f"{row['val_ppl_mean'] / base['val_ppl_mean'] - 1:+.1%}", "-" if p is None else f"{p:.3g}"  # type: ignore[operator]
-
-
 def table2_markdown(rows: list[dict[str, object]]) -> str:
     base = base_row(rows, "mha")
     lines = [
@@ -108,12 +78,12 @@ def table2_markdown(rows: list[dict[str, object]]) -> str:
     ]
     for r in rows:
         name = str(r["name"])
-        rel, p = _versus(r, base)
+        rel, p = versus(r, base)
         paper = PAPER_TABLE2.get(name)
         paper_cols = f"{paper} | {paper / PAPER_TABLE2['mha'] - 1:+.1%}" if paper else "(our addition) | -"
         lines.append(
             f"| {name} | {r['dim']} | {r['ffn_width']} | {r['total_params'] / 1e6:.2f}M ({r['matched_ratio']:.3f}) "
-            f"| {r['active_params'] / 1e6:.2f}M | {_ppl(r)} | {_bpb(r)} | {rel} | {p} "
+            f"| {r['active_params'] / 1e6:.2f}M | {ppl_cell(r)} | {bpb_cell(r)} | {rel} | {p} "
             f"| {paper_cols} |"
         )
     return "\n".join(lines)
@@ -143,7 +113,7 @@ def table8_markdown(rows: list[Row]) -> str:
         stats: dict = r["sample_stats"]  # type: ignore[assignment]
         paper = " / ".join(f"{PAPER_TABLE8[str(r['name'])][d][0]}" for d in order)
         lines.append(
-            f"| {r['name']} | {_ppl(r)} | {_bpb(r)} | {' | '.join(cells)} | {r.get('unparsed', '-')} "
+            f"| {r['name']} | {ppl_cell(r)} | {bpb_cell(r)} | {' | '.join(cells)} | {r.get('unparsed', '-')} "
             f"| {stats['distinct_2']:.3f} | {stats['repeated_4gram_rate']:.3f} | {paper} |"
         )
     if not any(r.get("judge") for r in rows):
@@ -187,14 +157,14 @@ def table3_markdown(rows: list[Row]) -> str:
     ]
     for r in rows:
         name = str(r["name"])
-        rel, p = _versus(r, base)
+        rel, p = versus(r, base)
         paper = PAPER_TABLE3.get(name)
         paper_cols = f"{paper[0]} | {paper[1]:.2f}x | {paper[2]:.1f}x" if paper else "(our addition) | - | -"
         speed = f"{r['decode_speedup_vs_mha']:.2f}x" if r.get("decode_speedup_vs_mha") is not None else "-"
         lines.append(
             f"| {name} | {r['dim']} | {r['ffn_width']} | {r['total_params'] / 1e6:.2f}M "
             f"| {r['active_params'] / 1e6:.2f}M "
-            f"| {r['flops_ratio']:.3f}x | {_ppl(r)} | {_bpb(r)} | {rel} | {p} | {speed} "
+            f"| {r['flops_ratio']:.3f}x | {ppl_cell(r)} | {bpb_cell(r)} | {rel} | {p} | {speed} "
             f"| {paper_cols} |"
         )
     return "\n".join(lines)
@@ -225,54 +195,6 @@ def table5_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpe
         cfg = fine.replace(n_routed_experts=total - 2, moe_inter_dim=None if width == fine.expert_inter_dim else width)
         specs += [RunSpec(name, cfg, s, {"total_experts": total, "expert_width": width}) for s in seeds]
     return specs
-
-
-ROUTING = {"top-2": 2, "top-4": 4, "top-6": 6, "top-8": 8, "top-p=0.5": 0.5, "top-p=0.7": 0.7, "top-p=0.9": 0.9}
-
-
-def routing_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpec]:
-    """§7 question 3, dynamic expert selection: MoE-MLA-RoPE with top-k routing for k = 2, 4, 6, 8 and with top-p
-    routing (up to 8 experts, at least 1) for three p; the same experts and parameters in every row."""
-    (base,) = bases.values()
-    moe = base.replace(attention="mla", positions="rope", ffn="moe", rope_mode="post")
-    specs = []
-    for name, value in ROUTING.items():
-        if isinstance(value, int):
-            cfg = moe.replace(n_activated_experts=value, min_activated_experts=1)
-        else:
-            cfg = moe.replace(routing="top-p", routing_p=value, n_activated_experts=8, min_activated_experts=1)
-        one = accounting.flops_per_token_at(cfg, 1, SEQ_LEN)
-        labels = {"max_experts": cfg.n_activated_experts, "flops_one": one,
-                  "flops_per_expert": accounting.flops_per_token_at(cfg, 2, SEQ_LEN) - one}  # fmt: skip
-        specs += [RunSpec(name, cfg, s, labels) for s in seeds]
-    return specs
-
-
-def routing_markdown(rows: list[Row]) -> str:
-    """Quality against the routed experts a token actually got (measured on validation text) and their FLOPs; a
-    top-p row beats fixed routing when its perplexity is below the top-k curve at its mean (EXPERIMENTS.md)."""
-    base = base_row(rows, "top-6")
-    curve = sorted((float(r["active_experts_mean"]), float(r["val_ppl_mean"])) for r in rows  # type: ignore[arg-type]
-                   if not str(r["name"]).startswith("top-p") and r.get("active_experts_mean") is not None)  # fmt: skip
-    lines = [
-        "| routing | most experts | mean routed experts (measured) | forward GFLOPs/token | val PPL | bits/byte "
-        "| vs top-6 | p (paired t) | top-k curve at that mean | below the curve |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        active = r.get("active_experts_mean")
-        flops = "-" if active is None else f"{(r['flops_one'] + (active - 1) * r['flops_per_expert']) / 1e9:.4f}"  # type: ignore[operator]
-        rel, p = _versus(r, base)
-        shown, at, below = "-" if active is None else f"{active:.2f}", "-", "-"
-        if str(r["name"]).startswith("top-p") and active is not None and len(curve) > 1:
-            ks, ppls = zip(*curve, strict=True)
-            level = float(np.interp(active, ks, ppls))
-            at, below = f"{level:.3f}", "yes" if r["val_ppl_mean"] < level else "no"  # type: ignore[operator]
-        lines.append(
-            f"| {r['name']} | {r['max_experts']} | {shown} | {flops} | {_ppl(r)} | {_bpb(r)} | {rel} | {p} "
-            f"| {at} | {below} |"
-        )
-    return "\n".join(lines) + f"\n\nFLOPs at context {SEQ_LEN}, with the measured mean number of routed experts."
 
 
 def table7_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSpec]:
@@ -330,22 +252,11 @@ def table7_markdown(rows: list[Row]) -> str:
         paper = PAPER_TABLE7.get(preset)
         paper_cols = f"{paper[0]} | {paper[3]:+.1%} | ±{paper[4]:.1%}" if paper else "- | - | -"
         lines.append(
-            f"| {preset} | {mha['total_params'] / 1e6:.2f} | {_ppl(mha)} | {_ppl(moe)} | {_bpb(mha)} | {_bpb(moe)} "
+            f"| {preset} | {mha['total_params'] / 1e6:.2f} | {ppl_cell(mha)} | {ppl_cell(moe)} "
+            f"| {bpb_cell(mha)} | {bpb_cell(moe)} "
             f"| {rel:+.1%} | ±{half:.1%} ({how}) | {paper_cols} |"
         )
     return "\n".join(lines)
-
-
-def _ppl(row: dict[str, object]) -> str:
-    if row["seeds"] == 1:
-        return f"{row['val_ppl_mean']:.3f} (1 seed)"
-    return f"{row['val_ppl_mean']:.3f} ± {row['val_ppl_std']:.3f}"
-
-
-def _bpb(row: Row) -> str:
-    """Validation bits per byte (mean over seeds): comparable across tokenizers, unlike perplexity."""
-    value = row.get("bits_per_byte_mean")
-    return "-" if value is None else f"{value:.4f}"
 
 
 def table4_markdown(rows: list[dict[str, object]]) -> str:
@@ -358,7 +269,8 @@ def table4_markdown(rows: list[dict[str, object]]) -> str:
     for r in rows:
         ppl, saving = PAPER_TABLE4[str(r["name"])]
         ours = "-" if full is None else f"{1 - r['kv_cache_bytes_per_token'] / full['kv_cache_bytes_per_token']:.1%}"  # type: ignore[operator]
-        lines.append(f"| {r['name']} | {r['latent_dim']} | {_ppl(r)} | {_bpb(r)} | {ppl} | {ours} | {saving:.1%} |")
+        cells = f"{ppl_cell(r)} | {bpb_cell(r)} | {ppl} | {ours} | {saving:.1%}"
+        lines.append(f"| {r['name']} | {r['latent_dim']} | {cells} |")
     best = min(rows, key=lambda r: r["val_ppl_mean"])  # type: ignore[arg-type, return-value]
     lines.append(f"\nLowest perplexity here: {best['name']} (the paper names 2:1 the sweet spot; 1:1 is its lowest).")
     return "\n".join(lines)
@@ -374,8 +286,8 @@ def table5_markdown(rows: list[dict[str, object]]) -> str:
         _, ppl, cv = PAPER_TABLE5[str(r["name"])]
         ours_cv = f"{r['max_load_cv']:.3f}" if r["max_load_cv"] is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['total_experts']} | {r['expert_width']} | {_ppl(r)} | {_bpb(r)} | {ppl} | {ours_cv} "
-            f"| {cv:.2f} |"
+            f"| {r['name']} | {r['total_experts']} | {r['expert_width']} | {ppl_cell(r)} | {bpb_cell(r)} | {ppl} "
+            f"| {ours_cv} | {cv:.2f} |"
         )
     return "\n".join(lines)
 
