@@ -325,6 +325,34 @@ def test_routing_table_measures_active_experts_of_top_k_and_top_p(data: Path, tm
     assert "| top-6 | 6 | 6.00 |" in md and "| +0.0% | - | - | - |" in md
     assert all(line.split("|")[10].strip() in {"yes", "no"} for line in md.splitlines() if line.startswith("| top-p"))
     assert all(line.split("|")[8].strip() != "-" for line in md.splitlines() if line.startswith("| top-p"))
+    # 2 seeds: each top-p row is tested against its own seeds' curves (nan where 2 steps leave no spread)
+    assert all(line.split("|")[11].strip() != "-" for line in md.splitlines() if line.startswith("| top-p"))
+
+
+def test_routing_tests_each_top_p_seed_against_its_own_seeds_top_k_curve() -> None:
+    """The curve test is paired by seed: a top-p row sitting a fixed 1% under each seed's own top-k curve is
+    significant even where the seeds' curves differ by far more than 1%; the means alone could not show that."""
+    from moemla.experiments.routing import routing_markdown
+
+    def row(name: str, experts: list[float], ppl: list[float]) -> dict[str, object]:
+        return {"name": name, "max_experts": 8, "flops_one": 1e6, "flops_per_expert": 1e5, "seeds": len(ppl),
+                "val_ppl_by_seed": ppl, "val_ppl_mean": sum(ppl) / len(ppl), "val_ppl_std": 0.1,
+                "active_experts_by_seed": experts, "active_experts_mean": sum(experts) / len(experts)}  # fmt: skip
+
+    spread, jitter = [0.0, 0.5, -0.4], [0.0, 0.005, -0.004]  # seeds' curves 0.9 apart, top-p 0.03 under each
+    slope = [-0.05, -0.048, -0.053]  # each seed's curve is linear in k, so interpolation is exact
+    fixed = [
+        row(f"top-{k}", [k] * 3, [3.0 + s * k + o for s, o in zip(slope, spread, strict=True)]) for k in (2, 4, 6, 8)
+    ]
+    experts = [3.0, 3.2, 2.8]
+    under = [3.0 + s * e + o - 0.03 + j for s, e, o, j in zip(slope, experts, spread, jitter, strict=True)]
+    dyn = row("top-p=0.5", experts, under)
+    md = routing_markdown([*fixed, dyn])
+    (line,) = [ln for ln in md.splitlines() if ln.startswith("| top-p=0.5")]
+    assert line.split("|")[10].strip() == "yes" and float(line.split("|")[11]) < 0.05
+    one_seed = routing_markdown([row(r["name"], r["active_experts_by_seed"][:1], r["val_ppl_by_seed"][:1])  # type: ignore[index]
+                                 for r in [*fixed, dyn]])  # fmt: skip
+    assert one_seed.splitlines()[-3].split("|")[11].strip() == "-"
 
 
 def test_training_time_is_filled_in_only_from_the_run_recorded(tmp_path: Path) -> None:

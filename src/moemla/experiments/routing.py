@@ -6,7 +6,7 @@ import numpy as np
 
 from moemla import accounting
 from moemla.config import ModelConfig
-from moemla.experiments.rows import SEQ_LEN, Row, base_row, bpb_cell, ppl_cell, versus
+from moemla.experiments.rows import SEQ_LEN, Row, base_row, bpb_cell, paired_p_value, ppl_cell, versus
 from moemla.experiments.sweep import RunSpec
 
 ROUTING = {"top-2": 2, "top-4": 4, "top-6": 6, "top-8": 8, "top-p=0.5": 0.5, "top-p=0.7": 0.7, "top-p=0.9": 0.9}
@@ -32,26 +32,47 @@ def routing_specs(bases: dict[str, ModelConfig], seeds: list[int]) -> list[RunSp
 
 def routing_markdown(rows: list[Row]) -> str:
     """Quality against the routed experts a token actually got (measured on validation text) and their FLOPs; a
-    top-p row beats fixed routing when its perplexity is below the top-k curve at its mean (EXPERIMENTS.md)."""
+    top-p row beats fixed routing when its perplexity is below the top-k curve at its mean (EXPERIMENTS.md). With
+    2+ seeds the last column tests that paired by seed: each seed's top-p run against its own seed's curve."""
     base = base_row(rows, "top-6")
-    curve = sorted((float(r["active_experts_mean"]), float(r["val_ppl_mean"])) for r in rows  # type: ignore[arg-type]
-                   if not str(r["name"]).startswith("top-p") and r.get("active_experts_mean") is not None)  # fmt: skip
+    fixed = [r for r in rows if not str(r["name"]).startswith("top-p") and r.get("active_experts_mean") is not None]
     lines = [
         "| routing | most experts | mean routed experts (measured) | forward GFLOPs/token | val PPL | bits/byte "
-        "| vs top-6 | p (paired t) | top-k curve at that mean | below the curve |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| vs top-6 | p (paired t) | top-k curve at that mean | below the curve | p vs the curve (paired t) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         active = r.get("active_experts_mean")
         flops = "-" if active is None else f"{(r['flops_one'] + (active - 1) * r['flops_per_expert']) / 1e9:.4f}"  # type: ignore[operator]
         rel, p = versus(r, base)
-        shown, at, below = "-" if active is None else f"{active:.2f}", "-", "-"
-        if str(r["name"]).startswith("top-p") and active is not None and len(curve) > 1:
-            ks, ppls = zip(*curve, strict=True)
-            level = float(np.interp(active, ks, ppls))
+        shown, at, below, p_curve = "-" if active is None else f"{active:.2f}", "-", "-", "-"
+        if str(r["name"]).startswith("top-p") and active is not None and len(fixed) > 1:
+            level = _curve_at(fixed, "active_experts_mean", "val_ppl_mean", float(active))  # type: ignore[arg-type]
             at, below = f"{level:.3f}", "yes" if r["val_ppl_mean"] < level else "no"  # type: ignore[operator]
+            p_curve = _p_against_curve(r, fixed)
         lines.append(
             f"| {r['name']} | {r['max_experts']} | {shown} | {flops} | {ppl_cell(r)} | {bpb_cell(r)} | {rel} | {p} "
-            f"| {at} | {below} |"
+            f"| {at} | {below} | {p_curve} |"
         )
     return "\n".join(lines) + f"\n\nFLOPs at context {SEQ_LEN}, with the measured mean number of routed experts."
+
+
+def _curve_at(fixed: list[Row], x_key: str, y_key: str, x: float, seed: int | None = None) -> float:
+    """The top-k curve (perplexity over routed experts) interpolated linearly at x; per seed where seed is given."""
+    pick = (lambda r, k: r[k]) if seed is None else (lambda r, k: r[k][seed])  # type: ignore[index]
+    ks, ppls = zip(*sorted((float(pick(r, x_key)), float(pick(r, y_key))) for r in fixed), strict=True)
+    return float(np.interp(x, ks, ppls))
+
+
+def _p_against_curve(row: Row, fixed: list[Row]) -> str:
+    """Paired t-test of a top-p row's perplexities against the top-k curve of the same seed at its own measured
+    mean; "-" with one seed or where a seed's run lacks the measured mean (runs from before it was measured)."""
+    seeds = len(row["val_ppl_by_seed"])  # type: ignore[arg-type]
+    series = [row, *fixed]
+    if seeds < 2 or any(len(r["val_ppl_by_seed"]) != seeds or None in r["active_experts_by_seed"] for r in series):  # type: ignore[arg-type,operator]
+        return "-"
+    ppls = [float(v) for v in row["val_ppl_by_seed"]]  # type: ignore[attr-defined]
+    curve = [_curve_at(fixed, "active_experts_by_seed", "val_ppl_by_seed", row["active_experts_by_seed"][i], i)  # type: ignore[index]
+             for i in range(seeds)]  # fmt: skip
+    p = paired_p_value(ppls, curve)
+    return "-" if p is None else f"{p:.3g}"

@@ -174,6 +174,7 @@ def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
                 "val_ppl_by_seed": ppl,
                 "bits_per_byte_mean": _mean_or_none([r.get("bits_per_byte") for r in group]),
                 "active_experts_mean": _mean_or_none([r.get("active_experts") for r in group]),
+                "active_experts_by_seed": [r.get("active_experts") for r in group],
             }
         )
     return out
