@@ -47,7 +47,7 @@ def routing_markdown(rows: list[Row]) -> str:
         rel, p = versus(r, base)
         shown, at, below, p_curve = "-" if active is None else f"{active:.2f}", "-", "-", "-"
         if str(r["name"]).startswith("top-p") and active is not None and len(fixed) > 1:
-            level = _curve_at(fixed, "active_experts_mean", "val_ppl_mean", float(active))  # type: ignore[arg-type]
+            level = _curve_at([(float(f["active_experts_mean"]), float(f["val_ppl_mean"])) for f in fixed], active)  # type: ignore[arg-type]
             at, below = f"{level:.3f}", "yes" if r["val_ppl_mean"] < level else "no"  # type: ignore[operator]
             p_curve = _p_against_curve(r, fixed)
         lines.append(
@@ -57,10 +57,9 @@ def routing_markdown(rows: list[Row]) -> str:
     return "\n".join(lines) + f"\n\nFLOPs at context {SEQ_LEN}, with the measured mean number of routed experts."
 
 
-def _curve_at(fixed: list[Row], x_key: str, y_key: str, x: float, seed: int | None = None) -> float:
-    """The top-k curve (perplexity over routed experts) interpolated linearly at x; per seed where seed is given."""
-    pick = (lambda r, k: r[k]) if seed is None else (lambda r, k: r[k][seed])  # type: ignore[index]
-    ks, ppls = zip(*sorted((float(pick(r, x_key)), float(pick(r, y_key))) for r in fixed), strict=True)
+def _curve_at(points: list[tuple[float, float]], x: float) -> float:
+    """The top-k curve, (routed experts, perplexity) points, interpolated linearly at x."""
+    ks, ppls = zip(*sorted(points), strict=True)
     return float(np.interp(x, ks, ppls))
 
 
@@ -68,11 +67,10 @@ def _p_against_curve(row: Row, fixed: list[Row]) -> str:
     """Paired t-test of a top-p row's perplexities against the top-k curve of the same seed at its own measured
     mean; "-" with one seed or where a seed's run lacks the measured mean (runs from before it was measured)."""
     seeds = len(row["val_ppl_by_seed"])  # type: ignore[arg-type]
-    series = [row, *fixed]
-    if seeds < 2 or any(len(r["val_ppl_by_seed"]) != seeds or None in r["active_experts_by_seed"] for r in series):  # type: ignore[arg-type,operator]
+    by_seed = [(r.get("active_experts_by_seed") or [None], r["val_ppl_by_seed"]) for r in [row, *fixed]]
+    if seeds < 2 or any(len(a) != seeds or len(v) != seeds or None in a for a, v in by_seed):  # type: ignore[arg-type,operator]
         return "-"
-    ppls = [float(v) for v in row["val_ppl_by_seed"]]  # type: ignore[attr-defined]
-    curve = [_curve_at(fixed, "active_experts_by_seed", "val_ppl_by_seed", row["active_experts_by_seed"][i], i)  # type: ignore[index]
-             for i in range(seeds)]  # fmt: skip
-    p = paired_p_value(ppls, curve)
+    (active, ppls), curves = by_seed[0], by_seed[1:]
+    level = [_curve_at([(float(a[i]), float(v[i])) for a, v in curves], float(active[i])) for i in range(seeds)]  # type: ignore[index]
+    p = paired_p_value([float(v) for v in ppls], level)  # type: ignore[attr-defined]
     return "-" if p is None else f"{p:.3g}"
