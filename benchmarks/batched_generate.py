@@ -20,16 +20,17 @@ import torch
 from moemla import ModelConfig, Transformer
 from moemla.inference.cpu.decoder import NumpyDecoder
 from moemla.inference.generate import generate_ids, generate_ids_batch
+from moemla.inference.sampling import greedy
 
 
 def one_by_one(model: Transformer | NumpyDecoder, prompts: list[list[int]], new: int) -> list[list[int]]:
-    return [generate_ids(model, p, new, temperature=0) for p in prompts]
+    return [generate_ids(model, p, greedy(new)) for p in prompts]
 
 
 def measure(model: Transformer, prompts: list[list[int]], new: int, repeats: int) -> tuple[dict[str, float], bool]:
     """Best wall seconds per engine, and whether the batch drew the one-by-one torch tokens."""
     engines = {
-        "torch, batch": lambda: generate_ids_batch(model, prompts, new, temperature=0),
+        "torch, batch": lambda: generate_ids_batch(model, prompts, greedy(new)),
         "torch, one by one": lambda: one_by_one(model, prompts, new),
     }
     decoders = {"numpy": NumpyDecoder.from_model(model)}

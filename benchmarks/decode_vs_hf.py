@@ -29,6 +29,7 @@ from moemla import ModelConfig, Transformer
 from moemla.accounting import active_params
 from moemla.inference.cpu.decoder import NumpyDecoder
 from moemla.inference.generate import generate_ids
+from moemla.inference.sampling import greedy
 
 ENGINES = ("numba", "int8", "numpy", "torch")  # int8: the numba engine with int8 weights (--quantize int8)
 
@@ -81,7 +82,7 @@ def decode_rates(cfg: ModelConfig, prompt_len: int, new: int, repeats: int) -> d
     }
 
     def mine(n: int, engine: str) -> None:
-        generate_ids(engines[engine], prompt[0].tolist(), n, temperature=0)
+        generate_ids(engines[engine], prompt[0].tolist(), greedy(n))
 
     rates = {}
     runs = [(name, lambda n, name=name: mine(n, name)) for name in engines] + [("transformers", hf)]

@@ -15,6 +15,7 @@ from moemla.cli import main
 from moemla.data.shards import prepare
 from moemla.data.sources import builtin_source, file_source
 from moemla.inference.generate import generate_ids
+from moemla.inference.sampling import SamplingConfig
 from moemla.runs import RunFolder, checkpoint
 from moemla.runs.checkpoint import CheckpointError
 from moemla.runs.folder import RunError
@@ -127,14 +128,16 @@ def test_a_second_writer_is_refused_and_a_stale_lock_does_not_block(data: Path, 
         ({"temperature": -1.0}, "--temperature must be a finite"),
         ({"top_k": 0}, "--top-k must be at least 1"),
         ({"top_k": -3}, "--top-k must be at least 1"),
-        ({"max_new_tokens": -4}, "--max-new-tokens must be at least 1"),
+        ({"max_new_tokens": -4}, "--max-new-tokens must be at least 0"),
+        ({"seed": -1}, "--seed must be in"),
+        ({"seed": 2**64}, "--seed must be in"),
     ],
 )
 def test_sampling_settings_are_checked_once_for_api_and_cli(kwargs: dict, message: str) -> None:
     model = build("mha")
     args = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
-        generate_ids(model, [1, 2], **args)
+        generate_ids(model, [1, 2], SamplingConfig(**args))
 
 
 @pytest.mark.parametrize(
@@ -143,7 +146,7 @@ def test_sampling_settings_are_checked_once_for_api_and_cli(kwargs: dict, messag
         (["generate", "RUN", "--top-p", "0"], "--top-p must be in"),
         (["generate", "RUN", "--temperature", "nan"], "--temperature must be a finite"),
         (["generate", "RUN", "--temperature", "-1"], "--temperature must be a finite"),
-        (["generate", "RUN", "--max-new-tokens", "-4"], "--max-new-tokens must be at least 1"),
+        (["generate", "RUN", "--max-new-tokens", "-4"], "--max-new-tokens must be at least 0"),
         (["eval", "RUN", "--max-tokens", "0"], "--max-tokens must be at least 1"),
         (["eval", "RUN", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["train", "--out", "RUN", "--resume", "--eval-tokens", "0"], "eval_tokens must be at least 1"),

@@ -12,6 +12,7 @@ from moemla.config import ConfigError, ModelConfig
 from moemla.inference.cpu.decoder import NumpyDecoder, check_supported
 from moemla.inference.decoder import TorchDecoder, make_decoder
 from moemla.inference.generate import generate_ids
+from moemla.inference.sampling import greedy
 
 from .conftest import ALL_VARIANTS, build
 
@@ -30,7 +31,7 @@ def _perturbed(variant: str) -> torch.nn.Module:
 def test_every_engine_decodes_the_same_greedy_tokens(variant: str) -> None:
     model = _perturbed(variant)
     prompt = torch.randint(0, model.cfg.vocab_size, (9,)).tolist()
-    tokens = {e: generate_ids(make_decoder(model, e), prompt, 12, temperature=0.0) for e in ENGINES}
+    tokens = {e: generate_ids(make_decoder(model, e), prompt, greedy(12)) for e in ENGINES}
     assert len(set(tokens["torch"])) > 1
     assert all(t == tokens["torch"] for t in tokens.values()), tokens
 
@@ -108,7 +109,7 @@ def test_int8_engines_agree_and_hold_a_quarter_of_the_bytes(variant: str) -> Non
         steps = [np.asarray(a.prefill([prompt])) - np.asarray(b.prefill([prompt]))]
         steps += [np.asarray(a.step([t])) - np.asarray(b.step([t])) for t in (3, 17, 42)]
         assert max(np.abs(s).max() for s in steps) < 1e-3
-    tokens = {e: generate_ids(d, prompt, 10, temperature=0.0) for e, d in decs.items()}
+    tokens = {e: generate_ids(d, prompt, greedy(10)) for e, d in decs.items()}
     assert len({tuple(t) for t in tokens.values()}) == 1
 
 
@@ -163,8 +164,8 @@ def test_static_steps_decode_as_the_eager_ones(variant: str) -> None:
         assert static.cache.batch_size == 1 << (len(prompts) - 1).bit_length() and static.cache.max_len == 64
         torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-4, rtol=0)
     assert sorted(static._static) == [(1, 64), (2, 64), (4, 64)]  # 3 and 4 rows share the 4-row bucket
-    tokens = generate_ids(TorchDecoder(model, mode="static"), [5, 9, 23], 10, temperature=0.0)
-    assert tokens == generate_ids(model, [5, 9, 23], 10, temperature=0.0)
+    tokens = generate_ids(TorchDecoder(model, mode="static"), [5, 9, 23], greedy(10))
+    assert tokens == generate_ids(model, [5, 9, 23], greedy(10))
 
 
 def _compiled_graphs() -> int:
@@ -193,7 +194,7 @@ def test_compiled_steps_compile_once_per_bucket_and_decode_as_the_eager_ones(var
         torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-4, rtol=0)
     # buckets (2, 64) and (4, 64), each traced once for all its lengths
     assert compiled.static and _compiled_graphs() - before == 2
-    assert generate_ids(compiled, [5, 9, 23], 8, temperature=0.0) == generate_ids(model, [5, 9, 23], 8, temperature=0.0)
+    assert generate_ids(compiled, [5, 9, 23], greedy(8)) == generate_ids(model, [5, 9, 23], greedy(8))
 
 
 def test_a_static_step_checks_the_room_left_in_its_bucket() -> None:
@@ -244,8 +245,8 @@ def test_a_step_that_fails_to_compile_decodes_uncompiled_with_one_message(monkey
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = _perturbed("moe-mla-rope")
     dec = TorchDecoder(model, compile=True)
-    tokens = generate_ids(dec, [5, 9, 23], 6, temperature=0.0)
-    assert tokens == generate_ids(model, [5, 9, 23], 6, temperature=0.0)
+    tokens = generate_ids(dec, [5, 9, 23], greedy(6))
+    assert tokens == generate_ids(model, [5, 9, 23], greedy(6))
     err = capsys.readouterr().err
     assert err.count("torch.compile is unavailable") == 1 and "no working C++ compiler" in err and "--compile" in err
 

@@ -15,6 +15,7 @@ from moemla.config import VARIANTS, ModelConfig
 from moemla.data.sources import EOT
 from moemla.export.hf import REMOTE, ExportError, export_hf, native_architecture
 from moemla.inference.generate import generate_ids, generate_ids_batch
+from moemla.inference.sampling import greedy
 
 from .conftest import load_run, make_run
 
@@ -38,7 +39,7 @@ def assert_hf_matches_moemla(hf: torch.nn.Module, model: torch.nn.Module, row: i
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
     prompt = ids[row, :prompt_len].tolist()
-    want = generate_ids(model, prompt, max_new_tokens=new, temperature=0.0)
+    want = generate_ids(model, prompt, greedy(new))
     got = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None)
     assert got[0, len(prompt) :].tolist() == want
     return want
@@ -69,7 +70,7 @@ def test_left_padded_batch_matches_each_prompt_alone(variant: str, base_run: Pat
         padded = hf(ids, attention_mask=mask).logits
         alone = hf(torch.tensor([prompts[1]])).logits
     torch.testing.assert_close(padded[1, 4:], alone[0], atol=1e-4, rtol=0)
-    want = generate_ids_batch(model, prompts, max_new_tokens=10, temperature=0.0)
+    want = generate_ids_batch(model, prompts, greedy(10))
     got = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)
     assert [row[7:].tolist() for row in got] == want
 
@@ -89,7 +90,7 @@ def test_pipeline_text_generation_equals_moemla_greedy_text(
     pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), trust_remote_code=True)
     model, tok, _ = load_run(run)
     text = "Once upon a time"
-    want = generate_ids(model, tok.encode(text).ids, max_new_tokens=12, temperature=0.0)
+    want = generate_ids(model, tok.encode(text).ids, greedy(12))
     got = pipe(text, max_new_tokens=12, do_sample=False, eos_token_id=None)[0]["generated_text"]
     assert got == text + tok.decode(want)
 
@@ -110,7 +111,7 @@ def test_readme_hf_example_runs_as_written_and_equals_moemla(
     model, tok, _ = load_run(run)
     eot = tok.token_to_id(EOT)
     prompts = [tok.encode(t).ids for t in ["Once upon a time", "The little fox"]]
-    want = generate_ids_batch(model, prompts, max_new_tokens=60, temperature=0.0, stop=eot)
+    want = generate_ids_batch(model, prompts, greedy(60), stop=eot)
     longest = scope["batch"]["input_ids"].shape[1]
     got = [row[longest:].tolist() for row in scope["out"]]
     # generate() pads a finished row with the pad token (also <|endoftext|>); moemla's row ends at its stop

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moemla.inference.generate import generate_ids
+from moemla.inference.sampling import greedy
 
 from .conftest import free_port, make_run
 
@@ -36,7 +37,7 @@ def test_loglikelihood_is_the_models_log_probability(run: Path) -> None:
     pairs = [("Once upon a time", " there was a fox."), ("", "Hello"), ("The cat sat on the", " mat"),
              ("A" * 200, " and then")]  # fmt: skip
     got = lm.loglikelihood([_inst("loglikelihood", c, x) for c, x in pairs])
-    for (ctx, cont), (lp, greedy) in zip(pairs, got, strict=True):
+    for (ctx, cont), (lp, is_greedy) in zip(pairs, got, strict=True):
         c_ids, x_ids = lm._pairs(ctx, cont)
         ids = (c_ids + x_ids)[-(model.cfg.max_seq_len + 1) :]
         with torch.no_grad():
@@ -44,7 +45,7 @@ def test_loglikelihood_is_the_models_log_probability(run: Path) -> None:
         n = len(x_ids)
         want = logprobs[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum()
         assert lp == pytest.approx(float(want), abs=1e-4)
-        assert greedy == bool((logprobs[-n:].argmax(-1) == torch.tensor(ids[-n:])).all())
+        assert is_greedy == bool((logprobs[-n:].argmax(-1) == torch.tensor(ids[-n:])).all())
         if ctx:  # context and continuation split at a token boundary of the whole text
             assert tok.decode(c_ids + x_ids) == ctx + cont
 
@@ -73,7 +74,7 @@ def test_generate_until_is_greedy_and_stops_at_until(run: Path) -> None:
     reqs = [_inst("generate_until", p, {"until": ["<|endoftext|>"], "max_gen_toks": 10}) for p in prompts]
     got = lm.generate_until(reqs)
     for p, text in zip(prompts, got, strict=True):
-        ids = generate_ids(lm.model, lm._encode(p), 10, temperature=0.0, stop=lm.eot)
+        ids = generate_ids(lm.model, lm._encode(p), greedy(10), stop=lm.eot)
         assert text == lm.tok.decode([t for t in ids if t != lm.eot])
     cut = got[0][2:4]
     [stopped] = lm.generate_until([_inst("generate_until", prompts[0], {"until": [cut], "max_gen_toks": 10})])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moemla.inference.generate import generate_ids
+from moemla.inference.sampling import greedy
 
 from .conftest import free_port, load_run, make_run
 
@@ -71,7 +72,7 @@ def test_greedy_completion_equals_moemla_generate(server: tuple[str, object], ru
     assert r.status_code == 200
     choice = r.json()["choices"][0]
     model, tok, _ = load_run(run)
-    want = generate_ids(model, prompt, 12, temperature=0.0, stop=tok.token_to_id("<|endoftext|>"))
+    want = generate_ids(model, prompt, greedy(12), stop=tok.token_to_id("<|endoftext|>"))
     want = [t for t in want if t != tok.token_to_id("<|endoftext|>")]
     assert choice["text"] == tok.decode(want)
     assert r.json()["usage"] == {"prompt_tokens": 5, "completion_tokens": len(want), "total_tokens": 5 + len(want)}
@@ -98,7 +99,7 @@ def test_concurrent_clients_share_batches_and_each_gets_its_own_answer(server: t
     prompts = [[5 + i, 9, 23 + 2 * i, 40] for i in range(8)]
     model, tok, _ = load_run(run)
     eot = tok.token_to_id("<|endoftext|>")
-    want = [tok.decode([t for t in generate_ids(model, p, 10, temperature=0.0, stop=eot) if t != eot]) for p in prompts]
+    want = [tok.decode([t for t in generate_ids(model, p, greedy(10), stop=eot) if t != eot]) for p in prompts]
     before = engine.stats["largest_batch"]
 
     def ask(p: list[int]) -> str:
@@ -311,9 +312,7 @@ def test_engine_decodes_the_same_with_static_steps(run: Path) -> None:
         engine = Engine(model, tok.token_to_id("<|endoftext|>"), window_s=0.2, mode=mode)
         events: q.Queue = q.Queue()
         prompts = [[5, 9, 23], [17, 2, 60, 61, 62], [8]]
-        jobs = [
-            Job(p, 12, lambda e, i=i, sink=events: sink.put((i, e)), temperature=0.0) for i, p in enumerate(prompts)
-        ]
+        jobs = [Job(p, greedy(12), lambda e, i=i, sink=events: sink.put((i, e))) for i, p in enumerate(prompts)]
         engine.submit(jobs)
         tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
         done = 0

@@ -38,6 +38,8 @@ DEMO_TRAIN = dict(
 BALANCE = dict(balance_rule="sign", balance_rate=1e-2)
 PROMPT = "Once upon a time, there was a little girl named Lily."
 
+SAMPLING = SamplingConfig(max_new_tokens=160)  # the demo's stories: SamplingConfig's defaults, shorter
+
 
 @torch.no_grad()
 def expert_loads(model: Transformer, data: PreparedData, seq_len: int, tokens: int) -> list[np.ndarray]:
@@ -74,7 +76,7 @@ def run_demo(
         model, tok = run.load_model(), run.tokenizer()
         final = [r for r in metrics[variant] if r["split"] == "val"][-1]
         speed = statistics.median(r["tokens_per_s"] for r in metrics[variant] if r["split"] == "train")
-        story = generate(model, tok, [PROMPT], SamplingConfig(max_new_tokens=160))[0]
+        story = generate(model, tok, [PROMPT], SAMPLING)[0]
         if cfg.ffn == "moe":
             loads = expert_loads(model, data, tc.seq_len, 32_768)
             expert_utilization(loads, out / f"experts-{variant}.png", f"{variant}: expert load per layer")
@@ -130,7 +132,7 @@ def _report(console: Console, rows: list[dict], out: Path) -> None:
         f"training speed {moe['train_tokens_per_s'] / mha['train_tokens_per_s']:.2f}x."
     )
     for r in rows:
-        console.rule(f"sample from {r['variant']} (temperature 0.8, top-k 40)")
+        console.rule(f"sample from {r['variant']} ({SAMPLING.describe()})")
         console.print(r["sample"], markup=False, highlight=False)
     console.rule()
     console.print(f"plots: {out / 'loss.png'}, {out / 'experts-moe-mla-rope.png'}; numbers: {out / 'summary.json'}")

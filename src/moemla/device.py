@@ -6,6 +6,9 @@ import contextlib
 
 import torch
 
+# the weight dtypes a user may name (--dtype): export, bench and decoding read this one table
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else the CPU; asking for CUDA where there is none is a one-line error."""

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from moemla.export.hf import DTYPES
+from moemla.device import DTYPES
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -35,8 +35,9 @@ QUANTIZE_HELP = (
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from moemla.device import resolve_device
-    from moemla.inference.decoder import make_decoder
+    from moemla.inference.decoder import engine_device, make_decoder
     from moemla.inference.generate import generate
+    from moemla.inference.sampling import PromptTooLong
     from moemla.runs import RunFolder
 
     if args.prompts:
@@ -49,54 +50,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     sampling = SamplingConfig(**dataclass_values(args, SamplingConfig, "s_"))  # checked before the prompt prints
-    if args.engine in ("numpy", "numba") and args.device not in ("auto", "cpu"):
-        raise ConfigError(f"--engine {args.engine} runs on the CPU; drop --device {args.device} or use --engine torch")
-    device = "cpu" if args.engine in ("numpy", "numba") else args.device
+    device = engine_device(args.engine, args.device)
     run = RunFolder.open(args.run)
     model, tok = run.load_model(resolve_device(device), args.checkpoint), run.tokenizer()
     mode = "cuda-graph" if args.cuda_graph else "eager"
     model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize, mode=mode,
                          compile=args.compile)  # fmt: skip
-    if args.batch_size > 1:  # whole texts, printed as each batch finishes
-        for lo in range(0, len(prompts), args.batch_size):
-            group = prompts[lo : lo + args.batch_size]
-            texts = generate(model, tok, group, sampling.replace(seed=sampling.seed + lo), truncate=args.truncate,
-                             batch_size=args.batch_size)  # fmt: skip
-            for i, text in enumerate(texts, start=lo):
-                print(f"--- {i + 1}/{len(prompts)}\n{text}", flush=True)
+    try:
+        if args.batch_size > 1:  # whole texts, printed as each batch finishes
+            for lo in range(0, len(prompts), args.batch_size):
+                group = prompts[lo : lo + args.batch_size]
+                texts = generate(model, tok, group, sampling.replace(seed=sampling.seed + lo), truncate=args.truncate,
+                                 batch_size=args.batch_size)  # fmt: skip
+                for i, text in enumerate(texts, start=lo):
+                    print(f"--- {i + 1}/{len(prompts)}\n{text}", flush=True)
+            return 0
+        for i, prompt in enumerate(prompts):
+            if len(prompts) > 1:
+                print(f"--- {i + 1}/{len(prompts)}")
+            print(prompt, end="", flush=True)
+            generate(model, tok, [prompt], sampling.replace(seed=sampling.seed + i), truncate=args.truncate,
+                     stream=lambda text: print(text, end="", flush=True))  # fmt: skip
+            print()
         return 0
-    for i, prompt in enumerate(prompts):
-        if len(prompts) > 1:
-            print(f"--- {i + 1}/{len(prompts)}")
-        print(prompt, end="", flush=True)
-        generate(model, tok, [prompt], sampling.replace(seed=sampling.seed + i), truncate=args.truncate,
-                 stream=lambda text: print(text, end="", flush=True))  # fmt: skip
-        print()
-    return 0
+    except PromptTooLong as err:  # the one fit check's message, and the flag that cuts the prompt here
+        raise ValueError(f"{err}, or pass --truncate to keep its end") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from moemla.device import resolve_device
-    from moemla.inference.bench import DTYPES, add_relative, bench, plot, print_table
+    from moemla.device import DTYPES, resolve_device
+    from moemla.inference.bench import add_relative, bench, plot, print_table
+    from moemla.inference.decoder import check_engine, engine_device
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)} or 'all'")
-    cpu_engine = args.engine != "torch"
-    if cpu_engine and (args.batch != "1" or args.device not in ("auto", "cpu") or args.dtype != "float32"):
-        raise ConfigError(
-            f"--engine {args.engine} decodes one sequence in float32 on the CPU: use --batch 1, --dtype float32, "
-            "no --device"
-        )
-    if cpu_engine and (args.naive or args.compile or args.cuda_graph):
-        raise ConfigError(f"--naive and --compile apply to the torch engine; drop them with --engine {args.engine}")
-    device, dtype = resolve_device("cpu" if cpu_engine else args.device), DTYPES[args.dtype]
+    device, dtype = resolve_device(engine_device(args.engine, args.device)), DTYPES[args.dtype]
+    batches = [int(b) for b in args.batch.split(",")]
+    check_engine(args.engine, device, dtype, max(batches), not args.naive, args.compile or args.cuda_graph)
     overrides = config_overrides(args)
     if args.memory is not None:
         return _bench_memory(args, variants, device, dtype, overrides)
     rows = []
-    for batch in [int(b) for b in args.batch.split(",")]:
+    for batch in batches:
         for v in variants:
             cfg = ModelConfig.from_preset(args.preset, v, **overrides)
             if not args.json:
@@ -241,7 +238,7 @@ def add_judge(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (for generating)")
     p.add_argument("--json", action="store_true", help="print judge.json instead of the report")
-    fields = ("temperature", "top_k", "max_new_tokens", "seed")
+    fields = ("temperature", "top_k", "top_p", "max_new_tokens", "seed")
     add_dataclass_flags(p, SamplingConfig, "s_", "sampling (SamplingConfig; completion i uses seed + i)", only=fields,
                         defaults=True)  # fmt: skip
     p.set_defaults(func=cmd_judge)

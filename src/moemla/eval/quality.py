@@ -16,6 +16,7 @@ from moemla.eval import report
 from moemla.eval.judge import DIMENSIONS, RUBRIC_VERSION, Judge, JudgmentCache, judge_all, judgment_key
 from moemla.eval.samples import SampleSettings, completions, load_prompts
 from moemla.eval.stats import Completion, sample_stats, stats_markdown
+from moemla.inference.sampling import SamplingConfig
 from moemla.progress import Progress
 from moemla.runs import RunFolder
 
@@ -126,12 +127,17 @@ def _judge(
     }
 
 
+def _sampling(settings: dict) -> SamplingConfig:
+    """The SamplingConfig a report's recorded settings describe (reports written before top-p have none)."""
+    return SampleSettings(**{k: v for k, v in settings.items() if k in SampleSettings.__dataclass_fields__}).sampling()
+
+
 def _markdown(result: dict, variants: dict[str, str]) -> str:
     s = result["sampling"]
     parts = [
         "# Story quality",
         f"{s['samples']} completions per model from the prompt set `{result['prompts']}`: at most "
-        f"{s['max_new_tokens']} new tokens, temperature {s['temperature']}, top-k {s['top_k']}, seed {s['seed']} "
+        f"{s['max_new_tokens']} new tokens, {_sampling(s).describe()}, seed {s['seed']} "
         "(completion i continues prompt i mod the set's size with seed + i).",
     ]
     if result["judge"] is not None:

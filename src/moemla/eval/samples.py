@@ -18,7 +18,7 @@ from moemla.data.sources import DataError
 from moemla.data.tokenizer import eot_id
 from moemla.eval.stats import Completion
 from moemla.inference.generate import generate_ids_batch
-from moemla.inference.sampling import SamplingConfig
+from moemla.inference.sampling import SamplingConfig, truncate_prompt
 from moemla.progress import Progress
 from moemla.runs import RunFolder
 
@@ -57,6 +57,7 @@ class SampleSettings:
     max_new_tokens: int = SamplingConfig.max_new_tokens
     temperature: float = SamplingConfig.temperature
     top_k: int | None = SamplingConfig.top_k
+    top_p: float | None = SamplingConfig.top_p
     seed: int = SamplingConfig.seed
     batch_size: int = 16  # completions decoded together (left-padded); part of the key, as it can flip near-ties
 
@@ -67,7 +68,7 @@ class SampleSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.temperature, self.top_k, None, self.max_new_tokens, self.seed)
+        return SamplingConfig(self.temperature, self.top_k, self.top_p, self.max_new_tokens, self.seed)
 
 
 def _run_identity(run_dir: str | Path) -> dict[str, object]:
@@ -89,7 +90,8 @@ def completions(
     device: str = "cpu",
 ) -> list[Completion]:
     """`settings.samples` completions of the run, read from `cache` (JSONL) where already drawn, else generated."""
-    key = {**_run_identity(run_dir), "prompts": version, **asdict(settings)}
+    drawn_with = {k: v for k, v in asdict(settings).items() if not (k == "top_p" and v is None)}  # keys before top-p
+    key = {**_run_identity(run_dir), "prompts": version, **drawn_with}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     found = {r["index"]: Completion(**r["completion"]) for r in read_jsonl(cache) if r.get("key") == digest}
     todo = [i for i in range(settings.samples) if i not in found]
@@ -106,20 +108,14 @@ def _generate(
 
     run = RunFolder.open(run_dir)
     model, tok = run.load_model(resolve_device(device)), run.tokenizer()
-    stop = eot_id(tok)
-    room = model.cfg.max_seq_len - settings.max_new_tokens
-    if room < 1:
-        raise DataError(f"--max-new-tokens {settings.max_new_tokens} leaves no room for a prompt in {run_dir}")
+    stop, sampling, context = eot_id(tok), settings.sampling(), model.cfg.max_seq_len
     out: dict[int, Completion] = {}
     with Progress(f"stories from {Path(run_dir).name}", total=len(todo), unit="stories") as bar, cache.open("a") as f:
         for lo in range(0, len(todo), settings.batch_size):
             group = todo[lo : lo + settings.batch_size]
-            ids = [tok.encode(prompts[i % len(prompts)]).ids[-room:] for i in group]
-            seeds = [settings.seed + i for i in group]
-            drawn = generate_ids_batch(
-                model, ids, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-                stop=stop, seeds=seeds,
-            )  # fmt: skip
+            ids = [truncate_prompt(tok.encode(prompts[i % len(prompts)]).ids, context, sampling.max_new_tokens)
+                   for i in group]  # fmt: skip
+            drawn = generate_ids_batch(model, ids, sampling, stop=stop, seeds=[settings.seed + i for i in group])
             for i, new in zip(group, drawn, strict=True):
                 ended = bool(new) and new[-1] == stop
                 text = tok.decode([t for t in new if t != stop])

@@ -7,6 +7,7 @@ only where lm-eval loads the `lm_eval.models` entry points; `moemla lm-eval` alw
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import astuple
 from itertools import groupby
 
 import torch
@@ -18,8 +19,15 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from moemla.data.sources import EOT
 from moemla.device import resolve_device
 from moemla.inference.generate import generate_ids_batch
+from moemla.inference.sampling import SamplingConfig, greedy, truncate_prompt
 from moemla.progress import Progress
 from moemla.runs import RunFolder
+
+
+def _device_name(device: str | None) -> str:
+    """The device to resolve: lm-eval's own --device defaults to "cuda" whatever the machine, so that default
+    (and no device) mean "auto", as its HF backend falls back; any other name is resolve_device's to check."""
+    return "auto" if device in (None, "", "cuda") else device
 
 
 @register_model("moemla")
@@ -40,10 +48,8 @@ class MoemlaLM(LM):
         run = run or pretrained
         if run is None:
             raise ValueError("--model moemla needs --model_args run=RUN_FOLDER")
-        if device and device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"  # lm-eval's --device defaults to cuda; its HF backend falls back the same way
         folder = RunFolder.open(run)
-        self.model = folder.load_model(resolve_device(device or "auto"), checkpoint)
+        self.model = folder.load_model(resolve_device(_device_name(device)), checkpoint)
         self.tok = folder.tokenizer()
         self._device = next(self.model.parameters()).device
         self.eot = self.tok.token_to_id(EOT)
@@ -111,21 +117,23 @@ class MoemlaLM(LM):
     def generate_until(self, requests: Iterable) -> list[str]:
         reqs = list(requests)
         results: list[str | None] = [None] * len(reqs)
-        settings = [self._gen_settings(req.args[1]) for req in reqs]
+        settings = [gen_settings(req.args[1], self.max_gen_toks) for req in reqs]
 
         def key(i: int) -> tuple:
-            return settings[i][1:]
+            return astuple(settings[i][1])
 
         with Progress("lm-eval generate_until", total=len(reqs), unit="requests") as bar:
-            for (temperature, max_new), group in groupby(sorted(range(len(reqs)), key=key), key=key):
+            for _, group in groupby(sorted(range(len(reqs)), key=key), key=key):
                 idx = list(group)
+                sampling = settings[idx[0]][1]
                 for lo in range(0, len(idx), self.batch_size):
                     chunk = idx[lo : lo + self.batch_size]
-                    keep = max(1, self.max_length - max_new)
-                    prompts = [(self._encode(reqs[i].args[0]) or [self.eot])[-keep:] for i in chunk]
-                    outs = generate_ids_batch(
-                        self.model, prompts, max_new, temperature=temperature, stop=self.eot, seeds=[0] * len(chunk)
-                    )
+                    prompts = [
+                        truncate_prompt(self._encode(reqs[i].args[0]) or [self.eot], self.max_length,
+                                        sampling.max_new_tokens)
+                        for i in chunk
+                    ]  # fmt: skip
+                    outs = generate_ids_batch(self.model, prompts, sampling, stop=self.eot, seeds=[0] * len(chunk))
                     for i, ids in zip(chunk, outs, strict=True):
                         text = self.tok.decode([t for t in ids if t != self.eot])
                         for stop in settings[i][0]:
@@ -134,10 +142,17 @@ class MoemlaLM(LM):
                     bar.advance(len(chunk))
         return results  # type: ignore[return-value]
 
-    def _gen_settings(self, kwargs: dict) -> tuple[list[str], float, int]:
-        """(stop strings, temperature, max new tokens) from lm-eval's gen_kwargs; greedy unless do_sample."""
-        until = kwargs.get("until") or [EOT]
-        until = [until] if isinstance(until, str) else list(until)
-        temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
-        max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-        return until, temperature, max(1, min(max_new, self.max_length - 1))
+
+def gen_settings(kwargs: dict, max_gen_toks: int) -> tuple[list[str], SamplingConfig]:
+    """(stop strings, sampling) from lm-eval's gen_kwargs: greedy unless do_sample; a sampled request takes
+    temperature, top_k and top_p from its gen_kwargs where given, else SamplingConfig's defaults."""
+    until = kwargs.get("until") or [EOT]
+    until = [until] if isinstance(until, str) else list(until)
+    max_new = int(kwargs.get("max_gen_toks", max_gen_toks))
+    if not kwargs.get("do_sample", False):
+        return until, greedy(max_new)
+    d = SamplingConfig()
+    top_k, top_p = kwargs.get("top_k", d.top_k), kwargs.get("top_p", d.top_p)
+    temperature = float(kwargs.get("temperature", d.temperature))
+    top_k = None if top_k is None or int(top_k) <= 0 else int(top_k)  # HF's top_k=0: no limit
+    return until, SamplingConfig(temperature, top_k, None if top_p is None else float(top_p), max_new)

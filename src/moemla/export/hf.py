@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from moemla.config import ConfigError, ModelConfig, check_portable, variant_name
 from moemla.data.sources import EOT
+from moemla.device import DTYPES
 from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
 from moemla.runs import RunFolder
@@ -27,7 +28,6 @@ Architecture = Literal["auto", "native", "remote"]
 REMOTE = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_moemla.py", "modeling_moemla.py")
 MOEMLA_TOKENIZER = "moemla_tokenizer.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # per-block module names: ours -> transformers' (GPT-2's Conv1D matrices are stored transposed)

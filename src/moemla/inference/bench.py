@@ -19,8 +19,6 @@ from moemla.inference.decoder import Decoder, Engine, Quantize, make_decoder
 from moemla.model import Transformer
 from moemla.progress import Progress
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

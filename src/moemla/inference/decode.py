@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moemla.inference.decoder import Decoder
-from moemla.inference.sampling import SamplingConfig, sample
+from moemla.inference.sampling import SamplingConfig, fit, sample_batch
 
 
 @dataclass
@@ -35,17 +35,13 @@ Event = Token | Finish
 
 @dataclass(frozen=True)
 class Row:
-    """One sequence to continue: its prompt, sampling settings (budget and seed included), and how many top
-    alternatives to report per token (None: no log-probabilities at all, the cheapest)."""
+    """One sequence to continue: its prompt, its sampling settings (the token budget and seed included; a budget
+    of 0 generates nothing), and how many top alternatives to report per token (None: no log-probabilities at
+    all, the cheapest; 0: only the chosen token's)."""
 
     prompt: list[int]
     sampling: SamplingConfig
     logprobs: int | None = None
-    budget: int | None = None  # tokens to generate when not sampling.max_new_tokens (0: none, score only)
-
-    @property
-    def max_new(self) -> int:
-        return self.sampling.max_new_tokens if self.budget is None else self.budget
 
 
 def top_logprobs(logprobs: torch.Tensor, n: int | None) -> list[tuple[int, float]]:
@@ -61,31 +57,33 @@ def decode(
 ) -> Iterator[tuple[int, Event]]:
     """(row, Token) for each sampled token and (row, Finish) once per row: at `stop`, at its budget, when the
     context is full, or when `cancelled(row)` says so. Rows are left-padded into one prefill and one step each."""
-    longest = max(len(r.prompt) for r in rows)
-    max_len = min(dec.cfg.max_seq_len, longest + max(r.max_new for r in rows))
+    context = dec.cfg.max_seq_len
+    budget = [fit(len(r.prompt), context, r.sampling.max_new_tokens) for r in rows]
+    max_len = min(context, max(len(r.prompt) for r in rows) + max(budget))
     logits = dec.prefill([r.prompt for r in rows], max_len)  # (B, V)
     generators = [torch.Generator(device=logits.device).manual_seed(r.sampling.seed) for r in rows]
     made, done = [0] * len(rows), [False] * len(rows)
-    for i, row in enumerate(rows):
-        if row.max_new == 0:
+    for i in range(len(rows)):
+        if budget[i] == 0:
             done[i] = True
             yield i, Finish("length")
     while not all(done):
-        step = []
-        for i, row in enumerate(rows):
+        for i in range(len(rows)):
             if not done[i] and cancelled is not None and cancelled(i):
                 done[i] = True
                 yield i, Finish("cancelled")
-            if done[i]:
-                step.append(stop or 0)  # a finished row still fills its slot of the step; nobody reads it
-                continue
-            token, event = _sample(logits[i : i + 1], row, generators[i])
+        live = [i for i in range(len(rows)) if not done[i]]
+        if not live:
+            return
+        tokens = _draw(logits, rows, generators, live)
+        step = [stop or 0] * len(rows)  # a finished row still fills its slot of the step; nobody reads it
+        for i, event in zip(live, tokens, strict=True):
             yield i, event
             made[i] += 1
-            step.append(token)
-            if token == stop or made[i] == row.max_new:
+            step[i] = event.id
+            if event.id == stop or made[i] == budget[i]:
                 done[i] = True
-                yield i, Finish("stop" if token == stop else "length")
+                yield i, Finish("stop" if event.id == stop else "length")
         if all(done):
             return
         if dec.length == max_len:  # the context (or the longest budget) is full
@@ -97,10 +95,17 @@ def decode(
         logits = dec.step(step)  # (B, V): one decode step
 
 
-def _sample(logits: torch.Tensor, row: Row, generator: torch.Generator) -> tuple[int, Token]:
-    s = row.sampling
-    token = int(sample(logits, s.temperature, s.top_k, s.top_p, generator))
-    if row.logprobs is None:
-        return token, Token(token, None)
-    lp = logits[0].float().log_softmax(-1)
-    return token, Token(token, float(lp[token]), top_logprobs(lp, row.logprobs))
+def _draw(logits: torch.Tensor, rows: list[Row], generators: list[torch.Generator], live: list[int]) -> list[Token]:
+    """The live rows' next tokens, sampled in one batch on the logits' device, read back in one transfer; the
+    log-probabilities only of rows that asked for them."""
+    index = torch.tensor(live, device=logits.device) if len(live) < len(rows) else None
+    part = logits if index is None else logits.index_select(0, index)  # (L, V)
+    ids = sample_batch(part, [rows[i].sampling for i in live], [generators[i] for i in live]).tolist()
+    tokens = [Token(t, None) for t in ids]
+    scored = [j for j, i in enumerate(live) if rows[i].logprobs is not None]
+    if scored:
+        lp = part[scored].float().log_softmax(-1)  # (S, V)
+        chosen = lp.gather(-1, torch.tensor([[ids[j]] for j in scored], device=lp.device)).squeeze(-1).tolist()
+        for n, j in enumerate(scored):
+            tokens[j] = Token(ids[j], chosen[n], top_logprobs(lp[n], rows[live[j]].logprobs))
+    return tokens

@@ -224,6 +224,35 @@ class _CapturedStep:
         return self.out.clone()
 
 
+CPU_ENGINES = ("numpy", "numba")
+
+
+def engine_device(engine: str, device: str) -> str:
+    """The device to load a model on for an engine: "auto" is the CPU for the CPU engines (make_decoder refuses
+    any other device for them)."""
+    return "cpu" if engine in CPU_ENGINES and device == "auto" else device
+
+
+def check_engine(
+    engine: str, device: torch.device, dtype: torch.dtype, batch_size: int, absorbed: bool = True,
+    torch_only: bool = False,
+) -> None:  # fmt: skip
+    """The one check of what an engine runs (the torch-free CPU engines: one float32 sequence on the CPU,
+    absorbed); make_decoder calls it, and `bench` before it builds any model."""
+    if engine not in CPU_ENGINES:
+        return
+    if device.type != "cpu":
+        raise ConfigError(f"--engine {engine} runs on the CPU; drop --device {device} or use --engine torch")
+    if dtype != torch.float32:
+        raise ConfigError(f"--engine {engine} decodes in float32; drop --dtype or use --engine torch")
+    if batch_size > 1:
+        raise ConfigError(f"--engine {engine} decodes one sequence at a time; use --engine torch for a batch")
+    if torch_only or not absorbed:
+        raise ConfigError(
+            f"--naive, --compile and --cuda-graph apply to the torch engine's step; drop them with --engine {engine}"
+        )
+
+
 def make_decoder(
     model: Transformer,
     engine: Engine | Literal["auto"] = "torch",
@@ -245,10 +274,7 @@ def make_decoder(
         if quantize != "none":
             raise ConfigError("--quantize int8 is for the CPU engine; use --engine numba or numpy")
         return TorchDecoder(model, absorbed=absorbed, mode=mode, compile=compile)
-    if batch_size > 1:
-        raise ConfigError(f"--engine {engine} decodes one sequence at a time; use --engine torch for --batch-size")
-    if torch_only:
-        raise ConfigError(f"--compile and --cuda-graph run the torch engine's step; drop them with --engine {engine}")
+    check_engine(engine, model.wte.weight.device, model.wte.weight.dtype, batch_size, absorbed, torch_only)
     from moemla.inference.cpu.decoder import NumpyDecoder
 
     return NumpyDecoder.from_model(model, compiled=engine == "numba", quantize=quantize)

@@ -18,7 +18,7 @@ import torch
 
 from moemla.inference.decode import Event, Finish, Row, Token, decode, top_logprobs
 from moemla.inference.decoder import Mode, TorchDecoder
-from moemla.inference.sampling import SamplingConfig
+from moemla.inference.sampling import SamplingConfig, fit
 from moemla.model import Transformer
 
 
@@ -27,27 +27,15 @@ class Job:
     """One sequence to continue; `emit` is called from the worker thread with each Token, then one Finish."""
 
     prompt: list[int]
-    max_tokens: int
+    sampling: SamplingConfig  # its max_new_tokens may be 0: the prompt is only scored (echo)
     emit: Callable[[Event], None]
-    temperature: float = SamplingConfig.temperature
-    top_k: int | None = SamplingConfig.top_k
-    top_p: float | None = SamplingConfig.top_p
-    seed: int = SamplingConfig.seed
-    logprobs: int | None = None  # alternatives per token to report (0: only the chosen token's logprob)
+    logprobs: int | None = None  # alternatives per token to report (0: only the chosen token's; None: no logprobs)
     echo: bool = False  # report the prompt's tokens and their logprobs first
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def __post_init__(self) -> None:
-        if not self.prompt:
-            raise ValueError("the prompt is empty; give at least one token")
-        if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        self.row()  # SamplingConfig's checks, at submission
-
     def row(self) -> Row:
-        """The job as a row of the one decode loop; max_tokens 0 scores the prompt only (echo)."""
-        s = SamplingConfig(self.temperature, self.top_k, self.top_p, max(1, self.max_tokens), self.seed)
-        return Row(self.prompt, s, logprobs=self.logprobs or 0, budget=self.max_tokens)
+        """The job as a row of the one decode loop."""
+        return Row(self.prompt, self.sampling, logprobs=self.logprobs)
 
 
 class Engine:
@@ -77,11 +65,8 @@ class Engine:
         return self.model.cfg.max_seq_len
 
     def submit(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            if len(job.prompt) > self.context or (job.max_tokens and len(job.prompt) >= self.context):
-                raise ValueError(
-                    f"the prompt has {len(job.prompt)} tokens but the model's context is {self.context} tokens"
-                )
+        for job in jobs:  # the one fit check (PromptTooLong, a ValueError), before any job is queued
+            fit(len(job.prompt), self.context, job.sampling.max_new_tokens)
         for job in jobs:
             self._queue.put(job)
 

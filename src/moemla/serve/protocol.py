@@ -25,15 +25,20 @@ class Sampling(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=0)
-    # moemla's sampling defaults (SamplingConfig, as `moemla generate` and exports), within OpenAI's ranges
-    temperature: float = Field(SamplingConfig.temperature, ge=0.0, le=2.0)  # 0 is greedy
-    top_p: float = Field(SamplingConfig.top_p or 1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(SamplingConfig.top_k, ge=1)  # not OpenAI's; vLLM and llama.cpp accept it too
+    # moemla's sampling defaults; their checks are SamplingConfig's (`sampling()`), bar OpenAI's temperature cap
+    temperature: float = Field(SamplingConfig.temperature, le=2.0)  # 0 is greedy
+    top_p: float | None = SamplingConfig.top_p
+    top_k: int | None = SamplingConfig.top_k  # not OpenAI's; vLLM and llama.cpp accept it too
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+
+    def sampling(self, max_tokens: int, seed: int) -> SamplingConfig:
+        """The request's one SamplingConfig (ValueError, naming the field, where a value is out of range)."""
+        top_p = None if self.top_p is not None and self.top_p == 1.0 else self.top_p
+        return SamplingConfig(self.temperature, self.top_k, top_p, max_tokens, seed)
 
     def include_usage(self) -> bool:
         """A last chunk with the usage (and no choices) before [DONE], as OpenAI sends it."""

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
 from moemla.inference.decode import Event, Finish, Token
+from moemla.inference.sampling import PromptTooLong, fit
 from moemla.serve.engine import Engine, Job
 from moemla.serve.limits import PromptEncoder
 from moemla.serve.protocol import ChoiceText, CompletionRequest, Sampling
@@ -61,16 +62,11 @@ class Server:
                 404, f"model {req.model!r} does not exist; this server serves {self.name!r}", "model_not_found"
             )
         seed = req.seed if req.seed is not None else next(self.seeds) * 1000
-        top_p = None if req.top_p >= 1.0 else req.top_p
-
         try:
-            return [
-                Job(p, max_tokens, _unbound, req.temperature, req.top_k, top_p, seed + k, **extra)  # type: ignore[arg-type]
-                for p in prompts
-                for k in range(req.n)
-            ]
+            sampling = [req.sampling(max_tokens, seed + k) for k in range(req.n)]
         except ValueError as err:
-            raise ApiError(400, str(err)) from None
+            raise ApiError(400, _as_field(str(err))) from None
+        return [Job(p, s, _unbound, **extra) for p in prompts for s in sampling]  # type: ignore[arg-type]
 
     async def events(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Event]]:
         """(choice index, event) as the engine produces them; leaving early cancels every unfinished row."""
@@ -113,15 +109,18 @@ class Server:
     def max_tokens(self, prompts: list[list[int]], requested: int | None) -> int:
         """Tokens to generate: as requested, cut to what the context leaves (then finish_reason is length)."""
         longest = max(len(p) for p in prompts)
-        room = self.engine.context - longest
-        if room < 0 or (room == 0 and requested != 0):
-            raise ApiError(
-                400,
-                f"the prompt has {longest} tokens but the model's context is {self.engine.context} tokens; "
-                "shorten the prompt",
-                "context_length_exceeded",
-            )
-        return room if requested is None else min(requested, room)
+        wanted = self.engine.context if requested is None else requested
+        try:
+            return fit(longest, self.engine.context, wanted)
+        except PromptTooLong as err:
+            raise ApiError(400, str(err), "context_length_exceeded") from None
+
+
+def _as_field(message: str) -> str:
+    """SamplingConfig's message about a flag ('--top-k must ...') as one about the request's field ('top_k ...')."""
+    flag, _, rest = message.partition(" ")
+    name = {"--max-new-tokens": "max_tokens"}.get(flag, flag.removeprefix("--").replace("-", "_"))
+    return f"{name} {rest}"
 
 
 def _unbound(event: Event) -> None:
