@@ -251,7 +251,12 @@ def test_the_one_decode_loop_gives_each_row_its_tokens_then_one_finish() -> None
 
     def prefills(path: Path) -> bool:  # a decode loop starts with Decoder.prefill, whatever the decoder is called
         tree = ast.parse(path.read_text())
-        return any(isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "prefill" for n in ast.walk(tree))
+        # an engine's own prefill may delegate to its session: that is the engine, not a loop over it
+        inside = {id(c) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "prefill"
+                  for c in ast.walk(f)}  # fmt: skip
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "prefill"]
+        return any(id(n) not in inside for n in calls)
 
     loops = {p.relative_to(src).as_posix() for p in src.rglob("*.py") if prefills(p)}
-    assert loops <= {"inference/decode.py", "inference/bench.py"}, loops  # bench times the raw steps
+    # bench times the raw steps; the ONNX export checks its graph's logits against the model's once
+    assert loops <= {"inference/decode.py", "inference/bench.py", "inference/onnx/write.py"}, loops

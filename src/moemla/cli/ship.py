@@ -10,6 +10,10 @@ from moemla.device import DTYPES
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        return _export_onnx(args)
+    if args.quantize != "none":
+        raise ValueError("--quantize is for --format onnx; a Hugging Face export takes --dtype")
     from moemla.export.hf import export_hf
 
     info = export_hf(
@@ -29,18 +33,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from moemla.export.onnx import export_onnx
+
+    if args.architecture != "auto" or args.dtype != "float32":
+        raise ValueError("--architecture and --dtype are for --format hf; an ONNX export takes --quantize")
+    manifest = export_onnx(args.run, args.out, quantize=args.quantize, checkpoint=args.checkpoint,
+                           overwrite=args.overwrite)  # fmt: skip
+    if args.json:
+        print(json.dumps(manifest))
+        return 0
+    size = sum(manifest["files"].values())
+    check = manifest["check"]
+    weights = "fp32" if manifest["quantize"] == "none" else manifest["quantize"]
+    print(f"wrote {args.out}: {manifest['variant'] or 'custom'} as ONNX ({weights} weights, "
+          f"{size / 2**20:.1f} MiB, KV cache {manifest['kv_cache_bytes_per_token']:,} bytes/token) in "
+          f"{manifest['export_seconds']} s; logits within {check['max_abs_logit_error']:.1e} of the torch model, "
+          f"top-1 agreement {check['top1_agreement']:.0%}")  # fmt: skip
+    for name in ("validation_perplexity", "fp32_validation_perplexity"):
+        if name in manifest:
+            print(f"{name.replace('_', ' ')}: {manifest[name]:.3f}")
+    print("run it without moemla or torch (numpy, onnxruntime, tokenizers):")
+    print(f"  python {args.out}/run_onnx.py 'Once upon a time'")
+    print(f"or with moemla: moemla generate {args.out} --prompt 'Once upon a time'")
+    return 0
+
+
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a run's checkpoint as a Hugging Face model folder (AutoModelForCausalLM)",
+        help="write a run's checkpoint as a Hugging Face model folder, or an ONNX Runtime folder (--format onnx)",
         description="Write a folder that transformers loads with AutoModelForCausalLM.from_pretrained: safetensors "
         "weights (the routing bias kept in fp32), config, tokenizer and generation config. Dense mha exports as "
         "GPT-2 and mha-rope as GPT-NeoX (exact, no remote code); every other variant as self-contained remote code "
-        "(modeling_moemla.py, load with trust_remote_code=True) whose cache keeps MLA's latents.",
+        "(modeling_moemla.py, load with trust_remote_code=True) whose cache keeps MLA's latents. --format onnx writes "
+        "one ONNX graph for prefill and cached steps (the cache in the model's own layout: MLA's latents), with a "
+        "runner that needs only numpy, onnxruntime and tokenizers; moemla generate/serve/eval run the folder too.",
     )
     p.add_argument("run", help="run folder")
     p.add_argument("out", help="folder to write (must be new or empty, unless --overwrite)")
-    p.add_argument("--format", default="hf", choices=["hf"], help="output format (Hugging Face transformers)")
+    p.add_argument(
+        "--format", default="hf", choices=["hf", "onnx"],
+        help="hf: a Hugging Face transformers folder (default); onnx: an ONNX Runtime folder (model.onnx whose cache "
+        "keeps MLA's latents, manifest.json, tokenizer.json, run_onnx.py) that runs without torch",
+    )  # fmt: skip
+    p.add_argument(
+        "--quantize", default="none", choices=["none", "int8", "int4"],
+        help="ONNX weights: none (fp32), int8 (dynamic int8 MatMuls) or int4 (4-bit blocks, MatMulNBits); the "
+        "routers stay fp32 (default none)",
+    )  # fmt: skip
     p.add_argument(
         "--architecture",
         default="auto",

@@ -17,9 +17,10 @@ from moemla.inference.sampling import SamplingConfig
 ENGINE_HELP = (
     "torch: the model itself (any device, dtype, batch); numpy: the torch-free NumpyDecoder, one sequence "
     "in float32 on the CPU; numba: the same with compiled one-token steps, the fastest at batch 1 on a CPU "
-    "(needs pip install 'moemla[fast]'; BENCHMARKS.md)"
+    "(needs pip install 'moemla[fast]'; BENCHMARKS.md); onnx: onnxruntime on an ONNX export (moemla export --format "
+    "onnx), any batch, on the CPU (needs pip install 'moemla[onnx]')"
 )
-ENGINES = ["torch", "numpy", "numba"]
+ENGINES = ["torch", "numpy", "numba", "onnx"]
 CUDA_GRAPH_HELP = (
     "torch engine on CUDA: capture the one-token step as a CUDA graph per batch and length bucket over a static "
     "cache, then replay it (one launch per token); with --compile the compiled step is captured"
@@ -34,11 +35,9 @@ QUANTIZE_HELP = (
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moemla.device import resolve_device
-    from moemla.inference.decoder import engine_device, make_decoder
     from moemla.inference.generate import generate
+    from moemla.inference.load import open_decoder
     from moemla.inference.sampling import PromptTooLong
-    from moemla.runs import RunFolder
 
     if args.prompts:
         path = Path(args.prompts)
@@ -50,12 +49,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     sampling = SamplingConfig(**dataclass_values(args, SamplingConfig, "s_"))  # checked before the prompt prints
-    device = engine_device(args.engine, args.device)
-    run = RunFolder.open(args.run)
-    model, tok = run.load_model(resolve_device(device), args.checkpoint), run.tokenizer()
-    mode = "cuda-graph" if args.cuda_graph else "eager"
-    model = make_decoder(model, args.engine, batch_size=args.batch_size, quantize=args.quantize, mode=mode,
-                         compile=args.compile)  # fmt: skip
+    model, tok = open_decoder(
+        args.run, args.engine, device=args.device, checkpoint=args.checkpoint, batch_size=args.batch_size,
+        quantize=args.quantize, mode="cuda-graph" if args.cuda_graph else "eager", compile=args.compile,
+    )  # fmt: skip
     try:
         if args.batch_size > 1:  # whole texts, printed as each batch finishes
             for lo in range(0, len(prompts), args.batch_size):
@@ -306,7 +303,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument(
         "--engine", default="auto", choices=["auto", *ENGINES],
-        help=ENGINE_HELP + "; auto (default): numba on a CPU when installed, else numpy there, torch on a GPU",
+        help=ENGINE_HELP + "; auto (default): onnx for an ONNX export folder; for a run, numba on a CPU when "
+        "installed, else numpy there, torch on a GPU",
     )  # fmt: skip
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)

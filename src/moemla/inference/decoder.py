@@ -19,7 +19,7 @@ from moemla.compiling import CompiledOrEager
 from moemla.config import ConfigError, ModelConfig, portable
 from moemla.model import KVCache, Transformer
 
-Engine = Literal["torch", "numpy", "numba"]
+Engine = Literal["torch", "numpy", "numba", "onnx"]
 Mode = Literal["eager", "static", "cuda-graph"]
 Quantize = Literal["none", "int8"]
 
@@ -50,6 +50,8 @@ class Decoder(Protocol):
     def step(self, tokens: Sequence[int]) -> torch.Tensor: ...
 
     def reset(self) -> None: ...
+
+    def logits(self, ids: Sequence[int]) -> torch.Tensor: ...  # (T, V) of every position of one sequence; resets
 
 
 def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -177,6 +179,12 @@ class TorchDecoder:
 
     def reset(self) -> None:
         self.cache, self._length = None, 0
+
+    @torch.no_grad()
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Logits (T, V) of every position of one sequence, without a cache (scoring a prompt)."""
+        self.reset()
+        return self.model(torch.tensor([list(ids)], device=self.device))[0][0]
 
 
 def gather_experts(cfg: ModelConfig, batch: int, captured: bool) -> bool:

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
 from moemla.inference.decode import Token
+from moemla.inference.onnx.engine import is_onnx_folder
 from moemla.serve.engine import Engine, Job
 from moemla.serve.limits import BodyLimit
 from moemla.serve.protocol import (
@@ -66,7 +67,7 @@ async def model(model: str, request: Request) -> dict[str, object]:
 @router.post("/v1/completions", response_model=None)
 async def completions(req: CompletionRequest, request: Request) -> dict[str, object] | StreamingResponse:
     server = _server(request)
-    prompts = await encode_prompts(req, server.encoder, server.engine.model.cfg.vocab_size)
+    prompts = await encode_prompts(req, server.encoder, server.engine.cfg.vocab_size)
     max_tokens = server.max_tokens(prompts, req.max_tokens)
     jobs = server.jobs(req, prompts, max_tokens, logprobs=req.logprobs, echo=req.echo)
     texts = [ChoiceText(server.tok, req.stops(), server.stop) for _ in jobs]
@@ -215,13 +216,14 @@ def serve(
     """Load the run and serve it until interrupted."""
     import uvicorn
 
-    from moemla.device import resolve_device
-    from moemla.runs import RunFolder
+    from moemla.inference.load import open_decoder
 
-    run = RunFolder.open(run_dir)
-    model, tok = run.load_model(resolve_device(device), checkpoint), run.tokenizer()
+    # the torch engine for a run folder (batches of any size), the ONNX engine for an ONNX export
+    engine_name = "auto" if is_onnx_folder(run_dir) else "torch"
     mode = "cuda-graph" if cuda_graph else "eager"
-    engine = Engine(model, eot_id(tok), max_batch=max_batch, mode=mode, compile=compile)
+    decoder, tok = open_decoder(run_dir, engine_name, device=device, checkpoint=checkpoint, batch_size=max_batch,
+                                mode=mode, compile=compile)  # fmt: skip
+    engine = Engine(decoder, eot_id(tok), max_batch=max_batch)
     app = create_app(engine, tok, name or Path(run_dir).resolve().name, max_body_mb)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")

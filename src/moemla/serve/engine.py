@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moemla.inference.decode import Event, Finish, Row, Token, decode, top_logprobs
-from moemla.inference.decoder import Mode, TorchDecoder
+from moemla.inference.decoder import Decoder, Mode, TorchDecoder
 from moemla.inference.sampling import SamplingConfig, fit
 from moemla.model import Transformer
 
@@ -43,18 +43,19 @@ class Engine:
 
     def __init__(
         self,
-        model: Transformer,
+        model: Transformer | Decoder,
         stop: int | None,
         max_batch: int = 16,
         window_s: float = 0.005,
         mode: Mode = "eager",
         compile: bool = False,
     ) -> None:
-        self.model, self.stop = model.eval(), stop
-        # generation goes through the one Decoder interface
-        self.decoder = TorchDecoder(self.model, mode=mode, compile=compile)
-        self.max_batch, self.window_s = max_batch, window_s
-        self.device = next(model.parameters()).device
+        self.stop = stop
+        # generation and prompt scoring go through the one Decoder interface (a Transformer gets TorchDecoder)
+        self.decoder = TorchDecoder(model, mode=mode, compile=compile) if isinstance(model, Transformer) else model
+        self.cfg = self.decoder.cfg
+        self.max_batch = max_batch if self.decoder.max_batch is None else min(max_batch, self.decoder.max_batch)
+        self.window_s = window_s
         self.stats = {"batches": 0, "jobs": 0, "largest_batch": 0, "cancelled": 0, "tokens": 0}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="moemla-engine", daemon=True)
@@ -62,7 +63,7 @@ class Engine:
 
     @property
     def context(self) -> int:
-        return self.model.cfg.max_seq_len
+        return self.cfg.max_seq_len
 
     def submit(self, jobs: list[Job]) -> None:
         for job in jobs:  # the one fit check (PromptTooLong, a ValueError), before any job is queued
@@ -72,8 +73,7 @@ class Engine:
 
     def _score(self, job: Job) -> None:
         """Emit the prompt's tokens with the log-probability the model gives each after its prefix."""
-        ids = torch.tensor([job.prompt], device=self.device)
-        lp = self.model(ids)[0][0, :-1].float().log_softmax(-1)  # (T - 1, V)
+        lp = self.decoder.logits(job.prompt)[:-1].float().log_softmax(-1)  # (T - 1, V)
         job.emit(Token(job.prompt[0], None, prompt=True))
         for t, token in enumerate(job.prompt[1:]):
             job.emit(Token(token, float(lp[t, token]), top_logprobs(lp[t], job.logprobs), prompt=True))

@@ -124,6 +124,11 @@ class NumpyDecoder:
         """Decoder.step: one token (a list of one) -> logits (1, V)."""
         return _tensor(self.forward([int(tokens[0])])[None])
 
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Decoder.logits: (T, V) of every position of one sequence, from an empty cache."""
+        self.reset()
+        return _tensor(self.forward(list(ids), all_logits=True))
+
     @classmethod
     def from_model(
         cls, model: object, max_len: int | None = None, compiled: bool = False, quantize: str = "none"

@@ -1,0 +1,50 @@
+"""What to decode from: a run folder (its checkpoint, on any engine) or an ONNX export folder (the ONNX engine);
+the engine follows from the folder. `moemla generate` and `moemla serve` open both through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from moemla.config import ConfigError
+from moemla.data.tokenizer import load_tokenizer
+from moemla.device import resolve_device
+from moemla.inference.decoder import Decoder, Engine, Mode, Quantize, engine_device, make_decoder
+from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder
+
+
+def open_decoder(
+    path: str | Path,
+    engine: Engine | str = "auto",
+    *,
+    device: str = "auto",
+    checkpoint: str | None = None,
+    batch_size: int = 1,
+    quantize: Quantize = "none",
+    mode: Mode = "eager",
+    compile: bool = False,
+) -> tuple[Decoder, Tokenizer]:
+    """The decoder and tokenizer of a run folder or an ONNX export folder."""
+    if is_onnx_folder(path):
+        if engine not in ("auto", "onnx"):
+            raise ConfigError(f"{path} is an ONNX export: it decodes with --engine onnx (or auto), not {engine}")
+        asked = {"--device": device not in ("auto", "cpu"), "--checkpoint": checkpoint is not None,
+                 "--quantize": quantize != "none", "--cuda-graph": mode != "eager", "--compile": compile}  # fmt: skip
+        if any(asked.values()):
+            flags = ", ".join(k for k, v in asked.items() if v)
+            raise ConfigError(
+                f"{path} is an ONNX export (one checkpoint, quantized at export, run on the CPU by onnxruntime): "
+                f"drop {flags}"
+            )
+        return OnnxDecoder(path), load_tokenizer(Path(path) / "tokenizer.json")
+    if engine == "onnx":
+        raise ConfigError(
+            f"--engine onnx runs an ONNX export folder; export this run first: moemla export {path} OUT --format onnx"
+        )
+    from moemla.runs import RunFolder
+
+    run = RunFolder.open(path)
+    model = run.load_model(resolve_device(engine_device(engine, device)), checkpoint)
+    dec = make_decoder(model, engine, batch_size=batch_size, quantize=quantize, mode=mode, compile=compile)  # type: ignore[arg-type]
+    return dec, run.tokenizer()

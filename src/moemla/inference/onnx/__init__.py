@@ -1,0 +1,8 @@
+"""The model as an ONNX Runtime artifact: the exportable graph (graph.py, torch), the writer of an export folder
+(write.py, torch + onnx), and the torch-free engine that decodes one (engine.py: onnxruntime + numpy)."""
+
+MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+FORMAT = "moemla-onnx"  # the manifest's "format"; its "version" changes when the graph's interface does
+VERSION = 1
+EXTRA = "pip install 'moemla[onnx]' (onnx, onnxruntime, onnxscript)"

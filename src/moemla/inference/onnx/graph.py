@@ -1,0 +1,181 @@
+"""The moemla model as one function ONNX can hold: token ids, an attention mask and the past cache in; logits and
+the grown cache out. It reads the Transformer's own parameters and repeats its math with no cache object, so that
+`torch.onnx.export` traces a graph with dynamic batch, new-token and past lengths.
+
+The cache keeps the model's layout (`cache_spec`): MHA layers carry K and V per head, MLA layers only the latents
+C^K, C^V (and the decoupled RoPE key), so the exported file keeps MLA's memory saving. Two choices are made inside
+the graph by the number of new tokens (ONNX If nodes), as TorchDecoder makes them on the host:
+- MLA one-token steps attend over the latents with W^Kr and W^Vr absorbed (DeepSeek-V2 §2.1.3); a prefill expands
+  K and V once. The paper's RoPE after the up-projection (§3.1) always expands, since the rotation sits between W^Kr
+  and the score;
+- MoE layers with fewer assignments than experts gather each assignment's expert weights (a decode step reads 6 of
+  62 experts); larger batches run every expert on every token under a gate mask (no data-dependent shapes).
+tests/test_onnx.py holds the logits to the Transformer's within 1e-4 for every portable variant.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moemla.config import ModelConfig
+from moemla.model import Transformer
+from moemla.model.attention import MHA, MLA
+from moemla.model.kv_cache import cache_spec
+from moemla.model.moe import MoE
+from moemla.model.rope import apply_rope
+
+
+def cache_names(cfg: ModelConfig) -> list[str]:
+    """The cache tensors in graph order: '{layer}.{name}' for each layer and each name of cache_spec."""
+    return [f"{i}.{name}" for i in range(cfg.n_layers) for name in cache_spec(cfg)]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, T, H, D) over k, v (B, S, H, D) where allowed (B, T, S) -> (B, T, H * D)."""
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+    return y.flatten(2)
+
+
+def mha(attn: MHA, x: torch.Tensor, rope: tuple | None, allowed: torch.Tensor, past: list[torch.Tensor]):
+    b, t, _ = x.shape
+    q, k, v = attn.wqkv(x).view(b, t, 3, attn.n_heads, attn.head_dim).unbind(2)  # (B, T, H, D) each
+    if rope is not None:
+        q, k = apply_rope(q, *rope[:2]), apply_rope(k, *rope[:2])  # keys cached rotated, at their slots
+    k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)  # (B, S, H, D)
+    return attn.wo(attend(q, k, v, allowed, attn.head_dim**-0.5)), [k, v]
+
+
+def mla(attn: MLA, x: torch.Tensor, rope: tuple | None, allowed: torch.Tensor, past: list[torch.Tensor]):
+    b, t, _ = x.shape
+    h, d, p, r = attn.n_heads, attn.head_dim, attn.rope_dim, attn.rank
+    q, q_pe = attn.wq(x).view(b, t, h, d + p).split([d, p], dim=-1)  # (B, T, H, D), (B, T, H, P)
+    c_k, c_v, k_pe = attn.wkv_a(x).split([r, r, p], dim=-1)  # (B, T, R) x 2, (B, T, P)
+    c_k, c_v = torch.cat([past[0], c_k], 1), torch.cat([past[1], c_v], 1)  # (B, S, R)
+    new = [c_k, c_v]
+    if attn.decoupled:
+        q_pe = apply_rope(q_pe, *rope[:2])
+        k_pe = torch.cat([past[2], apply_rope(k_pe[:, :, None], *rope[:2])[:, :, 0]], 1)  # (B, S, P)
+        new.append(k_pe)
+    if rope is not None and not attn.decoupled:  # §3.1: RoPE after the up-projection; every key re-rotated
+        y = _expanded(attn, q, q_pe, c_k, c_v, k_pe, allowed, rope)
+    else:
+        y = torch.cond(
+            t == 1,
+            lambda q, q_pe, c_k, c_v, k_pe, allowed: _absorbed(attn, q, q_pe, c_k, c_v, k_pe, allowed),
+            lambda q, q_pe, c_k, c_v, k_pe, allowed: _expanded(attn, q, q_pe, c_k, c_v, k_pe, allowed, None),
+            (q, q_pe, c_k, c_v, k_pe, allowed),
+        )
+    return attn.wo(y), new
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x) over rows of x (..., in) -> (..., out) as one Gemm that reads layer.weight as it is stored: a weight
+    used twice (W^Kr, W^Vr, the tied embedding) stays one initializer instead of a transposed copy per use."""
+    return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias).view(*x.shape[:-1], -1)
+
+
+def _expanded(attn: MLA, q, q_pe, c_k, c_v, k_pe, allowed, rope):
+    """Eq. 13-14 as written: K and V re-expanded from the latents, (B, T, H * D)."""
+    b, s, _ = c_k.shape
+    h, d, p = attn.n_heads, attn.head_dim, attn.rope_dim
+    k, v = linear(c_k, attn.wk_b).view(b, s, h, d), linear(c_v, attn.wv_b).view(b, s, h, d)  # (B, S, H, D)
+    if attn.decoupled:
+        q = torch.cat([q, q_pe], dim=-1)  # (B, T, H, D + P)
+        k = torch.cat([k, k_pe[:, :, None].expand(b, s, h, p)], dim=-1)
+    elif rope is not None:
+        q, k = apply_rope(q, *rope[:2]), apply_rope(k, *rope[2:])
+    return attend(q, k, v, allowed, (d + p) ** -0.5)
+
+
+def _absorbed(attn: MLA, q, q_pe, c_k, c_v, k_pe, allowed):
+    """One new token per row over the cached latents, W^Kr on the query and W^Vr after the attention, (B, 1, H * D).
+
+    The per-head blocks W_h (D, R) of W^Kr and W^Vr (C, R) are read through a block mask (H, C) rather than as a
+    reshaped copy, so the file holds each matrix once (H times the FLOPs of a tiny matmul). The bias of W^Kr adds
+    the same q . b to every key, which the softmax ignores; W^Vr's bias passes once, in its head's block."""
+    h, d, p = attn.n_heads, attn.head_dim, attn.rope_dim
+    block = (torch.arange(h * d, device=q.device) // d == torch.arange(h, device=q.device)[:, None]).to(q.dtype)
+    q_lat = (q.flatten(2)[:, :, None, :] * block) @ attn.wk_b.weight  # (B, 1, H, C) @ (C, R) -> (B, 1, H, R)
+    scores = torch.einsum("bthr,bsr->bhts", q_lat, c_k)  # (B, H, 1, S)
+    if attn.decoupled:
+        scores = scores + torch.einsum("bthp,bsp->bhts", q_pe, k_pe)
+    scores = (scores * (d + p) ** -0.5).masked_fill(~allowed[:, None], float("-inf"))
+    o_lat = torch.einsum("bhts,bsr->bthr", scores.softmax(-1), c_v)  # (B, 1, H, R)
+    return (linear(o_lat, attn.wv_b) * block).sum(2)  # (B, 1, H, C) -> each head's own block (and bias): (B, 1, C)
+
+
+def moe(ffn: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 12 with static shapes: x (B, T, C) -> (B, T, C)."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # (N, C)
+    gates, idx = ffn.router(x)  # (N, K): the model's own router, in fp32
+    n_experts = ffn.experts.n_experts
+    y = torch.cond(
+        x.shape[0] * gates.shape[1] < n_experts,
+        lambda x, gates, idx: _gathered(ffn, x, gates, idx),
+        lambda x, gates, idx: _masked(ffn, x, gates, idx),
+        (x, gates, idx),
+    )
+    if ffn.shared is not None:
+        y = y + ffn.shared(x)
+    return y.view(shape)
+
+
+def _gathered(ffn: MoE, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Each assignment's expert weights gathered (N, K, C, h): reads only the chosen experts."""
+    w1, w2 = ffn.experts.w1[idx], ffn.experts.w2[idx]  # (N, K, C, h), (N, K, h, C)
+    hid = F.gelu(x[:, None, None, :] @ w1)  # (N, K, 1, h)
+    y = (hid @ w2)[:, :, 0]  # (N, K, C)
+    return (y * gates[..., None].to(y.dtype)).sum(1)
+
+
+def _masked(ffn: MoE, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, weighted by a gate that is 0 outside the token's top-k: (N, C)."""
+    dense = torch.zeros(x.shape[0], ffn.experts.n_experts, dtype=gates.dtype).scatter(-1, idx, gates)  # (N, E)
+    hid = F.gelu(x[None] @ ffn.experts.w1)  # (E, N, h)
+    y = (hid * dense.T[..., None].to(hid.dtype)) @ ffn.experts.w2  # (E, N, C)
+    return y.sum(0)
+
+
+class ExportedLM(nn.Module):
+    """(input_ids (B, T), attention_mask (B, P + T), *past) -> (logits (B, T, V), *present), present = past + new.
+
+    attention_mask marks real tokens (1) and left padding (0) over every slot, past and new; learned positions
+    count from each row's first real token, RoPE rotates by slot (scores depend only on distances)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.spec = cache_spec(model.cfg)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        m, cfg = self.model, self.model.cfg
+        t, p = input_ids.shape[1], past[0].shape[1]
+        slots = torch.arange(p + t, device=input_ids.device)  # (S,)
+        q_slots = slots[p:]  # (T,)
+        causal = slots[None, :] <= q_slots[:, None]  # (T, S)
+        # a padding query reads itself alone, so its row stays finite (and nobody reads it)
+        allowed = causal & (attention_mask.bool()[:, None, :] | (slots[None, :] == q_slots[:, None]))  # (B, T, S)
+        x = m.wte(input_ids)  # (B, T, C)
+        if m.wpe is not None:
+            x = x + m.wpe((attention_mask.cumsum(-1) - 1).clamp(min=0)[:, p:])
+        rope = None
+        if cfg.positions == "rope":
+            rope = (m.rope_cos[q_slots], m.rope_sin[q_slots], m.rope_cos[: p + t], m.rope_sin[: p + t])
+        present: list[torch.Tensor] = []
+        per_layer = len(self.spec)
+        for i, block in enumerate(m.blocks):
+            layer_past = list(past[i * per_layer : (i + 1) * per_layer])
+            run = mla if isinstance(block.attn, MLA) else mha
+            h, new = run(block.attn, block.ln1(x), rope, allowed, layer_past)
+            x = x + h  # Eq. 11
+            z = block.ln2(x)
+            x = x + (moe(block.ffn, z) if isinstance(block.ffn, MoE) else block.ffn(z))  # Eq. 12
+            present += new
+        hid = m.ln_f(x)
+        logits = F.linear(hid.flatten(0, 1), m.wte.weight).view(*hid.shape[:2], -1)  # tied: the Gather's matrix
+        return (logits, *present)

@@ -1,0 +1,76 @@
+"""Write a story with a moemla ONNX export: needs only numpy, onnxruntime and tokenizers (no torch, no moemla).
+
+    pip install numpy onnxruntime tokenizers
+    python run_onnx.py "Once upon a time" --max-new-tokens 100
+
+Written by `moemla export RUN OUT --format onnx`. The graph takes token ids, an attention mask and the past
+cache (names and shapes in manifest.json) and returns logits and the cache grown by the new tokens; MLA layers
+cache only their latents. The sampling defaults are moemla's (manifest.json, "sampling").
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+HERE = Path(__file__).resolve().parent
+
+
+def sample(logits, temperature, top_k, top_p, rng):
+    """One token id from logits (V,): greedy at temperature 0, else within the top-k and the top-p nucleus."""
+    if temperature == 0:
+        return int(logits.argmax())
+    order = np.argsort(-logits, kind="stable")[: top_k or None]
+    probs = np.exp((logits[order] - logits[order[0]]) / temperature)
+    probs /= probs.sum()
+    if top_p is not None and top_p < 1:
+        probs = np.where(np.cumsum(probs) - probs < top_p, probs, 0.0)
+        probs /= probs.sum()
+    return int(order[rng.choice(len(order), p=probs)])
+
+
+def main():
+    manifest = json.loads((HERE / "manifest.json").read_text())
+    defaults = manifest["sampling"]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"])
+    p.add_argument("--temperature", type=float, default=defaults["temperature"], help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=defaults["top_k"])
+    p.add_argument("--top-p", type=float, default=defaults["top_p"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    tokenizer = Tokenizer.from_file(str(HERE / "tokenizer.json"))
+    session = ort.InferenceSession(str(HERE / "model.onnx"), providers=["CPUExecutionProvider"])
+    context, eos = manifest["config"]["max_seq_len"], manifest["eos_token_id"]
+    ids = tokenizer.encode(args.prompt).ids[-(context - 1) :]
+    if not ids:
+        sys.exit("the prompt is empty")
+    rng = np.random.default_rng(args.seed)
+    cache = {c["past"]: np.zeros((1, 0, *c["shape"][2:]), np.float32) for c in manifest["cache"]}
+    feed_ids, new = np.array([ids], np.int64), []
+    print(args.prompt, end="", flush=True)
+    shown = ""
+    while len(new) < args.max_new_tokens and len(ids) + len(new) < context:
+        mask = np.ones((1, len(ids) + len(new)), np.int64)
+        logits, *present = session.run(None, {"input_ids": feed_ids, "attention_mask": mask, **cache})
+        cache = {c["past"]: a for c, a in zip(manifest["cache"], present, strict=True)}
+        token = sample(logits[0, -1], args.temperature, args.top_k, args.top_p, rng)
+        if token == eos:
+            break
+        new.append(token)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # a multi-byte character is printed once it is whole
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+        feed_ids = np.array([[token]], np.int64)
+    print(tokenizer.decode(new)[len(shown) :])
+
+
+if __name__ == "__main__":
+    main()

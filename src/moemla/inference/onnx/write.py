@@ -1,0 +1,295 @@
+"""Write a model as an ONNX export folder: model.onnx (fp32, int8 or int4 weights), manifest.json, tokenizer.json and
+a self-contained example runner. Used by `moemla export --format onnx` (a trained run) and `moemla bench --engine
+onnx` (a preset's random weights).
+
+Exporter: `torch.onnx.export(dynamo=True)`. It traces graph.ExportedLM through torch.export, so the two choices
+made by the number of new tokens (absorbed MLA steps, gathered experts) become ONNX If nodes in one graph that
+serves prefill and single-token steps; the TorchScript exporter cannot trace that choice without scripting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from moemla import accounting
+from moemla.config import ConfigError, ModelConfig, check_portable, variant_name
+from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
+from moemla.inference.onnx.graph import ExportedLM, cache_names
+from moemla.inference.sampling import SamplingConfig
+from moemla.model import Transformer
+from moemla.model.kv_cache import cache_spec
+
+OnnxQuantize = Literal["none", "int8", "int4"]
+RUNNER = Path(__file__).with_name("runner.py")  # copied into every export as run_onnx.py, never imported
+INT4_BLOCK = 32  # MatMulNBits' block of input channels sharing one scale
+
+
+def require_onnx() -> None:
+    """ConfigError naming the extra when onnx, onnxruntime or onnxscript is missing."""
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(name)
+        except ImportError:
+            raise ConfigError(f"the ONNX export needs {name}: {EXTRA}") from None
+
+
+def check_exportable(cfg: ModelConfig, quantize: OnnxQuantize) -> None:
+    """The one check of what the ONNX graph implements, before any file is written. (int4 blocks any width:
+    MatMulNBits pads a width that is not a multiple of its block.)"""
+    check_portable(cfg, "the ONNX export", "export a model that keeps it at its default (top-k routing)")
+    if quantize not in ("none", "int8", "int4"):
+        raise ConfigError(f"--quantize must be none, int8 or int4, not {quantize!r}")
+
+
+def example_inputs(cfg: ModelConfig, batch: int = 2, new: int = 3, past: int = 2) -> tuple:
+    """(input_ids, attention_mask, *past): what the tracer runs once; every axis but the channels is dynamic."""
+    ids = torch.randint(0, cfg.vocab_size, (batch, new))
+    mask = torch.ones(batch, past + new, dtype=torch.long)
+    spec = cache_spec(cfg)
+    cache = [torch.zeros(batch, past, *spec[name.split(".", 1)[1]]) for name in cache_names(cfg)]
+    return ids, mask, *cache
+
+
+def export_graph(model: Transformer, path: Path) -> None:
+    """model as an fp32 ONNX file at path: dynamic batch, new-token, past and mask axes."""
+    cfg = model.cfg
+    dim = torch.export.Dim
+    batch, new = dim("batch", min=1, max=4096), dim("new", min=1, max=cfg.max_seq_len)
+    past = dim("past", min=0, max=cfg.max_seq_len - 1)
+    names = cache_names(cfg)
+    shapes = ({0: batch, 1: new}, {0: batch, 1: dim.DYNAMIC}, tuple({0: batch, 1: past} for _ in names))
+    graph = ExportedLM(model.float().cpu()).eval()
+    quiet = logging.getLogger("torch.onnx")  # its notes (torchvision not installed, ...) are not the user's
+    level, quiet.level = quiet.level, logging.ERROR
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter's deprecation and axis-renaming notes neither
+        torch.onnx.export(
+            graph, example_inputs(cfg), str(path), dynamo=True, dynamic_shapes=shapes, verbose=False,
+            input_names=["input_ids", "attention_mask", *[f"past.{n}" for n in names]],
+            output_names=["logits", *[f"present.{n}" for n in names]],
+            external_data=accounting.total_params(cfg) * 4 > 1.8e9,  # protobuf's 2 GB limit, with room
+        )  # fmt: skip
+    quiet.level = level
+
+
+def gemm_to_matmul(model: object) -> None:
+    """Every Gemm with a constant, transposed B (how F.linear exports) as MatMul (+ Add): onnxruntime's quantizers
+    take MatMul only. The router's stays a Gemm in fp32, so routing is perturbed no more than the weights force."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    made: set[str] = set()
+
+    def rewrite(graph: object) -> None:
+        nodes = []
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.g.node:
+                    rewrite(attr.g)
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            b = node.input[1] if node.op_type == "Gemm" else ""
+            plain = attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0
+            if node.op_type != "Gemm" or b not in inits or ".router." in b or not plain or attrs.get("beta", 1.0) != 1:
+                nodes.append(copy.deepcopy(node))  # a copy: clearing graph.node below frees the originals
+                continue
+            if b not in made:  # one transposed copy per weight, shared by every use
+                model.graph.initializer.append(
+                    numpy_helper.from_array(numpy_helper.to_array(inits[b]).T.copy(), b + ".T")
+                )
+                made.add(b)
+            out = node.output[0] if len(node.input) < 3 else node.output[0] + ".mm"
+            nodes.append(helper.make_node("MatMul", [node.input[0], b + ".T"], [out], name=node.name + ".mm"))
+            if len(node.input) > 2:
+                nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=node.name + ".add"))
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+    rewrite(model.graph)
+    unused = set(made) - {i for n in _all_nodes(model.graph) for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def sort_nodes(graph: object) -> None:
+    """graph's nodes in an order where each comes after what it reads, the names its If branches read from the
+    outer graph included (onnxruntime's quantizers can move an If above the node that feeds its branch)."""
+    produced = {o for n in graph.node for o in n.output}
+    needs = [({i for i in _reads(n) if i in produced}, n) for n in graph.node]
+    done: set[str] = set()
+    order = []
+    while needs:
+        ready = [(r, n) for r, n in needs if r <= done]
+        if not ready:
+            raise ConfigError("the quantized graph has a cycle; please report this")
+        for _, n in ready:
+            order.append(copy.deepcopy(n))
+            done.update(n.output)
+        emitted = {id(n) for _, n in ready}
+        needs = [(r, n) for r, n in needs if id(n) not in emitted]
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def _reads(node: object) -> set[str]:
+    """Every name a node reads: its inputs and what its subgraphs read that they do not produce."""
+    names = set(node.input)
+    for attr in node.attribute:
+        if attr.g.node:
+            inner = {o for n in attr.g.node for o in n.output}
+            names |= {i for n in attr.g.node for i in _reads(n)} - inner
+    return names
+
+
+def _all_nodes(graph: object) -> list:
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            if attr.g.node:
+                out += _all_nodes(attr.g)
+    return out
+
+
+def quantize_file(src: Path, dst: Path, quantize: OnnxQuantize) -> None:
+    """src (fp32) -> dst with int8 dynamic MatMuls or int4 weight-only MatMulNBits; routers stay fp32."""
+    import onnx
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
+    model = onnx.load(str(src))
+    gemm_to_matmul(model)
+    if quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        plain = src.with_name("matmul.onnx")
+        onnx.save(model, str(plain))
+        quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         extra_options={"MatMulConstBOnly": True})  # fmt: skip
+        plain.unlink()
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    # both quantizers sort nodes by their inputs alone, which can lift an If above what its branches read
+    quantized = onnx.load(str(dst))
+    sort_nodes(quantized.graph)
+    onnx.save(quantized, str(dst))
+
+
+def check_file(path: Path, model: Transformer, quantize: OnnxQuantize) -> dict[str, float]:
+    """onnx.checker on the file, then one run against the torch model: a left-padded batch prefill and a cached step.
+    fp32 must agree within 1e-3 (tests hold 1e-4); a quantized file reports its error and top-1 agreement."""
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    from moemla.inference.onnx.engine import OnnxSession
+
+    session = OnnxSession(path, model.cfg, cache_entries(model.cfg))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (7, 4)]
+    got, want = [], []
+    from moemla.inference.decoder import TorchDecoder
+
+    dec = TorchDecoder(model.float().cpu().eval())
+    got.append(session.prefill(prompts)), want.append(dec.prefill(prompts, 16).numpy())
+    got.append(session.step([1, 2])), want.append(dec.step([1, 2]).numpy())
+    got_a, want_a = np.concatenate(got), np.concatenate(want)
+    err = float(np.abs(got_a - want_a).max())
+    if quantize == "none" and not err < 1e-3:
+        raise ConfigError(f"the exported graph's logits differ from the model's by {err:.2e}; please report this")
+    return {"max_abs_logit_error": err, "top1_agreement": float((got_a.argmax(-1) == want_a.argmax(-1)).mean())}
+
+
+def write_onnx(
+    model: Transformer, out: Path, *, quantize: OnnxQuantize = "none", tokenizer: Path | None = None,
+    eos_token_id: int | None = None, source: dict[str, object] | None = None,
+) -> dict[str, object]:  # fmt: skip
+    """The export folder at `out`: written in a sibling temporary folder, checked, then renamed into place (over
+    what was there), so a failure leaves nothing half-written and the old folder untouched. Returns the manifest."""
+    require_onnx()
+    cfg = model.cfg
+    check_exportable(cfg, quantize)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        start = time.perf_counter()
+        fp32 = tmp / (MODEL if quantize == "none" else "fp32.onnx")
+        export_graph(model, fp32)
+        if quantize != "none":
+            quantize_file(fp32, tmp / MODEL, quantize)
+            for f in tmp.glob("fp32.onnx*"):
+                f.unlink()
+        checked = check_file(tmp / MODEL, model, quantize)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        shutil.copyfile(RUNNER, tmp / "run_onnx.py")
+        manifest = build_manifest(cfg, quantize, eos_token_id, checked, source, tmp)
+        manifest["export_seconds"] = round(time.perf_counter() - start, 1)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def cache_entries(cfg: ModelConfig) -> list[dict[str, object]]:
+    """The cache's tensors in graph order: input and output names and shape (batch, past, *the layer's spec)."""
+    spec = cache_spec(cfg)
+    return [
+        {"past": f"past.{n}", "present": f"present.{n}", "shape": ["batch", "past", *spec[n.split(".", 1)[1]]]}
+        for n in cache_names(cfg)
+    ]
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """new renamed to out; an existing out is moved aside first and removed only once new is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_manifest(
+    cfg: ModelConfig, quantize: OnnxQuantize, eos: int | None, checked: dict, source: dict | None, folder: Path
+) -> dict[str, object]:
+    """What a runner needs besides the graph: the config, the cache's tensors and shapes, eos, sampling defaults."""
+    cache = cache_entries(cfg)
+    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name != MANIFEST}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "variant": variant_name(cfg),
+        "quantize": quantize,
+        "config": cfg.to_dict(),
+        "inputs": ["input_ids", "attention_mask", *[c["past"] for c in cache]],
+        "outputs": ["logits", *[c["present"] for c in cache]],
+        "cache": cache,
+        "cache_dtype": "float32",
+        "kv_cache_bytes_per_token": accounting.kv_cache_bytes_per_token(cfg),
+        "total_params": accounting.total_params(cfg),
+        "active_params": accounting.active_params(cfg),
+        "eos_token_id": eos,
+        "sampling": {k: v for k, v in dataclasses.asdict(SamplingConfig()).items() if k != "seed"},
+        "check": checked,
+        "files": files,
+        "source": source or {},
+    }
