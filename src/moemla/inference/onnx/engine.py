@@ -24,14 +24,9 @@ if TYPE_CHECKING:
 
 
 def is_onnx_folder(path: str | Path) -> bool:
-    """Whether path is a folder `moemla export --format onnx` wrote (it has a manifest.json of that format)."""
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    """Whether path is an export folder (a manifest.json and no run.json); read_manifest then says what is wrong
+    with one that is damaged."""
+    return (Path(path) / MANIFEST).is_file() and not (Path(path) / "run.json").is_file()
 
 
 def read_manifest(folder: str | Path) -> dict:

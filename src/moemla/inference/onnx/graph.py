@@ -34,10 +34,10 @@ def cache_names(cfg: ModelConfig) -> list[str]:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, T, H, D) over k, v (B, S, H, D) where allowed (B, T, S) -> (B, T, H * D)."""
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T or S, D)
+    scores = (q @ k.transpose(2, 3)) * scale  # (B, H, T, S)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
-    return y.flatten(2)
+    return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
 
 
 def mha(attn: MHA, x: torch.Tensor, rope: tuple | None, allowed: torch.Tensor, past: list[torch.Tensor]):
@@ -60,30 +60,33 @@ def mla(attn: MLA, x: torch.Tensor, rope: tuple | None, allowed: torch.Tensor, p
         q_pe = apply_rope(q_pe, *rope[:2])
         k_pe = torch.cat([past[2], apply_rope(k_pe[:, :, None], *rope[:2])[:, :, 0]], 1)  # (B, S, P)
         new.append(k_pe)
+    ops = (q, q_pe, c_k, c_v, k_pe, allowed, *_latent_weights(attn))
     if rope is not None and not attn.decoupled:  # §3.1: RoPE after the up-projection; every key re-rotated
-        y = _expanded(attn, q, q_pe, c_k, c_v, k_pe, allowed, rope)
-    else:
-        y = torch.cond(
-            t == 1,
-            lambda q, q_pe, c_k, c_v, k_pe, allowed: _absorbed(attn, q, q_pe, c_k, c_v, k_pe, allowed),
-            lambda q, q_pe, c_k, c_v, k_pe, allowed: _expanded(attn, q, q_pe, c_k, c_v, k_pe, allowed, None),
-            (q, q_pe, c_k, c_v, k_pe, allowed),
-        )
+        y = _expanded((h, d, p), *ops, rope=rope)
+    else:  # the branches take the weights as operands and capture no module: torch.export traces them faster
+        y = torch.cond(t == 1, lambda *o: _absorbed((h, d, p), *o), lambda *o: _expanded((h, d, p), *o), ops)
     return attn.wo(y), new
 
 
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """layer(x) over rows of x (..., in) -> (..., out) as one Gemm that reads layer.weight as it is stored: a weight
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear over rows of x (..., in) -> (..., out) as one Gemm that reads the weight as it is stored: a weight
     used twice (W^Kr, W^Vr, the tied embedding) stays one initializer instead of a transposed copy per use."""
-    return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias).view(*x.shape[:-1], -1)
+    return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
 
 
-def _expanded(attn: MLA, q, q_pe, c_k, c_v, k_pe, allowed, rope):
-    """Eq. 13-14 as written: K and V re-expanded from the latents, (B, T, H * D)."""
+def _latent_weights(attn: MLA) -> tuple[torch.Tensor, ...]:
+    """W^Kr, its bias, W^Vr, its bias (zeros where the model has none): operands of the branches below."""
+    zeros = attn.wk_b.weight.new_zeros(attn.wk_b.weight.shape[0])
+    return tuple(w if w is not None else zeros for w in (attn.wk_b.weight, attn.wk_b.bias, attn.wv_b.weight,
+                                                         attn.wv_b.bias))  # fmt: skip
+
+
+def _expanded(shape, q, q_pe, c_k, c_v, k_pe, allowed, w_k, b_k, w_v, b_v, rope=None):
+    """Eq. 13-14 as written: K and V re-expanded from the latents, (B, T, H * D). shape: (H, D, P)."""
+    h, d, p = shape
     b, s, _ = c_k.shape
-    h, d, p = attn.n_heads, attn.head_dim, attn.rope_dim
-    k, v = linear(c_k, attn.wk_b).view(b, s, h, d), linear(c_v, attn.wv_b).view(b, s, h, d)  # (B, S, H, D)
-    if attn.decoupled:
+    k, v = linear(c_k, w_k, b_k).view(b, s, h, d), linear(c_v, w_v, b_v).view(b, s, h, d)  # (B, S, H, D)
+    if p:  # decoupled RoPE channels, one key shared by all heads
         q = torch.cat([q, q_pe], dim=-1)  # (B, T, H, D + P)
         k = torch.cat([k, k_pe[:, :, None].expand(b, s, h, p)], dim=-1)
     elif rope is not None:
@@ -91,21 +94,22 @@ def _expanded(attn: MLA, q, q_pe, c_k, c_v, k_pe, allowed, rope):
     return attend(q, k, v, allowed, (d + p) ** -0.5)
 
 
-def _absorbed(attn: MLA, q, q_pe, c_k, c_v, k_pe, allowed):
+def _absorbed(shape, q, q_pe, c_k, c_v, k_pe, allowed, w_k, b_k, w_v, b_v):
     """One new token per row over the cached latents, W^Kr on the query and W^Vr after the attention, (B, 1, H * D).
 
     The per-head blocks W_h (D, R) of W^Kr and W^Vr (C, R) are read through a block mask (H, C) rather than as a
     reshaped copy, so the file holds each matrix once (H times the FLOPs of a tiny matmul). The bias of W^Kr adds
     the same q . b to every key, which the softmax ignores; W^Vr's bias passes once, in its head's block."""
-    h, d, p = attn.n_heads, attn.head_dim, attn.rope_dim
+    h, d, p = shape
     block = (torch.arange(h * d, device=q.device) // d == torch.arange(h, device=q.device)[:, None]).to(q.dtype)
-    q_lat = (q.flatten(2)[:, :, None, :] * block) @ attn.wk_b.weight  # (B, 1, H, C) @ (C, R) -> (B, 1, H, R)
-    scores = torch.einsum("bthr,bsr->bhts", q_lat, c_k)  # (B, H, 1, S)
-    if attn.decoupled:
-        scores = scores + torch.einsum("bthp,bsp->bhts", q_pe, k_pe)
+    q_lat = (q.flatten(2)[:, :, None, :] * block) @ w_k  # (B, T, H, C) @ (C, R) -> (B, T, H, R)
+    scores = q_lat.transpose(1, 2) @ c_k[:, None].transpose(2, 3)  # (B, H, T, R) @ (B, 1, R, S) -> (B, H, T, S)
+    if p:
+        scores = scores + q_pe.transpose(1, 2) @ k_pe[:, None].transpose(2, 3)  # the decoupled RoPE channels
     scores = (scores * (d + p) ** -0.5).masked_fill(~allowed[:, None], float("-inf"))
-    o_lat = torch.einsum("bhts,bsr->bthr", scores.softmax(-1), c_v)  # (B, 1, H, R)
-    return (linear(o_lat, attn.wv_b) * block).sum(2)  # (B, 1, H, C) -> each head's own block (and bias): (B, 1, C)
+    o_lat = scores.softmax(-1) @ c_v[:, None]  # (B, H, T, R)
+    # each head's own block of W^Vr (and of its bias): (B, H, T, C) -> (B, T, C)
+    return (linear(o_lat, w_v, b_v) * block[:, None, :]).sum(1)
 
 
 def moe(ffn: MoE, x: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,67 @@ def gemm_to_matmul(model: object) -> None:
     model.graph.initializer.extend(keep)
 
 
+def int8_rows(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """w as int8 with one fp32 scale per slice along `axis` reduced away (symmetric, round to nearest)."""
+    scale = np.abs(w).max(axis=axis, keepdims=True) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+
+
+def quantize_gathered(model: object) -> list[str]:
+    """The embedding (V, C) and the routed experts (E, C, h) / (E, h, C) as int8 with per-row / per-output-channel
+    scales: onnxruntime's quantizers take only MatMuls with a constant 2-D weight, and these are gathered (token
+    ids, chosen experts) before use. A Gather of one becomes Gather(int8) * Gather(scale), so a decode step reads
+    only the chosen rows, in int8; any other use (every expert under the gate mask) dequantizes the whole tensor.
+    Returns the names quantized."""
+    from onnx import helper, numpy_helper
+
+    targets = {t.name: t for t in model.graph.initializer
+               if t.name == "model.wte.weight" or t.name.endswith((".experts.w1", ".experts.w2"))}  # fmt: skip
+    for name, tensor in targets.items():
+        w = numpy_helper.to_array(tensor)
+        q, scale = int8_rows(w, axis=-1 if w.ndim == 2 else 1)  # per token row; per expert and output channel
+        model.graph.initializer.remove(tensor)
+        model.graph.initializer.extend(
+            [numpy_helper.from_array(q, name + ".q"), numpy_helper.from_array(scale, name + ".scale")]
+        )
+    count = [0]
+
+    def rewrite(graph: object) -> None:
+        nodes = []
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.g.node:
+                    rewrite(attr.g)
+            node = copy.deepcopy(node)
+            used = [i for i, x in enumerate(node.input) if x in targets]
+            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+            if node.op_type == "Gather" and used == [0] and axis == 0:
+                w, idx, k = node.input[0], node.input[1], count[0]
+                count[0] += 1
+                nodes += [
+                    helper.make_node("Gather", [w + ".q", idx], [f"{w}.q.g{k}"], name=f"{node.name}.q"),
+                    helper.make_node("Cast", [f"{w}.q.g{k}"], [f"{w}.f.g{k}"], to=1, name=f"{node.name}.cast"),
+                    helper.make_node("Gather", [w + ".scale", idx], [f"{w}.s.g{k}"], name=f"{node.name}.scale"),
+                    helper.make_node("Mul", [f"{w}.f.g{k}", f"{w}.s.g{k}"], list(node.output), name=f"{node.name}.mul"),
+                ]
+                continue
+            for i in used:
+                w, k = node.input[i], count[0]
+                count[0] += 1
+                nodes += [
+                    helper.make_node("Cast", [w + ".q"], [f"{w}.f{k}"], to=1, name=f"{w}.cast{k}"),
+                    helper.make_node("Mul", [f"{w}.f{k}", w + ".scale"], [f"{w}.deq{k}"], name=f"{w}.deq{k}"),
+                ]
+                node.input[i] = f"{w}.deq{k}"
+            nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+    rewrite(model.graph)
+    return list(targets)
+
+
 def sort_nodes(graph: object) -> None:
     """graph's nodes in an order where each comes after what it reads, the names its If branches read from the
     outer graph included (onnxruntime's quantizers can move an If above the node that feeds its branch)."""
@@ -166,12 +227,14 @@ def _all_nodes(graph: object) -> list:
 
 
 def quantize_file(src: Path, dst: Path, quantize: OnnxQuantize) -> None:
-    """src (fp32) -> dst with int8 dynamic MatMuls or int4 weight-only MatMulNBits; routers stay fp32."""
+    """src (fp32) -> dst: the dense MatMuls as int8 (dynamic, onnxruntime's quantize_dynamic) or int4 (weight-only
+    4-bit blocks, MatMulNBits), the embedding and the routed experts as int8 (quantize_gathered), the routers fp32."""
     import onnx
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
     model = onnx.load(str(src))
-    gemm_to_matmul(model)
+    gemm_to_matmul(model)  # the LM head becomes a MatMul on its own copy: the embedding's is then gathered only
+    quantize_gathered(model)
     if quantize == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
