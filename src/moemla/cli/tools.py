@@ -330,7 +330,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     p.add_argument("--engine", default="torch", choices=ENGINES, help=ENGINE_HELP)
-    p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
+    p.add_argument(
+        "--quantize", default="none", choices=["none", "int8", "int4"],
+        help=QUANTIZE_HELP + "; with --engine onnx: int8 (dynamic int8 MatMuls) or int4 (4-bit MatMulNBits), the "
+        "embedding and routed experts int8 either way",
+    )  # fmt: skip
     p.add_argument(
         "--memory", type=float, metavar="GiB",
         help="for this memory budget, the largest batch of --context-token sequences each variant fits (weights + "

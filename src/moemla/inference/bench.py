@@ -69,12 +69,13 @@ def bench(
         "engine": engine,
         "quantize": quantize,
         "decode_path": "absorbed" if (absorbed or cpu_engine) and cfg.attention == "mla" else "naive",
-        "compiled": compile or engine == "numba",
+        "compiled": compile or engine in ("numba", "onnx"),
         "cuda_graph": cuda_graph,
         "kv_cache_bytes_per_token": cache_bytes // (batch * context),
         **best,  # type: ignore[dict-item]
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else weight_bytes + cache_bytes,
         "peak_memory_kind": "cuda max allocated" if cuda else "weights + cache",
+        "weight_bytes": weight_bytes,  # the engine's own layout: an ONNX engine's file size
     }
 
 
@@ -135,6 +136,7 @@ def _check_lengths(cfg: ModelConfig, context: int, new_tokens: int) -> None:
 def _timings(batch: int, prompt_len: int, prefill: float, latencies: list[float]) -> dict[str, float]:
     return {
         "prefill_tokens_per_s": batch * prompt_len / prefill,
+        "ttft_ms": 1e3 * prefill,  # the first token is sampled from the prefill's logits
         "decode_tokens_per_s": batch * len(latencies) / sum(latencies),
         "latency_ms_p50": 1e3 * statistics.median(latencies),
         "latency_ms_p95": 1e3 * statistics.quantiles(latencies, n=20)[-1],

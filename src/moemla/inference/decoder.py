@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
@@ -21,7 +22,7 @@ from moemla.model import KVCache, Transformer
 
 Engine = Literal["torch", "numpy", "numba", "onnx"]
 Mode = Literal["eager", "static", "cuda-graph"]
-Quantize = Literal["none", "int8"]
+Quantize = Literal["none", "int8", "int4"]  # int4: the ONNX engine only
 
 
 class Decoder(Protocol):
@@ -235,6 +236,21 @@ class _CapturedStep:
 CPU_ENGINES = ("numpy", "numba")
 
 
+def onnx_decoder(model: Transformer, quantize: Quantize) -> Decoder:
+    """The model exported on the fly to a temporary ONNX folder (removed with the decoder), decoded by onnxruntime:
+    what `moemla bench --engine onnx` measures."""
+    import tempfile
+
+    from moemla.inference.onnx.engine import OnnxDecoder
+    from moemla.inference.onnx.write import write_onnx
+
+    folder = tempfile.TemporaryDirectory(prefix="moemla-onnx-")
+    write_onnx(model, Path(folder.name) / "model", quantize=quantize)
+    dec = OnnxDecoder(Path(folder.name) / "model")
+    dec.folder_handle = folder  # the folder lives as long as the decoder
+    return dec
+
+
 def engine_device(engine: str, device: str) -> str:
     """The device to load a model on for an engine: "auto" is the CPU for the CPU engines (make_decoder refuses
     any other device for them)."""
@@ -247,6 +263,11 @@ def check_engine(
 ) -> None:  # fmt: skip
     """The one check of what an engine runs (the torch-free CPU engines: one float32 sequence on the CPU,
     absorbed); make_decoder calls it, and `bench` before it builds any model."""
+    if engine == "onnx":
+        if device.type != "cpu" or torch_only or not absorbed:
+            raise ConfigError("--engine onnx runs an ONNX export on the CPU: drop --device, --naive, --compile and "
+                              "--cuda-graph")  # fmt: skip
+        return
     if engine not in CPU_ENGINES:
         return
     if device.type != "cpu":
@@ -282,6 +303,11 @@ def make_decoder(
         if quantize != "none":
             raise ConfigError("--quantize int8 is for the CPU engine; use --engine numba or numpy")
         return TorchDecoder(model, absorbed=absorbed, mode=mode, compile=compile)
+    if engine == "onnx":
+        check_engine(engine, model.wte.weight.device, model.wte.weight.dtype, batch_size, absorbed, torch_only)
+        return onnx_decoder(model, quantize)
+    if quantize == "int4":
+        raise ConfigError("--quantize int4 is for --engine onnx (MatMulNBits); the CPU engine takes int8")
     check_engine(engine, model.wte.weight.device, model.wte.weight.dtype, batch_size, absorbed, torch_only)
     from moemla.inference.cpu.decoder import NumpyDecoder
 

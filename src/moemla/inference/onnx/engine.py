@@ -73,8 +73,8 @@ class OnnxSession:
         except Exception as err:  # onnxruntime raises its own types for a truncated or foreign file
             first = str(err).splitlines()[0][:200]
             raise ConfigError(f"onnxruntime cannot load {path} ({first}); export the model again") from None
-        self.cfg, self.cache_spec = cfg, cache
-        self.past: list[np.ndarray] = []
+        self.cfg, self.cache_spec, self.ortvalue = cfg, cache, ort.OrtValue
+        self.past: list[object] = []  # OrtValues: a step's present is the next step's past without a numpy copy
         self.mask = np.zeros((0, 0), dtype=np.int64)
 
     @property
@@ -83,14 +83,15 @@ class OnnxSession:
 
     @property
     def cache_nbytes(self) -> int:
-        return sum(a.nbytes for a in self.past)
+        return sum(int(np.prod(a.shape())) * 4 for a in self.past)  # float32
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         """ids (B, T) after the cache -> logits (B, T, V); the cache grows by T."""
-        feed = {"input_ids": ids, "attention_mask": self.mask}
+        value = self.ortvalue.ortvalue_from_numpy
+        feed = {"input_ids": value(ids), "attention_mask": value(self.mask)}
         feed |= {c["past"]: a for c, a in zip(self.cache_spec, self.past, strict=True)}
-        logits, *self.past = self.session.run(None, feed)
-        return logits
+        logits, *self.past = self.session.run_with_ort_values(None, feed)
+        return logits.numpy()
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Prompts left-padded into one batch (token 0, masked) -> logits (B, V) of each one's last token."""
@@ -111,7 +112,9 @@ class OnnxSession:
         self.mask = (np.arange(longest)[None] >= (longest - np.array([len(p) for p in prompts]))[:, None]).astype(
             np.int64
         )  # (B, T): 0 on the left padding
-        self.past = [np.zeros((len(prompts), 0, *c["shape"][2:]), np.float32) for c in self.cache_spec]
+        sizes = {"batch": len(prompts), "past": 0}
+        empty = [np.zeros([sizes.get(n, n) for n in c["shape"]], np.float32) for c in self.cache_spec]
+        self.past = [self.ortvalue.ortvalue_from_numpy(a) for a in empty]
         return self._run(ids)
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:

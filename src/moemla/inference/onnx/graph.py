@@ -32,10 +32,16 @@ def cache_names(cfg: ModelConfig) -> list[str]:
     return [f"{i}.{name}" for i in range(cfg.n_layers) for name in cache_spec(cfg)]
 
 
+def cache_shape(cfg: ModelConfig, name: str) -> list[int | str]:
+    """One cache tensor's shape, "batch" and "past" for the dynamic axes: MHA's K and V as (B, H, S, D), so a step
+    multiplies by the cached keys without transposing them; MLA's latents (and RoPE key) as (B, S, R)."""
+    per_token = list(cache_spec(cfg)[name.split(".", 1)[1]])  # the model's own elements per token
+    return ["batch", per_token[0], "past", *per_token[1:]] if len(per_token) == 2 else ["batch", "past", *per_token]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, T, H, D) over k, v (B, S, H, D) where allowed (B, T, S) -> (B, T, H * D)."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T or S, D)
-    scores = (q @ k.transpose(2, 3)) * scale  # (B, H, T, S)
+    """q (B, T, H, D) over k, v (B, H, S, D) where allowed (B, T, S) -> (B, T, H * D)."""
+    scores = (q.transpose(1, 2) @ k.transpose(2, 3)) * scale  # (B, H, T, S)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
 
@@ -45,7 +51,7 @@ def mha(attn: MHA, x: torch.Tensor, rope: tuple | None, allowed: torch.Tensor, p
     q, k, v = attn.wqkv(x).view(b, t, 3, attn.n_heads, attn.head_dim).unbind(2)  # (B, T, H, D) each
     if rope is not None:
         q, k = apply_rope(q, *rope[:2]), apply_rope(k, *rope[:2])  # keys cached rotated, at their slots
-    k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)  # (B, S, H, D)
+    k, v = torch.cat([past[0], k.transpose(1, 2)], 2), torch.cat([past[1], v.transpose(1, 2)], 2)  # (B, H, S, D)
     return attn.wo(attend(q, k, v, allowed, attn.head_dim**-0.5)), [k, v]
 
 
@@ -85,13 +91,13 @@ def _expanded(shape, q, q_pe, c_k, c_v, k_pe, allowed, w_k, b_k, w_v, b_v, rope=
     """Eq. 13-14 as written: K and V re-expanded from the latents, (B, T, H * D). shape: (H, D, P)."""
     h, d, p = shape
     b, s, _ = c_k.shape
-    k, v = linear(c_k, w_k, b_k).view(b, s, h, d), linear(c_v, w_v, b_v).view(b, s, h, d)  # (B, S, H, D)
+    k, v = linear(c_k, w_k, b_k).view(b, s, h, d), linear(c_v, w_v, b_v).view(b, s, h, d)  # (B, S, H, D): prefill
     if p:  # decoupled RoPE channels, one key shared by all heads
         q = torch.cat([q, q_pe], dim=-1)  # (B, T, H, D + P)
         k = torch.cat([k, k_pe[:, :, None].expand(b, s, h, p)], dim=-1)
     elif rope is not None:
         q, k = apply_rope(q, *rope[:2]), apply_rope(k, *rope[2:])
-    return attend(q, k, v, allowed, (d + p) ** -0.5)
+    return attend(q, k.transpose(1, 2), v.transpose(1, 2), allowed, (d + p) ** -0.5)
 
 
 def _absorbed(shape, q, q_pe, c_k, c_v, k_pe, allowed, w_k, b_k, w_v, b_v):
@@ -131,7 +137,10 @@ def moe(ffn: MoE, x: torch.Tensor) -> torch.Tensor:
 
 def _gathered(ffn: MoE, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Each assignment's expert weights gathered (N, K, C, h): reads only the chosen experts."""
-    w1, w2 = ffn.experts.w1[idx], ffn.experts.w2[idx]  # (N, K, C, h), (N, K, h, C)
+    n, k = idx.shape
+    flat = idx.reshape(-1)  # a Gather on axis 0 (not GatherND): what the int8 export dequantizes row by row
+    w1 = ffn.experts.w1.index_select(0, flat).view(n, k, *ffn.experts.w1.shape[1:])  # (N, K, C, h)
+    w2 = ffn.experts.w2.index_select(0, flat).view(n, k, *ffn.experts.w2.shape[1:])  # (N, K, h, C)
     hid = F.gelu(x[:, None, None, :] @ w1)  # (N, K, 1, h)
     y = (hid @ w2)[:, :, 0]  # (N, K, C)
     return (y * gates[..., None].to(y.dtype)).sum(1)
@@ -158,7 +167,7 @@ class ExportedLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         m, cfg = self.model, self.model.cfg
-        t, p = input_ids.shape[1], past[0].shape[1]
+        t, p = input_ids.shape[1], past[0].shape[cache_shape(cfg, "0." + next(iter(self.spec))).index("past")]
         slots = torch.arange(p + t, device=input_ids.device)  # (S,)
         q_slots = slots[p:]  # (T,)
         causal = slots[None, :] <= q_slots[:, None]  # (T, S)

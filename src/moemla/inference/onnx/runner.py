@@ -52,7 +52,8 @@ def main():
     if not ids:
         sys.exit("the prompt is empty")
     rng = np.random.default_rng(args.seed)
-    cache = {c["past"]: np.zeros((1, 0, *c["shape"][2:]), np.float32) for c in manifest["cache"]}
+    cache = {c["past"]: np.zeros([{"batch": 1, "past": 0}.get(n, n) for n in c["shape"]], np.float32)
+             for c in manifest["cache"]}  # fmt: skip
     feed_ids, new = np.array([ids], np.int64), []
     print(args.prompt, end="", flush=True)
     shown = ""

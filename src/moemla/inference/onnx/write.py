@@ -28,10 +28,9 @@ import torch
 from moemla import accounting
 from moemla.config import ConfigError, ModelConfig, check_portable, variant_name
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
-from moemla.inference.onnx.graph import ExportedLM, cache_names
+from moemla.inference.onnx.graph import ExportedLM, cache_names, cache_shape
 from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
-from moemla.model.kv_cache import cache_spec
 
 OnnxQuantize = Literal["none", "int8", "int4"]
 RUNNER = Path(__file__).with_name("runner.py")  # copied into every export as run_onnx.py, never imported
@@ -59,8 +58,8 @@ def example_inputs(cfg: ModelConfig, batch: int = 2, new: int = 3, past: int = 2
     """(input_ids, attention_mask, *past): what the tracer runs once; every axis but the channels is dynamic."""
     ids = torch.randint(0, cfg.vocab_size, (batch, new))
     mask = torch.ones(batch, past + new, dtype=torch.long)
-    spec = cache_spec(cfg)
-    cache = [torch.zeros(batch, past, *spec[name.split(".", 1)[1]]) for name in cache_names(cfg)]
+    sizes = {"batch": batch, "past": past}
+    cache = [torch.zeros([sizes.get(n, n) for n in cache_shape(cfg, name)]) for name in cache_names(cfg)]
     return ids, mask, *cache
 
 
@@ -71,7 +70,8 @@ def export_graph(model: Transformer, path: Path) -> None:
     batch, new = dim("batch", min=1, max=4096), dim("new", min=1, max=cfg.max_seq_len)
     past = dim("past", min=0, max=cfg.max_seq_len - 1)
     names = cache_names(cfg)
-    shapes = ({0: batch, 1: new}, {0: batch, 1: dim.DYNAMIC}, tuple({0: batch, 1: past} for _ in names))
+    axes = [{0: batch, cache_shape(cfg, n).index("past"): past} for n in names]
+    shapes = ({0: batch, 1: new}, {0: batch, 1: dim.DYNAMIC}, tuple(axes))
     graph = ExportedLM(model.float().cpu()).eval()
     quiet = logging.getLogger("torch.onnx")  # its notes (torchvision not installed, ...) are not the user's
     level, quiet.level = quiet.level, logging.ERROR
@@ -315,11 +315,7 @@ def write_onnx(
 
 def cache_entries(cfg: ModelConfig) -> list[dict[str, object]]:
     """The cache's tensors in graph order: input and output names and shape (batch, past, *the layer's spec)."""
-    spec = cache_spec(cfg)
-    return [
-        {"past": f"past.{n}", "present": f"present.{n}", "shape": ["batch", "past", *spec[n.split(".", 1)[1]]]}
-        for n in cache_names(cfg)
-    ]
+    return [{"past": f"past.{n}", "present": f"present.{n}", "shape": cache_shape(cfg, n)} for n in cache_names(cfg)]
 
 
 def replace_folder(new: Path, out: Path) -> None:
