@@ -10,13 +10,14 @@ import torch
 
 from moemla.data.shards import eval_batches
 from moemla.device import autocast
+from moemla.inference.decoder import Decoder
 from moemla.model import Transformer
 from moemla.model.moe import load_cv
 
 
 @torch.no_grad()
 def evaluate(
-    model: Transformer,
+    model: Transformer | Decoder,
     shards: list[np.ndarray],
     *,
     seq_len: int,
@@ -28,29 +29,35 @@ def evaluate(
 ) -> dict[str, object]:
     """Mean next-token loss over fixed validation windows; the 95% interval treats batches as samples.
 
-    With `token_bytes` (data.tokenizer.token_bytes) the result also has `bits_per_byte`.
+    With `token_bytes` (data.tokenizer.token_bytes) the result also has `bits_per_byte`. A Decoder (an ONNX
+    export, the CPU engine) is scored window by window through Decoder.logits, in its own precision.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1 (or left out for the whole split), got {max_tokens}")
-    was_training = model.training
-    model.eval()
-    for moe in model.moe_layers():
+    torch_model = isinstance(model, Transformer)
+    was_training = torch_model and model.training
+    for moe in model.moe_layers() if torch_model else []:
         moe.eval_load.zero_()
     losses, counts, n_bytes = [], [], 0
     batches: Iterator = eval_batches(shards, seq_len, batch_size, max_tokens)
     for x, y in batches:
-        with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device))
+        if torch_model:
+            model.eval()
+            with autocast(device, dtype):
+                _, loss = model(x.to(device), y.to(device))
+        else:
+            loss = decoder_loss(model, x, y)
         losses.append(float(loss))
         counts.append(y.numel())
         n_bytes += _text_bytes(y, token_bytes) if token_bytes is not None else 0
-    model.train(was_training)
+    if torch_model:
+        model.train(was_training)
     loss_arr, w = np.array(losses), np.array(counts, dtype=np.float64)
     nats = float((loss_arr * w).sum())  # the total loss over every target token
     mean = nats / float(w.sum())
-    loads = model.expert_loads("eval")
+    loads = model.expert_loads("eval") if torch_model else []
     cv = [load_cv(load) for load in loads] if loads else None
     # routed experts per token, over layers: top-k's k, or what top-p routing chose on this text
     active = float(sum(int(load.sum()) for load in loads)) / (len(loads) * float(w.sum())) if loads else None
@@ -64,6 +71,15 @@ def evaluate(
         "expert_load_cv": cv,
         "active_experts": active,
     }
+
+
+def decoder_loss(dec: Decoder, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean next-token loss of windows x (B, T) with targets y (B, T), one window at a time through dec.logits."""
+    total = 0.0
+    for row, target in zip(x.tolist(), y, strict=True):
+        logprobs = dec.logits(row).float().log_softmax(-1)  # (T, V)
+        total -= float(logprobs.gather(-1, target[:, None]).sum())
+    return total / y.numel()
 
 
 def _exp(x: float) -> float:

@@ -10,9 +10,10 @@ import torch
 
 from moemla.data.shards import PreparedData
 from moemla.data.sources import DataError, file_source
-from moemla.data.tokenizer import eot_id, token_bytes
+from moemla.data.tokenizer import eot_id, load_tokenizer, token_bytes
 from moemla.device import amp_dtype, resolve_device
 from moemla.eval.perplexity import evaluate
+from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder
 from moemla.runs import RunError, RunFolder
 
 EVAL_BATCH = 16  # sequences per forward where the run does not say
@@ -27,6 +28,28 @@ def text_tokens(paths: list[str], tok) -> list[np.ndarray]:
     return [np.array(ids, dtype=np.int64)]
 
 
+def _evaluate_export(
+    folder: str | Path, data_dir: str | Path | None, text: list[str] | None, split: str, max_tokens: int | None,
+    batch_size: int | None, device: str, checkpoint_name: str | None,
+) -> dict:  # fmt: skip
+    """`moemla eval EXPORT`: the ONNX graph's perplexity, on the CPU, in windows of the model's context."""
+    if device not in ("auto", "cpu") or checkpoint_name is not None:
+        raise RunError(f"{folder} is an ONNX export (one checkpoint, run on the CPU): drop --device and --checkpoint")
+    dec = OnnxDecoder(folder)
+    tok = load_tokenizer(str(Path(folder) / "tokenizer.json"))
+    if text:
+        shards = text_tokens(text, tok)
+    else:
+        source = dec.manifest.get("source", {}).get("run")
+        if data_dir is None and not (source and RunFolder(source).exists()):
+            raise DataError(f"{folder} does not say where its data is; pass --data PREPARED_FOLDER or --text FILE")
+        data = PreparedData.open(data_dir or RunFolder.open(source).meta["data"]["path"])
+        shards = data.shards(split)
+    result = evaluate(dec, shards, seq_len=dec.cfg.max_seq_len, batch_size=batch_size or EVAL_BATCH,
+                      max_tokens=max_tokens, token_bytes=token_bytes(tok))  # fmt: skip
+    return {"run": str(folder), **result}
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -38,7 +61,10 @@ def evaluate_run(
     device: str = "auto",
     checkpoint_name: str | None = None,
 ) -> dict:
-    """`moemla eval`: a run's checkpoint on a prepared split (default: its training data's) or on raw text."""
+    """`moemla eval`: a run's checkpoint on a prepared split (default: its training data's) or on raw text; or an
+    ONNX export folder, scored by onnxruntime (its data: --data, --text, or that of the run it was exported from)."""
+    if is_onnx_folder(run_dir):
+        return _evaluate_export(run_dir, data_dir, text, split, max_tokens, batch_size, device, checkpoint_name)
     dev = resolve_device(device)
     run = RunFolder.open(run_dir)
     model, tok, meta = run.load_model(dev, checkpoint_name), run.tokenizer(), run.meta

@@ -6,13 +6,19 @@ data where that data is still on disk.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from moemla.config import ConfigError
 from moemla.data.sources import EOT
+from moemla.inference.onnx import MANIFEST
 from moemla.inference.onnx.write import OnnxQuantize, check_exportable, require_onnx, write_onnx
+from moemla.model import Transformer
 from moemla.runs import RunFolder
+from moemla.runs.checkpoint import write_text_atomic
 from moemla.runs.folder import TOKENIZER_FILE
+
+EVAL_TOKENS = 32_768  # validation tokens a quantized export is scored on, fp32 beside it
 
 
 def export_onnx(
@@ -32,5 +38,29 @@ def export_onnx(
     model, tok = run.load_model("cpu", checkpoint), run.tokenizer()
     ckpt = run.checkpoint(checkpoint)
     source = {"run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name if ckpt else None}
-    return write_onnx(model, out, quantize=quantize, tokenizer=Path(run_dir) / TOKENIZER_FILE,
-                      eos_token_id=tok.token_to_id(EOT), source=source)  # fmt: skip
+    manifest = write_onnx(model, out, quantize=quantize, tokenizer=Path(run_dir) / TOKENIZER_FILE,
+                          eos_token_id=tok.token_to_id(EOT), source=source)  # fmt: skip
+    if quantize != "none":
+        manifest |= quantized_perplexity(run, model, out)
+        write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def quantized_perplexity(run: RunFolder, model: Transformer, out: Path) -> dict[str, float]:
+    """Validation perplexity of the quantized graph and of the fp32 model on the same windows of the run's own
+    validation data ({} where that data is no longer on disk)."""
+    from moemla.data.shards import PreparedData
+    from moemla.data.sources import DataError
+    from moemla.data.tokenizer import token_bytes
+    from moemla.eval.perplexity import evaluate
+    from moemla.inference.onnx.engine import OnnxDecoder
+
+    try:
+        shards = PreparedData.open(run.meta["data"]["path"]).shards("val")
+    except (DataError, KeyError, OSError):
+        return {}
+    seq_len = run.train_settings.get("seq_len", model.cfg.max_seq_len)
+    kw = {"seq_len": seq_len, "batch_size": 8, "max_tokens": EVAL_TOKENS, "token_bytes": token_bytes(run.tokenizer())}
+    quantized, fp32 = evaluate(OnnxDecoder(out), shards, **kw), evaluate(model, shards, **kw)
+    return {"validation_perplexity": quantized["val_ppl"], "fp32_validation_perplexity": fp32["val_ppl"],
+            "validation_tokens": quantized["tokens"]}  # fmt: skip

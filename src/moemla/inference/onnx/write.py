@@ -240,8 +240,13 @@ def quantize_file(src: Path, dst: Path, quantize: OnnxQuantize) -> None:
 
         plain = src.with_name("matmul.onnx")
         onnx.save(model, str(plain))
-        quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         extra_options={"MatMulConstBOnly": True})  # fmt: skip
+        root = logging.getLogger()  # quantize_dynamic advises pre-processing on the root logger: not for our graph
+        level, root.level = root.level, logging.ERROR
+        try:
+            quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             extra_options={"MatMulConstBOnly": True})  # fmt: skip
+        finally:
+            root.level = level
         plain.unlink()
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
