@@ -5,8 +5,9 @@
 For mha, mla-rope, moe-mha and moe-mla-rope: export the preset's random-weight model (fp32), then in a fresh process
 that imports onnxruntime and numpy only, measure resident memory (RSS) after the imports, after the session loads
 (parameters, as onnxruntime holds them), and its peak (VmHWM) over a prefill of `batch` x (context - 64) tokens
-and 64 decode steps (a quarter of the context where that is shorter). The KV cache is the bytes of the cache tensors at the end (exact); activations are what the
-peak adds beyond parameters and cache (transient buffers, the cache copied into the next step's cache among them).
+and 64 decode steps (a quarter of the context where that is shorter). The KV cache is the bytes of the cache
+tensors at the end (exact); activations are what the peak adds beyond parameters and cache (transient buffers,
+the cache copied into the next step's cache among them).
 Prints a Markdown table beside the paper's proportions, then one JSON line.
 """
 
