@@ -61,10 +61,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--vocab-size", type=int, help="the model's vocabulary (default the tokenizer's 300): 50257 "
+                    "measures what a GPT-2-sized LM head and sampler cost per token")  # fmt: skip
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = train_bpe(iter(["Once upon a time there was a little fox who liked to play."] * 50), 300)
-    cfg = ModelConfig.from_preset(args.preset, args.variant, vocab_size=tok.get_vocab_size(), dropout=0.0)
+    vocab = args.vocab_size or tok.get_vocab_size()  # ids past the tokenizer's decode to no text, which is fine here
+    cfg = ModelConfig.from_preset(args.preset, args.variant, vocab_size=vocab, dropout=0.0)
     model = Transformer(cfg).to(args.device).eval()
     clients = [int(c) for c in args.clients.split(",")]
     url, server, engine = start(model, tok, max(clients))
@@ -78,7 +81,8 @@ def main() -> None:
         row["mean_batch"] = (engine.stats["jobs"] - before["jobs"]) / batches
         rows.append(row)
     base = rows[0]["tok_s"]
-    print(f"{args.preset} {args.variant}, {args.device}, {args.tokens} tokens per request, {args.requests} requests")
+    print(f"{args.preset} {args.variant}, vocabulary {vocab}, {args.device}, {args.tokens} tokens per request, "
+          f"{args.requests} requests")  # fmt: skip
     print(f"{'clients':>8} {'tok/s':>9} {'vs 1':>6} {'mean batch':>11}")
     for r in rows:
         print(f"{r['clients']:>8} {r['tok_s']:>9.1f} {r['tok_s'] / base:>5.2f}x {r['mean_batch']:>11.1f}")

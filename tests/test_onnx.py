@@ -136,6 +136,13 @@ def test_export_cli_then_generate_and_serve_the_folder(trained_debug_run: Path, 
     want = capsys.readouterr().out
     assert main(["generate", str(out), *argv]) == 0
     assert capsys.readouterr().out == want
+    # moemla eval on the export: the run's own validation windows, the model's loss through onnxruntime
+    evals = []
+    for path in (trained_debug_run, out):
+        assert main(["eval", str(path), "--max-tokens", "2048", "--batch-size", "4", "--device", "cpu", "--json"]) == 0
+        evals.append(json.loads(capsys.readouterr().out))
+    assert evals[1]["tokens"] == evals[0]["tokens"]
+    assert evals[1]["val_loss"] == pytest.approx(evals[0]["val_loss"], abs=1e-4)
     # the server's engine: the same greedy tokens per request on the ONNX engine as on the torch engine
     import queue
 

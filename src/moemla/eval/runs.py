@@ -37,16 +37,18 @@ def _evaluate_export(
         raise RunError(f"{folder} is an ONNX export (one checkpoint, run on the CPU): drop --device and --checkpoint")
     dec = OnnxDecoder(folder)
     tok = load_tokenizer(str(Path(folder) / "tokenizer.json"))
+    source = dec.manifest.get("source", {}).get("run")
+    run = RunFolder(source) if source and RunFolder(source).exists() else None
     if text:
         shards = text_tokens(text, tok)
     else:
-        source = dec.manifest.get("source", {}).get("run")
-        if data_dir is None and not (source and RunFolder(source).exists()):
+        if data_dir is None and run is None:
             raise DataError(f"{folder} does not say where its data is; pass --data PREPARED_FOLDER or --text FILE")
-        data = PreparedData.open(data_dir or RunFolder.open(source).meta["data"]["path"])
-        shards = data.shards(split)
-    result = evaluate(dec, shards, seq_len=dec.cfg.max_seq_len, batch_size=batch_size or EVAL_BATCH,
-                      max_tokens=max_tokens, token_bytes=token_bytes(tok))  # fmt: skip
+        shards = PreparedData.open(data_dir or run.meta["data"]["path"]).shards(split)
+    # the windows the run was evaluated on in training, where the run is still on disk
+    seq_len = run.train_settings.get("seq_len", dec.cfg.max_seq_len) if run else dec.cfg.max_seq_len
+    result = evaluate(dec, shards, seq_len=seq_len, batch_size=batch_size or EVAL_BATCH, max_tokens=max_tokens,
+                      token_bytes=token_bytes(tok))  # fmt: skip
     return {"run": str(folder), **result}
 
 
