@@ -325,3 +325,15 @@ def test_engine_decodes_the_same_with_static_steps(run: Path) -> None:
         engine.close()
         out[mode] = tokens
     assert out["static"] == out["eager"] and all(out["eager"].values())
+
+
+def test_an_out_of_range_seed_fails_its_own_request_alone(server: tuple[str, object]) -> None:
+    """A seed >= 2^64 once failed every request batched with it (HTTP 500): SamplingConfig refuses it as the request
+    becomes its settings, a 400 naming the field, while requests sent with it succeed."""
+    url, _ = server
+    ok = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 4, "seed": 7}
+    with ThreadPoolExecutor(4) as pool:
+        rs = [pool.submit(_post, url, "/v1/completions", {**ok, "seed": s}) for s in (2**64, 1, -1, 2)]
+        codes = [f.result() for f in rs]
+    assert [r.status_code for r in codes] == [400, 200, 400, 200]
+    assert codes[0].json()["error"]["message"].startswith("seed must be in")
