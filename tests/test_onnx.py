@@ -94,7 +94,7 @@ def test_the_manifest_says_how_to_run_the_graph(exported: tuple) -> None:
     assert manifest["kv_cache_bytes_per_token"] == accounting.kv_cache_bytes_per_token(model.cfg)
     assert manifest["sampling"]["top_k"] == SamplingConfig().top_k and manifest["sampling"]["top_p"] is None
     names = [c["past"] for c in manifest["cache"]]
-    assert manifest["inputs"] == ["input_ids", "attention_mask", *names]
+    assert manifest["inputs"] == ["input_ids", "attention_mask", "logits_at", *names]
     per_token = sum(int(np.prod([n for n in c["shape"] if isinstance(n, int)])) * 4 for c in manifest["cache"])
     assert per_token == manifest["kv_cache_bytes_per_token"]
     if model.cfg.attention == "mla":

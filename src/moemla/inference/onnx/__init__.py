@@ -4,5 +4,5 @@
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 FORMAT = "moemla-onnx"  # the manifest's "format"; its "version" changes when the graph's interface does
-VERSION = 1
+VERSION = 2  # 2: the logits_at input
 EXTRA = "pip install 'moemla[onnx]' (onnx, onnxruntime, onnxscript)"

@@ -85,23 +85,26 @@ class OnnxSession:
     def cache_nbytes(self) -> int:
         return sum(int(np.prod(a.shape())) * 4 for a in self.past)  # float32
 
-    def _run(self, ids: np.ndarray) -> np.ndarray:
-        """ids (B, T) after the cache -> logits (B, T, V); the cache grows by T."""
+    def _run(self, ids: np.ndarray, every: bool = False) -> np.ndarray:
+        """ids (B, T) after the cache -> logits (B, T, V) of every new position, or (B, 1, V) of the last; the cache
+        grows by T."""
         value = self.ortvalue.ortvalue_from_numpy
-        feed = {"input_ids": value(ids), "attention_mask": value(self.mask)}
+        b, t = ids.shape
+        at = np.tile(np.arange(t) if every else np.array([t - 1]), (b, 1)).astype(np.int64)  # (B, K)
+        feed = {"input_ids": value(ids), "attention_mask": value(self.mask), "logits_at": value(at)}
         feed |= {c["past"]: a for c, a in zip(self.cache_spec, self.past, strict=True)}
         logits, *self.past = self.session.run_with_ort_values(None, feed)
         return logits.numpy()
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Prompts left-padded into one batch (token 0, masked) -> logits (B, V) of each one's last token."""
-        return self._prefill(prompts)[:, -1]
+        return self._prefill(prompts, every=False)[:, -1]
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits (T, V) of every position of one sequence, from an empty cache (perplexity)."""
-        return self._prefill([ids])[0]
+        return self._prefill([ids], every=True)[0]
 
-    def _prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    def _prefill(self, prompts: Sequence[Sequence[int]], every: bool) -> np.ndarray:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("give one or more non-empty prompts")
         longest = max(len(p) for p in prompts)
@@ -115,7 +118,7 @@ class OnnxSession:
         sizes = {"batch": len(prompts), "past": 0}
         empty = [np.zeros([sizes.get(n, n) for n in c["shape"]], np.float32) for c in self.cache_spec]
         self.past = [self.ortvalue.ortvalue_from_numpy(a) for a in empty]
-        return self._run(ids)
+        return self._run(ids, every)
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         """One token per row -> logits (B, V)."""

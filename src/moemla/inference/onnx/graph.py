@@ -155,7 +155,9 @@ def _masked(ffn: MoE, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor) -
 
 
 class ExportedLM(nn.Module):
-    """(input_ids (B, T), attention_mask (B, P + T), *past) -> (logits (B, T, V), *present), present = past + new.
+    """(input_ids (B, T), attention_mask (B, P + T), logits_at (B, K), *past) -> (logits (B, K, V), *present), present =
+    past + new. logits_at picks the new positions whose logits come out: the last one to generate (a batch-16 prefill
+    at xs would otherwise return 16 x T x 50,257 floats), every one to score a text.
 
     attention_mask marks real tokens (1) and left padding (0) over every slot, past and new; learned positions
     count from each row's first real token, RoPE rotates by slot (scores depend only on distances)."""
@@ -165,7 +167,9 @@ class ExportedLM(nn.Module):
         self.model = model.eval()
         self.spec = cache_spec(model.cfg)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_at: torch.Tensor, *past: torch.Tensor
+    ):
         m, cfg = self.model, self.model.cfg
         t, p = input_ids.shape[1], past[0].shape[cache_shape(cfg, "0." + next(iter(self.spec))).index("past")]
         slots = torch.arange(p + t, device=input_ids.device)  # (S,)
@@ -190,5 +194,6 @@ class ExportedLM(nn.Module):
             x = x + (moe(block.ffn, z) if isinstance(block.ffn, MoE) else block.ffn(z))  # Eq. 12
             present += new
         hid = m.ln_f(x)
+        hid = hid.gather(1, logits_at[..., None].expand(-1, -1, hid.shape[-1]))  # (B, K, C)
         logits = F.linear(hid.flatten(0, 1), m.wte.weight).view(*hid.shape[:2], -1)  # tied: the Gather's matrix
         return (logits, *present)

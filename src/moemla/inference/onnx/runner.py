@@ -59,7 +59,9 @@ def main():
     shown = ""
     while len(new) < args.max_new_tokens and len(ids) + len(new) < context:
         mask = np.ones((1, len(ids) + len(new)), np.int64)
-        logits, *present = session.run(None, {"input_ids": feed_ids, "attention_mask": mask, **cache})
+        last = np.array([[feed_ids.shape[1] - 1]], np.int64)  # logits of the last new position only
+        feed = {"input_ids": feed_ids, "attention_mask": mask, "logits_at": last, **cache}
+        logits, *present = session.run(None, feed)
         cache = {c["past"]: a for c, a in zip(manifest["cache"], present, strict=True)}
         token = sample(logits[0, -1], args.temperature, args.top_k, args.top_p, rng)
         if token == eos:

@@ -55,12 +55,14 @@ def check_exportable(cfg: ModelConfig, quantize: OnnxQuantize) -> None:
 
 
 def example_inputs(cfg: ModelConfig, batch: int = 2, new: int = 3, past: int = 2) -> tuple:
-    """(input_ids, attention_mask, *past): what the tracer runs once; every axis but the channels is dynamic."""
+    """(input_ids, attention_mask, logits_at, *past): what the tracer runs once; every axis but the channels is
+    dynamic."""
     ids = torch.randint(0, cfg.vocab_size, (batch, new))
     mask = torch.ones(batch, past + new, dtype=torch.long)
     sizes = {"batch": batch, "past": past}
     cache = [torch.zeros([sizes.get(n, n) for n in cache_shape(cfg, name)]) for name in cache_names(cfg)]
-    return ids, mask, *cache
+    logits_at = torch.arange(new).repeat(batch, 1)  # (B, K)
+    return ids, mask, logits_at, *cache
 
 
 def export_graph(model: Transformer, path: Path) -> None:
@@ -71,7 +73,7 @@ def export_graph(model: Transformer, path: Path) -> None:
     past = dim("past", min=0, max=cfg.max_seq_len - 1)
     names = cache_names(cfg)
     axes = [{0: batch, cache_shape(cfg, n).index("past"): past} for n in names]
-    shapes = ({0: batch, 1: new}, {0: batch, 1: dim.DYNAMIC}, tuple(axes))
+    shapes = ({0: batch, 1: new}, {0: batch, 1: dim.DYNAMIC}, {0: batch, 1: dim.DYNAMIC}, tuple(axes))
     graph = ExportedLM(model.float().cpu()).eval()
     quiet = logging.getLogger("torch.onnx")  # its notes (torchvision not installed, ...) are not the user's
     level, quiet.level = quiet.level, logging.ERROR
@@ -79,7 +81,7 @@ def export_graph(model: Transformer, path: Path) -> None:
         warnings.simplefilter("ignore")  # the exporter's deprecation and axis-renaming notes neither
         torch.onnx.export(
             graph, example_inputs(cfg), str(path), dynamo=True, dynamic_shapes=shapes, verbose=False,
-            input_names=["input_ids", "attention_mask", *[f"past.{n}" for n in names]],
+            input_names=["input_ids", "attention_mask", "logits_at", *[f"past.{n}" for n in names]],
             output_names=["logits", *[f"present.{n}" for n in names]],
             external_data=accounting.total_params(cfg) * 4 > 1.8e9,  # protobuf's 2 GB limit, with room
         )  # fmt: skip
@@ -347,7 +349,7 @@ def build_manifest(
         "variant": variant_name(cfg),
         "quantize": quantize,
         "config": cfg.to_dict(),
-        "inputs": ["input_ids", "attention_mask", *[c["past"] for c in cache]],
+        "inputs": ["input_ids", "attention_mask", "logits_at", *[c["past"] for c in cache]],
         "outputs": ["logits", *[c["present"] for c in cache]],
         "cache": cache,
         "cache_dtype": "float32",
