@@ -144,6 +144,7 @@ def test_sampling_settings_are_checked_once_for_api_and_cli(kwargs: dict, messag
     ("argv", "message"),
     [
         (["generate", "RUN", "--top-p", "0"], "--top-p must be in"),
+        (["serve", "RUN", "--port", "99999"], "--port must be in 0..65535"),
         (["generate", "RUN", "--temperature", "nan"], "--temperature must be a finite"),
         (["generate", "RUN", "--temperature", "-1"], "--temperature must be a finite"),
         (["generate", "RUN", "--max-new-tokens", "-4"], "--max-new-tokens must be at least 0"),

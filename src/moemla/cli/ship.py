@@ -103,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"{missing}: pip install 'moemla[serve]'") from None
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
     if not args.max_body_mb > 0:
         raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
