@@ -337,3 +337,36 @@ def test_an_out_of_range_seed_fails_its_own_request_alone(server: tuple[str, obj
         codes = [f.result() for f in rs]
     assert [r.status_code for r in codes] == [400, 200, 400, 200]
     assert codes[0].json()["error"]["message"].startswith("seed must be in")
+
+
+def test_a_row_that_raises_fails_its_own_request_and_not_its_batch_mates(run: Path) -> None:
+    """A batch whose prefill raises for one row runs its other rows again alone: they finish with their tokens, the
+    bad row alone gets the error."""
+    import queue as q
+
+    from moemla.serve.engine import Engine, Finish, Job, Token
+
+    model, _, _ = load_run(run)
+    engine = Engine(model, None, window_s=0.3)
+    prefill = engine.decoder.prefill
+
+    def fragile(prompts, *args):  # a row no engine can run: prompt token 13 at the front
+        if any(p[0] == 13 for p in prompts):
+            raise RuntimeError("this row cannot run")
+        return prefill(prompts, *args)
+
+    engine.decoder.prefill = fragile
+    events: q.Queue = q.Queue()
+    prompts = [[5, 9, 23], [13, 2], [8, 1]]
+    jobs = [Job(p, greedy(4), lambda e, i=i, sink=events: sink.put((i, e))) for i, p in enumerate(prompts)]
+    engine.submit(jobs)
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+    done = 0
+    while done < 3:
+        i, event = events.get(timeout=60)
+        got[i].append(event)
+        done += isinstance(event, Finish)
+    engine.close()
+    assert [e.reason for e in got[1]] == ["error"] and "cannot run" in got[1][0].error
+    for i in (0, 2):
+        assert [type(e) for e in got[i]] == [Token] * 4 + [Finish] and got[i][-1].reason == "length"

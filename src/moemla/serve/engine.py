@@ -32,6 +32,7 @@ class Job:
     logprobs: int | None = None  # alternatives per token to report (0: only the chosen token's; None: no logprobs)
     echo: bool = False  # report the prompt's tokens and their logprobs first
     cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = field(default=False, init=False)  # the engine has emitted something of it
 
     def row(self) -> Row:
         """The job as a row of the one decode loop."""
@@ -97,11 +98,20 @@ class Engine:
                     self._queue.put(None)  # stop after this batch
                     break
                 jobs.append(nxt)
-            try:
-                self._run(jobs)
-            except Exception as err:  # a failed batch must not kill the server: its clients get the error
-                for j in jobs:
+            self._run_isolated(jobs)
+
+    def _run_isolated(self, jobs: list[Job]) -> None:
+        """Run a batch; if it raises, each job that had received nothing yet runs again alone, so a row that raises
+        fails its own request and never its batch-mates (a job already streaming gets the error). A failed batch
+        never kills the server."""
+        try:
+            self._run(jobs)
+        except Exception as err:
+            for j in jobs:
+                if j.started or len(jobs) == 1:
                     j.emit(Finish("error", f"{type(err).__name__}: {err}"))
+                else:
+                    self._run_isolated([j])
 
     @torch.no_grad()
     def _run(self, jobs: list[Job]) -> None:
@@ -110,6 +120,7 @@ class Engine:
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         for job in jobs:
             if job.echo:  # the prompt's tokens as scored by the model: what lm-eval's loglikelihood reads
+                job.started = True
                 self._score(job)
         rows = [job.row() for job in jobs]
         for i, event in decode(self.decoder, rows, self.stop, lambda i: jobs[i].cancelled.is_set()):
@@ -117,4 +128,5 @@ class Engine:
                 self.stats["tokens"] += 1
             elif event.reason == "cancelled":
                 self.stats["cancelled"] += 1
+            jobs[i].started = True
             jobs[i].emit(event)
