@@ -40,11 +40,12 @@ def evaluate(
     was_training = torch_model and model.training
     for moe in model.moe_layers() if torch_model else []:
         moe.eval_load.zero_()
+    if torch_model:
+        model.eval()
     losses, counts, n_bytes = [], [], 0
     batches: Iterator = eval_batches(shards, seq_len, batch_size, max_tokens)
     for x, y in batches:
         if torch_model:
-            model.eval()
             with autocast(device, dtype):
                 _, loss = model(x.to(device), y.to(device))
         else:

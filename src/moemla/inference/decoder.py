@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from moemla.compiling import CompiledOrEager
 from moemla.config import ConfigError, ModelConfig, portable
+from moemla.inference.padding import left_pad
 from moemla.model import KVCache, Transformer
 
 Engine = Literal["torch", "numpy", "numba", "onnx"]
@@ -64,15 +65,6 @@ def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # head is the largest matrix a small model reads per token.
     x = h if h.shape[0] > 1 else h.repeat(2, 1)
     return (weight @ x.T).T[: h.shape[0]]
-
-
-def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
-    """Prompts padded on the left to the longest (with token 0, never attended to) and each one's pad count."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("give one or more non-empty prompts")
-    longest = max(len(p) for p in prompts)
-    pad = [longest - len(p) for p in prompts]
-    return [[0] * n + list(p) for n, p in zip(pad, prompts, strict=True)], pad
 
 
 def bucket(n: int, floor: int = 1) -> int:

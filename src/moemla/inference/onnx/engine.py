@@ -18,6 +18,7 @@ import numpy as np
 
 from moemla.config import ConfigError, ModelConfig
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
+from moemla.inference.padding import left_pad
 
 if TYPE_CHECKING:
     import torch
@@ -105,16 +106,13 @@ class OnnxSession:
         return self._prefill([ids], every=True)[0]
 
     def _prefill(self, prompts: Sequence[Sequence[int]], every: bool) -> np.ndarray:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("give one or more non-empty prompts")
-        longest = max(len(p) for p in prompts)
+        rows, pad = left_pad(prompts)
+        longest = len(rows[0])
         if longest > self.cfg.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens exceeds the model's context of {self.cfg.max_seq_len}")
-        ids = np.array([[0] * (longest - len(p)) + list(p) for p in prompts], dtype=np.int64)  # (B, T)
+        ids = np.array(rows, dtype=np.int64)  # (B, T)
         self._check_ids(ids)
-        self.mask = (np.arange(longest)[None] >= (longest - np.array([len(p) for p in prompts]))[:, None]).astype(
-            np.int64
-        )  # (B, T): 0 on the left padding
+        self.mask = (np.arange(longest)[None] >= np.array(pad)[:, None]).astype(np.int64)  # (B, T): 0 on the padding
         sizes = {"batch": len(prompts), "past": 0}
         empty = [np.zeros([sizes.get(n, n) for n in c["shape"]], np.float32) for c in self.cache_spec]
         self.past = [self.ortvalue.ortvalue_from_numpy(a) for a in empty]

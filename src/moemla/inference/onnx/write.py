@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +28,7 @@ import torch
 
 from moemla import accounting
 from moemla.config import ConfigError, ModelConfig, check_portable, variant_name
+from moemla.inference.cpu.quant import to_int8
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
 from moemla.inference.onnx.graph import ExportedLM, cache_names, cache_shape
 from moemla.inference.sampling import SamplingConfig
@@ -88,6 +90,19 @@ def export_graph(model: Transformer, path: Path) -> None:
     quiet.level = level
 
 
+def map_nodes(graph: object, replace: Callable[[object], list]) -> None:
+    """Each node of graph, and of its If branches first, replaced by the nodes replace(copy of it) returns (a copy:
+    clearing graph.node frees the originals)."""
+    nodes = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g.node:
+                map_nodes(attr.g, replace)
+        nodes += replace(copy.deepcopy(node))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def gemm_to_matmul(model: object) -> None:
     """Every Gemm with a constant, transposed B (how F.linear exports) as MatMul (+ Add): onnxruntime's quantizers
     take MatMul only. The router's stays a Gemm in fp32, so routing is perturbed no more than the weights force."""
@@ -96,42 +111,26 @@ def gemm_to_matmul(model: object) -> None:
     inits = {t.name: t for t in model.graph.initializer}
     made: set[str] = set()
 
-    def rewrite(graph: object) -> None:
-        nodes = []
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.g.node:
-                    rewrite(attr.g)
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            b = node.input[1] if node.op_type == "Gemm" else ""
-            plain = attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0
-            if node.op_type != "Gemm" or b not in inits or ".router." in b or not plain or attrs.get("beta", 1.0) != 1:
-                nodes.append(copy.deepcopy(node))  # a copy: clearing graph.node below frees the originals
-                continue
-            if b not in made:  # one transposed copy per weight, shared by every use
-                model.graph.initializer.append(
-                    numpy_helper.from_array(numpy_helper.to_array(inits[b]).T.copy(), b + ".T")
-                )
-                made.add(b)
-            out = node.output[0] if len(node.input) < 3 else node.output[0] + ".mm"
-            nodes.append(helper.make_node("MatMul", [node.input[0], b + ".T"], [out], name=node.name + ".mm"))
-            if len(node.input) > 2:
-                nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=node.name + ".add"))
-        del graph.node[:]
-        graph.node.extend(nodes)
+    def replace(node: object) -> list:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        b = node.input[1] if node.op_type == "Gemm" else ""
+        plain = attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0
+        if node.op_type != "Gemm" or b not in inits or ".router." in b or not plain or attrs.get("beta", 1.0) != 1:
+            return [node]
+        if b not in made:  # one transposed copy per weight, shared by every use
+            model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[b]).T.copy(), b + ".T"))
+            made.add(b)
+        out = node.output[0] if len(node.input) < 3 else node.output[0] + ".mm"
+        nodes = [helper.make_node("MatMul", [node.input[0], b + ".T"], [out], name=node.name + ".mm")]
+        if len(node.input) > 2:
+            nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=node.name + ".add"))
+        return nodes
 
-    rewrite(model.graph)
+    map_nodes(model.graph, replace)
     unused = set(made) - {i for n in _all_nodes(model.graph) for i in n.input}
     keep = [t for t in model.graph.initializer if t.name not in unused]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-
-
-def int8_rows(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """w as int8 with one fp32 scale per slice along `axis` reduced away (symmetric, round to nearest)."""
-    scale = np.abs(w).max(axis=axis, keepdims=True) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
 
 
 def quantize_gathered(model: object) -> list[str]:
@@ -146,45 +145,40 @@ def quantize_gathered(model: object) -> list[str]:
                if t.name == "model.wte.weight" or t.name.endswith((".experts.w1", ".experts.w2"))}  # fmt: skip
     for name, tensor in targets.items():
         w = numpy_helper.to_array(tensor)
-        q, scale = int8_rows(w, axis=-1 if w.ndim == 2 else 1)  # per token row; per expert and output channel
+        # per token row (V, C); per expert and output channel (E, in, out), as rows (E, out, in) for to_int8
+        rows = w if w.ndim == 2 else w.swapaxes(1, 2)
+        q, scale = to_int8(rows)
+        q, scale = (q, scale[:, None]) if w.ndim == 2 else (q.swapaxes(1, 2), scale[:, None, :])
         model.graph.initializer.remove(tensor)
         model.graph.initializer.extend(
             [numpy_helper.from_array(q, name + ".q"), numpy_helper.from_array(scale, name + ".scale")]
         )
     count = [0]
 
-    def rewrite(graph: object) -> None:
+    def replace(node: object) -> list:
+        used = [i for i, x in enumerate(node.input) if x in targets]
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gather" and used == [0] and axis == 0:
+            w, idx, k = node.input[0], node.input[1], count[0]
+            count[0] += 1
+            return [
+                helper.make_node("Gather", [w + ".q", idx], [f"{w}.q.g{k}"], name=f"{node.name}.q"),
+                helper.make_node("Cast", [f"{w}.q.g{k}"], [f"{w}.f.g{k}"], to=1, name=f"{node.name}.cast"),
+                helper.make_node("Gather", [w + ".scale", idx], [f"{w}.s.g{k}"], name=f"{node.name}.scale"),
+                helper.make_node("Mul", [f"{w}.f.g{k}", f"{w}.s.g{k}"], list(node.output), name=f"{node.name}.mul"),
+            ]
         nodes = []
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.g.node:
-                    rewrite(attr.g)
-            node = copy.deepcopy(node)
-            used = [i for i, x in enumerate(node.input) if x in targets]
-            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-            if node.op_type == "Gather" and used == [0] and axis == 0:
-                w, idx, k = node.input[0], node.input[1], count[0]
-                count[0] += 1
-                nodes += [
-                    helper.make_node("Gather", [w + ".q", idx], [f"{w}.q.g{k}"], name=f"{node.name}.q"),
-                    helper.make_node("Cast", [f"{w}.q.g{k}"], [f"{w}.f.g{k}"], to=1, name=f"{node.name}.cast"),
-                    helper.make_node("Gather", [w + ".scale", idx], [f"{w}.s.g{k}"], name=f"{node.name}.scale"),
-                    helper.make_node("Mul", [f"{w}.f.g{k}", f"{w}.s.g{k}"], list(node.output), name=f"{node.name}.mul"),
-                ]
-                continue
-            for i in used:
-                w, k = node.input[i], count[0]
-                count[0] += 1
-                nodes += [
-                    helper.make_node("Cast", [w + ".q"], [f"{w}.f{k}"], to=1, name=f"{w}.cast{k}"),
-                    helper.make_node("Mul", [f"{w}.f{k}", w + ".scale"], [f"{w}.deq{k}"], name=f"{w}.deq{k}"),
-                ]
-                node.input[i] = f"{w}.deq{k}"
-            nodes.append(node)
-        del graph.node[:]
-        graph.node.extend(nodes)
+        for i in used:
+            w, k = node.input[i], count[0]
+            count[0] += 1
+            nodes += [
+                helper.make_node("Cast", [w + ".q"], [f"{w}.f{k}"], to=1, name=f"{w}.cast{k}"),
+                helper.make_node("Mul", [f"{w}.f{k}", w + ".scale"], [f"{w}.deq{k}"], name=f"{w}.deq{k}"),
+            ]
+            node.input[i] = f"{w}.deq{k}"
+        return [*nodes, node]
 
-    rewrite(model.graph)
+    map_nodes(model.graph, replace)
     return list(targets)
 
 
