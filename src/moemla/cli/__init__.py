@@ -1,6 +1,6 @@
 """The `moemla` command: a thin package that parses flags and calls the library.
 
-core: info, prepare, train, eval, demo; tools: generate, bench, reproduce, judge; ship: export, serve.
+core: info, prepare, train, eval, demo; tools: generate, bench, reproduce, judge; ship: export, web, serve.
 """
 
 from __future__ import annotations

@@ -10,10 +10,12 @@ from moemla.device import DTYPES
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "onnx":
+    if args.web_assets and args.format != "web":
+        raise ValueError("--web-assets is for --format web")
+    if args.format in ("onnx", "web"):
         return _export_onnx(args)
-    if args.quantize != "none":
-        raise ValueError("--quantize is for --format onnx; a Hugging Face export takes --dtype")
+    if args.quantize is not None:
+        raise ValueError("--quantize is for --format onnx or web; a Hugging Face export takes --dtype")
     from moemla.export.hf import export_hf
 
     info = export_hf(
@@ -37,22 +39,34 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from moemla.export.onnx import export_onnx
 
     if args.architecture != "auto" or args.dtype != "float32":
-        raise ValueError("--architecture and --dtype are for --format hf; an ONNX export takes --quantize")
-    manifest = export_onnx(args.run, args.out, quantize=args.quantize, checkpoint=args.checkpoint,
-                           overwrite=args.overwrite)  # fmt: skip
+        raise ValueError(f"--architecture and --dtype are for --format hf; a {args.format} export takes --quantize")
+    web = args.format == "web"
+    quantize = args.quantize or ("int8" if web else "none")
+    if web:
+        from moemla.web.export import export_web
+
+        manifest = export_web(args.run, args.out, quantize=quantize, checkpoint=args.checkpoint,
+                              overwrite=args.overwrite, node_modules=args.web_assets)  # fmt: skip
+    else:
+        manifest = export_onnx(args.run, args.out, quantize=quantize, checkpoint=args.checkpoint,
+                               overwrite=args.overwrite)  # fmt: skip
     if args.json:
         print(json.dumps(manifest))
         return 0
     size = sum(manifest["files"].values())
     check = manifest["check"]
     weights = "fp32" if manifest["quantize"] == "none" else manifest["quantize"]
-    print(f"wrote {args.out}: {manifest['variant'] or 'custom'} as ONNX ({weights} weights, "
+    what = "a web page (ONNX in the browser, " if web else "ONNX ("
+    print(f"wrote {args.out}: {manifest['variant'] or 'custom'} as {what}{weights} weights, "
           f"{size / 2**20:.1f} MiB, KV cache {manifest['kv_cache_bytes_per_token']:,} bytes/token) in "
           f"{manifest['export_seconds']} s; logits within {check['max_abs_logit_error']:.1e} of the torch model, "
           f"top-1 agreement {check['top1_agreement']:.0%}")  # fmt: skip
     for name in ("validation_perplexity", "fp32_validation_perplexity"):
         if name in manifest:
             print(f"{name.replace('_', ' ')}: {manifest[name]:.3f}")
+    if web:
+        print(f"open it in a browser: moemla web {args.out}   (any static file server works too, on one thread)")
+        return 0
     print("run it without moemla or torch (numpy, onnxruntime, tokenizers):")
     print(f"  python {args.out}/run_onnx.py 'Once upon a time'")
     print(f"or with moemla: moemla generate {args.out} --prompt 'Once upon a time'")
@@ -73,14 +87,20 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("out", help="folder to write (must be new or empty, unless --overwrite)")
     p.add_argument(
-        "--format", default="hf", choices=["hf", "onnx"],
+        "--format", default="hf", choices=["hf", "onnx", "web"],
         help="hf: a Hugging Face transformers folder (default); onnx: an ONNX Runtime folder (model.onnx whose cache "
-        "keeps MLA's latents, manifest.json, tokenizer.json, run_onnx.py) that runs without torch",
+        "keeps MLA's latents, manifest.json, tokenizer.json, run_onnx.py) that runs without torch; web: the onnx "
+        "folder plus a static page that writes stories in the browser (onnxruntime-web; `moemla web OUT` serves it)",
     )  # fmt: skip
     p.add_argument(
-        "--quantize", default="none", choices=["none", "int8", "int4"],
+        "--quantize", default=None, choices=["none", "int8", "int4"],
         help="ONNX weights: none (fp32), int8 (dynamic int8 MatMuls) or int4 (4-bit blocks, MatMulNBits); the "
-        "routers stay fp32 (default none)",
+        "routers stay fp32 (default: none for onnx, int8 for web, a quarter of the download)",
+    )  # fmt: skip
+    p.add_argument(
+        "--web-assets", metavar="NODE_MODULES",
+        help="for --format web offline: a node_modules folder from `npm ci` in moemla/web/page (default: the pinned "
+        "onnxruntime-web and tokenizers tarballs, fetched once from the npm registry, checked and cached)",
     )  # fmt: skip
     p.add_argument(
         "--architecture",
@@ -205,8 +225,38 @@ def add_import(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_import)
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from moemla.web.server import make_server, url
+
+    server = make_server(args.folder, args.host, args.port)
+    print(f"serving {args.folder} at {url(server)} (cross-origin isolated: multi-threaded WebAssembly); Ctrl-C stops",
+          flush=True)  # fmt: skip
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.server_close()
+    return 0
+
+
+def add_web(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "web",
+        help="serve a web export folder on 127.0.0.1 and print its URL",
+        description="Serve a folder written by `moemla export RUN OUT --format web` with the headers onnxruntime-web "
+        "needs for multi-threaded WebAssembly (cross-origin isolation). The page runs the model in the browser; "
+        "this server only sends files.",
+    )
+    p.add_argument("folder", help="a folder written by `moemla export RUN OUT --format web`")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.set_defaults(func=cmd_web)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     add_export(sub)
+    add_web(sub)
     add_import(sub)
     add_serve(sub)
     add_lm_eval(sub)

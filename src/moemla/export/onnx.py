@@ -30,11 +30,7 @@ def export_onnx(
     run = RunFolder.open(run_dir)
     cfg = run.model_config
     check_exportable(cfg, quantize)  # before loading weights or touching OUT
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; give a folder to write the export into")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+    out = check_out(Path(out_dir), overwrite)
     model, tok = run.load_model("cpu", checkpoint), run.tokenizer()
     ckpt = run.checkpoint(checkpoint)
     source = {"run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name if ckpt else None}
@@ -44,6 +40,15 @@ def export_onnx(
         manifest |= quantized_perplexity(run, model, out)
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def check_out(out: Path, overwrite: bool) -> Path:
+    """out, if an export may be written there: not a file, and empty unless overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; give a folder to write the export into")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+    return out
 
 
 def quantized_perplexity(run: RunFolder, model: Transformer, out: Path) -> dict[str, float]:

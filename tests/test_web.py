@@ -1,0 +1,245 @@
+"""The web export: the page runs the exported model in a real headless Chromium and writes the tokens the Python
+ONNX engine writes; its JavaScript follows the Python rules (tokenizer, fit check); every file it loads is in the
+folder; `moemla web` serves it cross-origin isolated; bad input is one line on the page or the command line."""
+
+import functools
+import http.server
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from moemla.cli import main
+from moemla.config import ConfigError
+
+from .conftest import free_port, make_run
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from moemla.inference.generate import generate_ids
+from moemla.inference.onnx.engine import OnnxDecoder
+from moemla.inference.sampling import PromptTooLong, fit, greedy
+from moemla.web import PAGE_FILES
+from moemla.web.assets import LOCK, pinned, resolve_assets
+from moemla.web.browser import browser, serving, why_no_browser
+from moemla.web.server import make_server
+
+PROMPT = "Once upon a time"
+NEW = 24
+
+
+def _assets_or_skip() -> None:
+    try:
+        resolve_assets()
+    except ConfigError as err:  # no registry and no node_modules: nothing to test the page with
+        pytest.skip(f"the page's libraries are not available here: {err}")
+
+
+@pytest.fixture(scope="module")
+def web_exports(trained_debug_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`moemla export RUN OUT --format web` (int8, the default) of the trained debug run (moe-mla-rope; one step of
+    training repeats one token) and of an mha and a moe-mla-rope run whose weights are far from their init (varied
+    greedy continuations: a wrong cache or position shows)."""
+    _assets_or_skip()
+    root = tmp_path_factory.mktemp("web")
+    runs = {"moe-mla-rope": trained_debug_run, "mha": make_run(trained_debug_run, root / "mha-run", "mha"),
+            "moe-mla-rope-varied": make_run(trained_debug_run, root / "mla-run", "moe-mla-rope")}  # fmt: skip
+    assert json.loads((trained_debug_run / "run.json").read_text())["model"]["attention"] == "mla"
+    out = {}
+    for variant, run in runs.items():
+        out[variant] = root / variant
+        assert main(["export", str(run), str(out[variant]), "--format", "web"]) == 0
+    return out
+
+
+@contextmanager
+def plain_server(folder: Path) -> Iterator[str]:
+    """Any static file server (Python's, without moemla web's headers) serving folder; yields its URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _python_greedy(folder: Path, prompt_ids: list[int], new: int) -> list[int]:
+    dec = OnnxDecoder(folder)
+    ids = generate_ids(dec, prompt_ids, greedy(new), stop=dec.manifest["eos_token_id"])
+    return ids[:-1] if ids and ids[-1] == dec.manifest["eos_token_id"] else ids  # the page does not show eos
+
+
+@pytest.fixture(scope="module")
+def chromium() -> object:
+    reason = why_no_browser()
+    if reason:
+        pytest.skip(reason)
+    with browser(page_timeout_s=120) as b:
+        yield b
+
+
+@pytest.mark.parametrize("variant", ["moe-mla-rope", "moe-mla-rope-varied", "mha"])
+def test_the_page_writes_the_python_engines_greedy_tokens_in_chromium(
+    web_exports: dict, chromium: object, variant: str
+) -> None:
+    folder = web_exports[variant]
+    with serving(str(folder)) as url:
+        run = chromium.open(f"{url}?prompt={PROMPT.replace(' ', '%20')}&greedy=1&max={NEW}")
+    assert run.state == "done", run.status
+    assert run.console_errors == []
+    assert run.result["ids"] == _python_greedy(folder, run.result["prompt_ids"], NEW)
+    if variant != "moe-mla-rope":
+        assert len(set(run.result["ids"])) > 1, "a single repeated token would prove little"
+    assert run.story.startswith(PROMPT) and len(run.story) > len(PROMPT)
+    assert run.result["threads"] >= 1 and run.result["ttft_ms"] > 0
+
+
+def test_sampling_in_the_page_is_seeded_and_the_page_works_single_threaded(web_exports: dict, chromium: object) -> None:
+    folder = web_exports["mha"]
+    with serving(str(folder)) as url:
+        a, b = (chromium.open(f"{url}?prompt=Tom&max={NEW}&seed=7") for _ in range(2))
+        c = chromium.open(f"{url}?prompt=Tom&max={NEW}&seed=8")
+    assert a.state == b.state == c.state == "done"
+    assert a.result["ids"] == b.result["ids"] != c.result["ids"]
+    with plain_server(folder) as url:  # no isolation headers: one thread, the same greedy tokens
+        plain = chromium.open(f"{url}?prompt=Tom&greedy=1&max={NEW}")
+    assert plain.state == "done" and plain.result["threads"] == 1
+    assert plain.result["ids"] == _python_greedy(folder, plain.result["prompt_ids"], NEW)
+
+
+def test_bad_input_is_one_line_on_the_page(web_exports: dict, chromium: object, tmp_path: Path) -> None:
+    folder = web_exports["mha"]
+    context = json.loads((folder / "manifest.json").read_text())["config"]["max_seq_len"]
+    with serving(str(folder)) as url:
+        long = chromium.open(f"{url}?prompt={'word%20' * (2 * context)}&greedy=1&max=5")
+        big = chromium.open(f"{url}?prompt=Tom&max=5&memory_mb=0.01")
+    assert long.state == "error" and "shorten the prompt" in long.result["error"]
+    assert big.state == "error" and "a browser can load at most" in big.result["error"]
+    # a folder missing its model: the page says which file, `moemla web` refuses it first
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "model.onnx").unlink()
+    with pytest.raises(ConfigError, match=r"model\.onnx is missing"):
+        make_server(broken, port=0)
+    with plain_server(broken) as url:
+        missing = chromium.open(f"{url}?prompt=Tom&max=5")
+    assert missing.state == "error" and "model.onnx is missing" in missing.result["error"]
+    for run in (long, big, missing):
+        assert "\n" not in run.result["error"]
+
+
+def test_every_file_the_page_loads_is_in_the_folder_and_listed(web_exports: dict) -> None:
+    folder = web_exports["moe-mla-rope"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    assert manifest["quantize"] == "int8"
+    assert manifest["web"]["libraries"] == {name: pin["version"] for name, pin in pinned().items()}
+    for name in PAGE_FILES:
+        text = (folder / name).read_text()
+        assert not re.search(r"https?://|//cdn", text), f"{name} loads something from the network"
+        for imported in re.findall(r'from "(\./[^"]+)"|src="([^"]+)"', text):
+            path = next(p for p in imported if p)
+            assert (folder / path).is_file(), f"{name} loads {path}, which the folder lacks"
+    assert (folder / "vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm").stat().st_size > 1_000_000
+
+
+def test_moemla_web_serves_the_folder_cross_origin_isolated(web_exports: dict) -> None:
+    with serving(str(web_exports["mha"])) as base:
+        wasm = "vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm"
+        for path, kind in [("", "text/html"), (wasm, "application/wasm"), ("app.js", "text/javascript")]:
+            with urllib.request.urlopen(base + path) as r:
+                assert r.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+                assert r.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+                assert r.headers["Content-Type"].startswith(kind)
+
+
+def test_moemla_web_refuses_bad_folders_and_ports_in_one_line(
+    web_exports: dict, trained_debug_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx_only = tmp_path / "onnx"  # an ONNX export: the web folder's manifest without its page
+    shutil.copytree(web_exports["mha"], onnx_only)
+    manifest = json.loads((onnx_only / "manifest.json").read_text())
+    del manifest["web"]
+    (onnx_only / "manifest.json").write_text(json.dumps(manifest))
+    cases = [
+        ([str(onnx_only)], "without the page; export it with --format web"),
+        ([str(tmp_path / "nowhere")], "is not a folder"),
+        ([str(trained_debug_run)], "no manifest.json"),
+        ([str(web_exports["mha"]), "--port", "99999"], "--port must be in 0..65535"),
+    ]
+    for argv, message in cases:
+        assert main(["web", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    taken = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", taken))
+        s.listen()
+        assert main(["web", str(web_exports["mha"]), "--port", str(taken)]) == 2
+    assert "choose another --port" in capsys.readouterr().err
+
+
+def _node(script: str, *args: str) -> str:
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the JavaScript is checked in Chromium only")
+    return subprocess.run(["node", "--input-type=module", "-e", script, *args], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+
+
+def test_the_pages_tokenizer_equals_the_python_tokenizer(web_exports: dict, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    folder = web_exports["mha"]
+    texts = ["Once upon a time, there was a little girl named Lily.", "  two  spaces\n\nnew lines\tand a tab ",
+             "émoji 😀 ünïcödé 日本語 ﬁ", "don't won't I'll 123 4567 3.14", "a\u00a0b \u2003c",
+             "<|endoftext|>Tom"]  # fmt: skip
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    script = f"""
+import {{ Tokenizer }} from "{(folder / "vendor/tokenizers/tokenizers.min.mjs").as_uri()}";
+import fs from "fs";
+const tok = new Tokenizer(JSON.parse(fs.readFileSync(process.argv[1])), {{ clean_up_tokenization_spaces: false }});
+const texts = JSON.parse(fs.readFileSync(process.argv[2]));
+console.log(JSON.stringify(texts.map((t) => {{
+  const ids = tok.encode(t, {{ add_special_tokens: false }}).ids;
+  return [ids, tok.decode(ids, {{ skip_special_tokens: true }})];
+}})));"""
+    got = json.loads(_node(script, str(folder / "tokenizer.json"), str(tmp_path / "texts.json")))
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for text, (ids, decoded) in zip(texts, got, strict=True):
+        assert ids == tok.encode(text).ids, text
+        assert decoded == tok.decode(ids), text
+
+
+def test_the_pages_fit_check_is_the_python_one(web_exports: dict) -> None:
+    cases = [(p, c, m) for p in (0, 1, 5, 63, 64, 65) for c in (64,) for m in (0, 1, 10, 200)]
+    script = f"""
+import {{ fit }} from "{(web_exports["mha"] / "generate.js").as_uri()}";
+console.log(JSON.stringify({json.dumps(cases)}.map(([p, c, m]) => {{
+  try {{ return fit(p, c, m); }} catch (e) {{ return e.message; }}
+}})));"""
+    got = json.loads(_node(script))
+    for (p, c, m), js in zip(cases, got, strict=True):
+        try:
+            want: object = fit(p, c, m)
+        except (PromptTooLong, ValueError) as err:
+            want = str(err)
+        assert js == want, (p, c, m)
+
+
+def test_the_lock_file_pins_what_the_page_loads() -> None:
+    lock = json.loads(LOCK.read_text())
+    for name, pin in pinned().items():
+        assert lock["packages"][""]["dependencies"][name] == pin["version"]  # exact pins, no ranges
+        assert pin["integrity"].startswith("sha512-")
