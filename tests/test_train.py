@@ -87,13 +87,13 @@ def test_train_checkpoint_resume_eval(data: Path, tmp_path: Path) -> None:
 
 def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train(data, tmp_path / "a", cfg(), TC, log=lambda _: None)
-    real = checkpoint.save
+    real = RunFolder.save_checkpoint
 
     def save_then_die(*args: object, **kw: object) -> Path:
         real(*args, **kw)
         raise KeyboardInterrupt  # interrupted right after the step-3 checkpoint
 
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(data, tmp_path / "b", cfg(), TC, log=lambda _: None)
     monkeypatch.undo()
@@ -106,13 +106,13 @@ def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatc
 def test_resume_on_cuda_within_tolerance(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tc = TC.replace(device="cuda")
     train(data, tmp_path / "a", cfg(), tc, log=lambda _: None)
-    real = checkpoint.save
+    real = RunFolder.save_checkpoint
 
     def save_then_die(*args: object, **kw: object) -> Path:
         real(*args, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(data, tmp_path / "b", cfg(), tc, log=lambda _: None)
     monkeypatch.undo()
@@ -294,3 +294,65 @@ def test_a_training_step_reads_the_device_once(data: Path, tmp_path: Path, monke
     assert steps == [0, 0]
     cvs = [r["load_cv"] for r in RunFolder(tmp_path / "run").metrics() if r["split"] == "train"]
     assert cvs == [None, None] if variant == "mha" else all(len(c) == 2 and max(c) > 0 for c in cvs)
+
+
+def test_resume_and_a_sweep_share_one_same_run_rule(trained_debug_run: Path, tmp_path: Path) -> None:
+    """--resume and a sweep's output folder (and --reuse) decide "the same data?" by one rule (RunFolder's): the
+    same tokenizer, then the data checksum, or for runs recorded before checksums the data folder while it exists."""
+    import dataclasses
+    import shutil
+
+    from moemla.config import ConfigError
+    from moemla.data.shards import PreparedData
+    from moemla.data.sources import DataError
+    from moemla.experiments.sweep import _check_same_run
+    from moemla.runs import RunFolder
+    from moemla.train.config import TrainConfig
+    from moemla.train.resume import check_same_data
+
+    @dataclasses.dataclass
+    class Data:  # what both checks read of a PreparedData
+        root: Path
+        tokenizer_sha256: str
+        sha256: str
+
+        def tokens(self, split: str) -> int:
+            return 1000
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_debug_run, run_dir)
+    run = RunFolder.open(run_dir)
+    real = PreparedData.open(run.meta["data"]["path"])
+    cfg, tc = run.model_config, TrainConfig.from_dict(run.train_settings)
+
+    def verdicts(data: Data) -> tuple[bool, bool]:
+        try:
+            check_same_data(run_dir, run.meta["data"], data, new_data=False)
+            resume_same = True
+        except (DataError, ValueError):
+            resume_same = False
+        try:
+            _check_same_run(run_dir, cfg, tc, data)
+            sweep_same = True
+        except ConfigError:
+            sweep_same = False
+        return resume_same, sweep_same
+
+    same = Data(real.root, real.tokenizer_sha256, real.sha256)
+    cases = {
+        "same": (same, True),
+        "other text": (dataclasses.replace(same, sha256="0" * 64), False),
+        "other tokenizer": (dataclasses.replace(same, tokenizer_sha256="1" * 64), False),
+    }
+    for name, (data, want) in cases.items():
+        assert verdicts(data) == (want, want), name
+    # a run recorded before data checksums: its data folder is its identity while that folder holds data
+    meta = run.meta
+    del meta["data"]["sha256"]
+    run.write_meta(meta)
+    elsewhere = dataclasses.replace(same, root=tmp_path, sha256="2" * 64)
+    assert verdicts(dataclasses.replace(same, sha256="2" * 64)) == (True, True)
+    assert verdicts(elsewhere) == (False, False)
+    meta["data"]["path"] = str(tmp_path / "gone")
+    run.write_meta(meta)
+    assert verdicts(elsewhere) == (True, True)  # the folder is gone: the tokenizer is all there is to compare

@@ -183,6 +183,9 @@ def test_moemla_web_refuses_bad_folders_and_ports_in_one_line(
         assert main(["web", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    top_p = make_run(trained_debug_run, tmp_path / "top-p", "moe-mla-rope", routing="top-p")
+    assert main(["export", str(top_p), str(tmp_path / "top-p-web"), "--format", "web"]) == 2
+    assert "routing='top-p'" in capsys.readouterr().err and not (tmp_path / "top-p-web").exists()
     taken = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", taken))

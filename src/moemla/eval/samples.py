@@ -73,9 +73,9 @@ class SampleSettings:
 
 def _run_identity(run_dir: str | Path) -> dict[str, object]:
     """What the completions depend on: the run's folder and the checkpoint they come from."""
-    from moemla.runs import checkpoint
+    from moemla.runs import RunFolder
 
-    ckpt = checkpoint.latest(run_dir)
+    ckpt = RunFolder(run_dir).latest_checkpoint()
     if ckpt is None:
         raise DataError(f"{run_dir} has no checkpoint yet; train it before judging its stories")
     return {"run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name}

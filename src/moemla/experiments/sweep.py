@@ -55,7 +55,7 @@ def run_sweep(
     for i, spec in enumerate(specs, 1):
         run_dir = out / "runs" / spec.folder
         tc_i = run_tc(spec, tc)
-        if (run_dir / "run.json").exists():
+        if RunFolder(run_dir).exists():
             _check_same_run(run_dir, spec.cfg, tc_i, data)
         elif (same := find_same_run(reuse, spec.cfg, tc_i, data)) is not None:
             copy_run(same, run_dir)
@@ -97,25 +97,16 @@ def train_device(metrics: list[dict]) -> str | None:
 
 
 def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData) -> None:
-    """A run found in the output folder must be this spec's run, or its numbers would be silently reused."""
-    meta = RunFolder.open(run_dir).meta
-    wanted = {
-        **{f"model.{k}": v for k, v in cfg.to_dict().items()},
-        **{f"train.{k}": v for k, v in tc.to_dict().items() if k not in EXECUTION_ONLY},
-    }
-    # Through the config classes, so that a field added since that run was made reads as its default, which by
-    # rule keeps the old behaviour (e.g. `routing` is top-k for every run from before top-p existed).
-    found = {
-        **{f"model.{k}": v for k, v in ModelConfig.from_dict(meta["model"]).to_dict().items()},
-        **{f"train.{k}": v for k, v in TrainConfig.from_dict(meta["train"]).to_dict().items()},
-    }
-    differ = [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v]
-    same_data = meta["data"]["tokenizer_sha256"] == data.tokenizer_sha256 and meta["data"].get("sha256") in (
-        None,  # recorded before run.json kept the data's checksum: the tokenizer is all there is to compare
-        data.sha256,
-    )
-    if not same_data:
-        differ.append(f"data: {meta['data']['path']} there, {data.root} now")
+    """A run found in the output folder must be this spec's run, or its numbers would be silently reused: the same
+    model and data (RunFolder's "same run?" rule, as --resume) and the same training settings."""
+    run = RunFolder.open(run_dir)
+    found = TrainConfig.from_dict(run.train_settings).to_dict()  # a field added since reads as its default
+    wanted = {k: v for k, v in tc.to_dict().items() if k not in EXECUTION_ONLY}
+    differ = [f"model.{k}: {run.model_config.to_dict().get(k)!r} there, {cfg.to_dict()[k]!r} now"
+              for k in run.model_differences(cfg)]  # fmt: skip
+    differ += [f"train.{k}: {found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v]
+    if run.data_difference(data.tokenizer_sha256, data.sha256, data.root) is not None:
+        differ.append(f"data: {run.meta['data']['path']} there, {data.root} now")
     if differ:
         raise ConfigError(
             f"{run_dir} holds a run with other settings ({'; '.join(differ[:3])}); "
@@ -129,7 +120,7 @@ def find_same_run(folders: tuple[Path, ...], cfg: ModelConfig, tc: TrainConfig, 
     rows are Table 2's mha and moe-mla-rope) need not train twice."""
     for folder in folders:
         runs = folder / "runs" if (folder / "runs").is_dir() else folder
-        for run_dir in sorted(p for p in runs.glob("*") if (p / "run.json").is_file()):
+        for run_dir in sorted(p for p in runs.glob("*") if RunFolder(p).exists()):
             if not RunFolder(run_dir).finished(tc.steps):
                 continue
             try:

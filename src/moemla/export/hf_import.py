@@ -14,8 +14,7 @@ from moemla.config import ConfigError, ModelConfig
 from moemla.data.tokenizer import digest, load_tokenizer
 from moemla.export.hf import GPT2_NAMES, MOEMLA_TOKENIZER, NEOX_NAMES, ExportError
 from moemla.model import Transformer
-from moemla.runs import checkpoint
-from moemla.runs.folder import RUN_FILE, TOKENIZER_FILE
+from moemla.runs import RunFolder
 
 
 def _from_remote(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -113,7 +112,8 @@ def import_hf(folder: str | Path, run_dir: str | Path, *, overwrite: bool = Fals
         "data": {"path": str(src.resolve()), "tokenizer_sha256": digest(tok), "vocab_size": tok.get_vocab_size()},
         "imported_from": str(src.resolve()),
     }
-    checkpoint.write_text_atomic(out / RUN_FILE, json.dumps(meta, indent=1))
-    shutil.copyfile(tok_file, out / TOKENIZER_FILE)
-    checkpoint.save(out, 0, model, {}, {"step": 0, "elapsed_s": 0.0}, keep=1)
+    run = RunFolder(out)
+    run.write_meta(meta)
+    run.write_tokenizer(tok_file)
+    run.save_checkpoint(0, model, {}, {"step": 0, "elapsed_s": 0.0}, keep=1)
     return {"run": str(out), "variant": hf.get("moemla_variant"), "from": str(src), "architecture": hf["model_type"]}

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from moemla.config import ModelConfig
 from moemla.data.tokenizer import load_tokenizer
 from moemla.model import Transformer
-from moemla.runs.checkpoint import STATE, find, latest, load_weights, write_text_atomic
+from moemla.runs.checkpoint import STATE, find, latest, load_weights, save, write_text_atomic
 
 RUN_FILE, METRICS_FILE, TOKENIZER_FILE, LOCK_FILE = "run.json", "metrics.jsonl", "tokenizer.json", ".lock"
 
@@ -90,6 +90,10 @@ class RunFolder:
         load_weights(path, model)
         return model.to(device).eval()
 
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (None: none yet)."""
+        return latest(self.path)
+
     def metrics(self) -> list[dict]:
         path = self.path / METRICS_FILE
         if not path.is_file():
@@ -101,7 +105,31 @@ class RunFolder:
         ckpt = latest(self.path)
         return ckpt is not None and json.loads((ckpt / STATE).read_text())["step"] >= steps
 
-    # writing (training's) --------------------------------------------------------------------------------------
+    # the one "same run?" rule (resume, a sweep's output folder, --reuse) ------------------------------------------
+    def model_differences(self, cfg: ModelConfig) -> list[str]:
+        """Model fields that differ from cfg, read through ModelConfig so that a field added since this run was made
+        reads as its default, which by rule keeps the old behaviour (e.g. `routing` top-k before top-p existed)."""
+        stored, asked = self.model_config.to_dict(), cfg.to_dict()
+        return sorted(k for k, v in asked.items() if stored.get(k) != v)
+
+    def data_difference(self, tokenizer_sha256: str, sha256: str, root: Path) -> str | None:
+        """None when prepared data (its tokenizer's and contents' checksums, its folder) is what this run was trained
+        on; "tokenizer" or "data" naming what differs. Runs recorded before data checksums, and imported runs, are
+        identified by their data folder while it still holds prepared data, else by the tokenizer alone."""
+        old = self.meta["data"]
+        if old["tokenizer_sha256"] != tokenizer_sha256:
+            return "tokenizer"
+        if "sha256" in old:
+            return None if old["sha256"] == sha256 else "data"
+        path = Path(old["path"])
+        moved = not (path / "manifest.json").is_file()
+        return None if moved or path.resolve() == Path(root).resolve() else "data"
+
+    # writing (training's, and an import's) -----------------------------------------------------------------------
+    def save_checkpoint(self, step: int, model: torch.nn.Module, extra: dict, state: dict, keep: int) -> Path:
+        """checkpoints/step_N, written atomically (runs/checkpoint.py); the oldest beyond `keep` removed."""
+        return save(self.path, step, model, extra, state, keep)
+
     def write_meta(self, meta: dict) -> None:
         """run.json, atomically; left as it is when nothing changed."""
         path = self.path / RUN_FILE

@@ -58,7 +58,7 @@ def resolve_configs(
             )
         else:  # flags alone change fields of the run's own config
             asked = cfg.replace(**model_over)
-        check_same_model(run_dir, cfg, asked)
+        check_same_model(run_dir, asked)
         return cfg, tc.replace(**train_over)
     model_over.setdefault("vocab_size", data.vocab_size)
     cfg = ModelConfig.from_preset(preset or DEFAULT_PRESET, variant or DEFAULT_VARIANT, **model_over)

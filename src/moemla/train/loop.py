@@ -114,7 +114,7 @@ def _begin(
     meta = resume_checks.start(run_dir, cfg, tc, data, resume, new_data) if d.main else {}
     distributed.barrier(d)
     s = _build(cfg, tc, d, run_dir)
-    ckpt = checkpoint.find(run_dir, from_checkpoint) if resume else None
+    ckpt = RunFolder(run_dir).checkpoint(from_checkpoint) if resume else None
     if ckpt is not None:
         _restore(s, ckpt)
         log(f"resuming {run_dir} from step {s.step} ({ckpt.name}) on {data.root}")
@@ -261,7 +261,7 @@ def _save(s: _Session, train_loss: float) -> None:
     if s.d.main:
         extra = {"optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict() if s.scaler else {}}
         state = {"step": s.step, "elapsed_s": s.elapsed, "train_loss": train_loss}
-        checkpoint.save(s.run_dir, s.step, s.model, {**extra, "rng": rng}, state, s.tc.keep_checkpoints)
+        RunFolder(s.run_dir).save_checkpoint(s.step, s.model, {**extra, "rng": rng}, state, s.tc.keep_checkpoints)
     distributed.barrier(s.d)
 
 
@@ -331,6 +331,6 @@ def _to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tens
 
 
 def _diverged(run_dir: Path, step: int, what: str) -> str:
-    good = checkpoint.latest(run_dir)
+    good = RunFolder(run_dir).latest_checkpoint()
     kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
     return f"{what} at step {step}; training stopped ({kept}). Try a lower --lr or --grad-clip, or --amp none"

@@ -38,17 +38,15 @@ def recorded_data(run_dir: Path) -> Path | None:
 
 
 def check_same_data(run_dir: Path, old: dict, data: PreparedData, new_data: bool) -> None:
-    """The one resume check of the data: the run goes on with the data it was trained on, unless asked."""
-    if old["tokenizer_sha256"] != data.tokenizer_sha256:
+    """The resume check of the data (RunFolder.data_difference is the rule): the run goes on with the data it was
+    trained on, unless asked."""
+    differs = RunFolder(run_dir).data_difference(data.tokenizer_sha256, data.sha256, data.root)
+    if differs == "tokenizer":
         raise DataError(
             f"{data.root} was tokenized with a different tokenizer than the run {run_dir} was trained on "
             f"({old['path']}); resume with data prepared by the same tokenizer"
         )
-    if "sha256" in old:
-        same = old["sha256"] == data.sha256
-    else:  # runs from before data checksums were recorded, and imported runs: the folder is the identity
-        same = not (Path(old["path"]) / "manifest.json").is_file() or Path(old["path"]).resolve() == data.root.resolve()
-    if not same and not new_data:
+    if differs == "data" and not new_data:
         was = f"{old['train_tokens']:,} training tokens" if "train_tokens" in old else "other data"
         raise RunError(
             f"--resume continues {run_dir} on the data it was trained on ({old['path']}, {was}); {data.root} holds "
@@ -67,17 +65,17 @@ def start(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData, 
         if not resume:
             raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
         check_same_data(run_dir, old["data"], data, new_data)
-        check_same_model(run_dir, ModelConfig.from_dict(old["model"]), cfg)
+        check_same_model(run_dir, cfg)
         return meta
     run.write_meta(meta)
     run.write_tokenizer(data.root / "tokenizer.json")
     return meta
 
 
-def check_same_model(run_dir: Path, stored: ModelConfig, asked: ModelConfig) -> None:
-    """The one resume check of the model: a run continues as configured in its run.json."""
-    if stored != asked:
-        changed = sorted(k for k, v in asked.to_dict().items() if stored.to_dict().get(k) != v)
+def check_same_model(run_dir: Path, asked: ModelConfig) -> None:
+    """The resume check of the model (RunFolder.model_differences is the rule): a run continues as configured."""
+    changed = RunFolder(run_dir).model_differences(asked)
+    if changed:
         raise RunError(
             f"--resume continues {run_dir} as configured in its {RUN_FILE}; model settings cannot change "
             f"(asked to change: {', '.join(changed)})"

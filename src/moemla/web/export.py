@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from moemla.inference.onnx import MANIFEST
-from moemla.inference.onnx.write import OnnxQuantize, replace_folder
+from moemla.inference.onnx.write import OnnxQuantize, check_exportable, replace_folder
 from moemla.runs.checkpoint import write_text_atomic
 from moemla.web import PAGE_FILES
 from moemla.web.assets import PAGE, copy_assets, resolve_assets
@@ -41,8 +41,10 @@ def export_web(
     """Write the run as a web export folder; returns its manifest. Int8 by default: a quarter of fp32's download
     at +0.03% perplexity (BENCHMARKS.md, "Quantized exports")."""
     from moemla.export.onnx import check_out, export_onnx
+    from moemla.runs import RunFolder
 
     out = check_out(Path(out_dir), overwrite)
+    check_exportable(RunFolder.open(run_dir).model_config, quantize)  # a run that is not portable: before any work
     resolve_assets(node_modules)  # fetch (or find) the libraries first: no network fails before the slow export
     partial = out.with_name(f".{out.name}.web-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)

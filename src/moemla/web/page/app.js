@@ -70,7 +70,8 @@ async function fetchModel(name, size) {
 function threadCount() {
   if (!self.crossOriginIsolated) return 1; // threads need SharedArrayBuffer, which needs `moemla web`'s headers
   const asked = Number(query.get("threads"));
-  return asked >= 1 ? Math.floor(asked) : Math.min(4, navigator.hardwareConcurrency || 1);
+  // onnxruntime-web's own default: half the cores, at most 4 (the page's main thread and the browser need the rest)
+  return asked >= 1 ? Math.floor(asked) : Math.min(4, Math.ceil((navigator.hardwareConcurrency || 1) / 2));
 }
 
 function showCard(manifest, threads) {
@@ -148,7 +149,11 @@ async function load() {
     }
     throw new Error(`onnxruntime-web cannot load model.onnx (${text.split("\n")[0].slice(0, 200)}): ${EXPORT}`);
   }
-  Object.assign(state, { session: new OnnxSession(ort, session, manifest), tokenizer, manifest, threads });
+  const decoder = new OnnxSession(ort, session, manifest);
+  setStatus("warming up");
+  await decoder.prefill([0, 0]); // a first run of each path (prefill, one-token step) prepares its kernels, so
+  await decoder.step(0); //          the reader's time to first token is the model's, not onnxruntime's set-up
+  Object.assign(state, { session: decoder, tokenizer, manifest, threads });
   setStatus("ready");
   $("generate").disabled = false;
 }
