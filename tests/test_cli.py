@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,44 @@ def test_long_work_reports_rate_and_eta_in_plain_lines_when_not_a_terminal(
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "bench mha batch 1:" in err and "decode steps/s" in err and "ETA" in err
+
+
+def test_ctrl_c_in_training_says_what_a_resume_continues_from(
+    trained_debug_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the first checkpoint a resume starts over, and the message says so; after one it names it."""
+    import shutil
+
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("moemla.train.launch.train", interrupted)
+    data = trained_debug_run.parent / "data"
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "new"), "--preset", "debug"]) == 130
+    assert "no checkpoint yet: --resume starts over" in capsys.readouterr().err
+    shutil.copytree(trained_debug_run, tmp_path / "old")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "old"), "--resume"]) == 130
+    err = capsys.readouterr().err
+    assert "continues from its last checkpoint (step_" in err and "no checkpoint" not in err
+
+
+def test_progress_bars_draw_on_stderr_so_stdout_keeps_only_results() -> None:
+    """`moemla train > log` at a terminal: the bar goes where the terminal test was made (stderr)."""
+    import sys
+
+    from moemla.progress import Progress
+
+    assert Progress("x", 3)._bar.console.file is sys.stderr
+
+
+def test_reproduce_summary_names_a_truncated_results_file_and_a_missing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "t2").mkdir()
+    (tmp_path / "t2" / "results.json").write_text('{"table": "table2", "runs": [')
+    assert main(["reproduce", "summary", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 't2' / 'results.json'} is not valid JSON" in err and err.count("\n") == 1
+    assert main(["reproduce", "summary", "--out", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert "nowhere is not a folder" in err and err.count("\n") == 1

@@ -23,7 +23,7 @@ LAYERS = [
     ],
     ["moemla.eval", "moemla.inference"],  # read runs; never import train
     ["moemla.train"],  # creates runs and writes through them; evaluates with eval
-    ["moemla.experiments", "moemla.demo", "moemla.export", "moemla.serve"],
+    ["moemla.experiments", "moemla.demo", "moemla.export", "moemla.serve", "moemla.web"],
     ["moemla.cli", "moemla.__main__"],
 ]
 

@@ -462,3 +462,35 @@ def test_train_device_names_each_machine_a_resumed_run_trained_on() -> None:
     assert train_device([rec(10, "cpu, 2 threads"), rec(20, "cpu, 2 threads")]) == "cpu, 2 threads"
     moved = [rec(10, "cpu, 2 threads"), rec(20, "NVIDIA H200"), rec(30, "NVIDIA H200")]
     assert train_device(moved) == "cpu, 2 threads then NVIDIA H200"
+
+
+def test_a_duplicated_seed_is_refused_and_a_results_folder_listing_a_run_twice_reports_no_p_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--seeds 0,0` once trained one run, counted it twice and reported p = 0 over 2 seeds. The parser refuses
+    it (and negative or huge seeds, and 0 for a size) before any folder exists; a results.json written that way
+    is summarized over its distinct runs, so no p-value comes from copies of one run."""
+    from moemla.cli import main
+    from moemla.experiments.sweep import aggregate
+
+    refusals = [(["--seeds", "0,0"], "seed 0 is given twice"), (["--seeds", "-1"], "[0, 2^63)"),
+                (["--seeds", str(2**63)], "[0, 2^63)"), (["--batch-size", "0"], "--batch-size: must be"),
+                (["--seq-len", "0"], "--seq-len: must be"), (["--steps", "0"], "--steps: must be")]  # fmt: skip
+    for flags, message in refusals:
+        with pytest.raises(SystemExit):
+            main(["reproduce", "table2", "--out", str(tmp_path / "t2"), "--plan", *flags])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "t2").exists()
+    # an old results folder: every run listed twice (one seed), its stored summary averaged over the copies
+    res = _table2_result("t2", "data/builtin", {"mha": [10.0], "moe-mla-rope": [8.0]})
+    res["runs"] = [{**r, "run": str(tmp_path / "gone")} for r in res["runs"] for _ in range(2)]
+    old = aggregate(res["runs"])
+    for row in old:
+        row.update(seeds=2, val_ppl_by_seed=row["val_ppl_by_seed"] * 2, val_ppl_std=0.0)  # as the old code wrote it
+    res["summary"] = old
+    (tmp_path / "t2").mkdir()
+    (tmp_path / "t2" / "results.json").write_text(json.dumps(res))
+    text = summarize(tmp_path)
+    quality = next(line for line in text.splitlines() if "improves perplexity over MHA" in line)
+    assert "p = " not in quality and "2 seeds" not in quality
+    assert [r["seeds"] for r in aggregate(res["runs"])] == [1, 1]

@@ -8,6 +8,7 @@ import sys
 import time
 from types import TracebackType
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
@@ -46,7 +47,8 @@ class Progress:
         columns += [TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
         if total:
             columns += [TextColumn("ETA"), TimeRemainingColumn()]
-        self._bar = RichProgress(*columns, disable=not self.enabled, transient=False)
+        # on stderr, where the terminal test was made: `moemla train > log` shows the bar and logs only results
+        self._bar = RichProgress(*columns, console=Console(stderr=True), disable=not self.enabled, transient=False)
         self._task = self._bar.add_task(description, total=total, info="")
         self._done, self._info = 0, ""
         self._start = self._last = time.monotonic()

@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, RunError, CheckpointError, TrainingDiverged, JudgeError, ValueError) as err:
         print(f"moemla {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"moemla {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        note = getattr(err, "note", None) or INTERRUPTED.get(args.command, "")  # training knows its checkpoint
+        print(f"moemla {args.command}: interrupted{note}", file=sys.stderr)
         return 130

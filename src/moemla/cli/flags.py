@@ -11,6 +11,35 @@ from collections.abc import Callable
 from moemla.config import DEFAULT_VARIANT, ModelConfig
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 is refused like a negative, never read as "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """An argparse type: distinct comma-separated seeds in [0, 2^63). A repeated seed would train one run and count
+    it twice, and a p-value over copies of one run is a fake; it is refused before any folder is made."""
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, e.g. 0,1,2; got {text!r}") from None
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise argparse.ArgumentTypeError(f"seeds must be in [0, 2^63), got {bad[0]}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(
+            f"seed {', '.join(map(str, repeated))} is given twice; each seed is one run: give distinct seeds (0,1,2)"
+        )
+    return seeds
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):

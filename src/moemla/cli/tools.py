@@ -8,7 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from moemla.cli.flags import add_config_flags, add_dataclass_flags, config_overrides, dataclass_values
+from moemla.cli.flags import (
+    add_config_flags,
+    add_dataclass_flags,
+    config_overrides,
+    dataclass_values,
+    positive_int,
+    seed_list,
+)
 from moemla.config import DEFAULT_PRESET, PAPER_PRESET, SIZES, VARIANTS, ConfigError, ModelConfig
 from moemla.data.sources import DataError
 from moemla.experiments.tables import TABLES
@@ -142,10 +149,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.table == "summary":
         print(summarize(args.out or "results"))
         return 0
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError:
-        raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    seeds = args.seeds
     if args.endpoint and not args.judge_model:
         raise ConfigError("--endpoint needs --judge-model: the judge model's name at that endpoint")
     steps = None if args.tokens else args.steps
@@ -259,12 +263,14 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "--preset", default=DEFAULT_PRESET,
         help=f"size preset ({', '.join(SIZES)}); table7 takes a list, or one size meaning every size up to it",
     )  # fmt: skip
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps per run (default 250)")
-    p.add_argument("--tokens", type=int, help="training tokens per run (instead of --steps)")
+    p.add_argument("--steps", type=positive_int, default=250, help="optimizer steps per run (default 250)")
+    p.add_argument("--tokens", type=positive_int, help="training tokens per run (instead of --steps)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 16; a GPU wants more)")
-    p.add_argument("--seq-len", type=int, help="tokens per training sequence (default 256)")
+    p.add_argument("--seeds", type=seed_list, default=(0,), help="distinct comma-separated seeds, e.g. 0,1,2")
+    p.add_argument(
+        "--batch-size", type=positive_int, help="sequences per optimizer step (default 16; a GPU wants more)"
+    )
+    p.add_argument("--seq-len", type=positive_int, help="tokens per training sequence (default 256)")
     p.add_argument("--rows", help="only these rows of the table, comma-separated (e.g. mha,mha-rope,moe-mla-rope)")
     p.add_argument(
         "--reuse", metavar="FOLDERS",
@@ -279,7 +285,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (default results/TABLE-PRESET; for summary, the results folder)")
     p.add_argument("--endpoint", help="table8: OpenAI-style base URL of the judge (without it: statistics only)")
     p.add_argument("--judge-model", help="table8: the judge model's name at --endpoint")
-    p.add_argument("--samples", type=int, default=100, help="table8: completions judged per variant")
+    p.add_argument("--samples", type=positive_int, default=100, help="table8: completions judged per variant")
     p.set_defaults(func=cmd_reproduce)
 
 

@@ -13,11 +13,12 @@ from typing import Any
 from moemla.config import SIZES, ConfigError, ModelConfig
 from moemla.data.prepare import prepare_data
 from moemla.data.shards import PreparedData
+from moemla.data.sources import DataError
 from moemla.data.tokenizer import token_bytes
 from moemla.eval.perplexity import bits_per_byte, window_bytes
 from moemla.experiments import claims, figures, summary
 from moemla.experiments.rows import SEQ_LEN, base_row
-from moemla.experiments.sweep import RunSpec, aggregate, copied_from, run_sweep, train_seconds
+from moemla.experiments.sweep import RunSpec, aggregate, copied_from, restated, run_sweep, train_seconds
 from moemla.experiments.tables import (
     PAPER_TABLE4,
     PAPER_TABLE7,
@@ -259,13 +260,23 @@ def summarize(results_dir: str | Path = "results") -> str:
     A table whose runs predate bits per byte or the recorded training time gets them filled in (from its data
     folder and its runs' own records, where at hand) and its report rewritten.
     """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; give the results folder that `moemla reproduce TABLE --out` wrote")
     by_corpus: dict[str, list[dict]] = {}
-    for path in sorted(Path(results_dir).glob("*/results.json")):
-        res = json.loads(path.read_text())
+    for path in sorted(root.glob("*/results.json")):
+        try:
+            res = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(
+                f"{path} is not valid JSON ({err}); run that table's command again (its runs are kept) or move the "
+                "folder aside"
+            ) from None
         if "table" not in res:
             continue
         if add_bits_per_byte(res) | add_train_seconds(res):
             write_report(path.parent, res)
+        res["summary"] = restated(res)  # every mean and p-value over distinct runs, whatever wrote the file
         by_corpus.setdefault(summary.corpus(res), []).append({**res, "folder": path.parent.name})
     if by_corpus:
         text = summary.markdown(summary.ordered(by_corpus))

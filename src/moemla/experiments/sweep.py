@@ -147,11 +147,16 @@ def copied_from(run_dir: Path) -> str | None:
 
 
 def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    """One row per name (in first-seen order): perplexity mean and std over seeds, the rest from the first seed."""
+    """One row per name (in first-seen order): perplexity mean and std over seeds, the rest from the first seed.
+
+    Each seed counts once, in seed order (so per-seed lists of two rows pair seed with seed): a second record of
+    the same name and seed (a results folder that lists a run twice, or a rerun beside the first) is one run, and
+    a mean or p-value over copies of it would claim a precision nobody measured."""
     names = list(dict.fromkeys(r["name"] for r in rows))
     out = []
     for name in names:
-        group = [r for r in rows if r["name"] == name]
+        by_seed = {r.get("seed"): r for r in reversed([r for r in rows if r["name"] == name])}  # the first kept
+        group = [by_seed[s] for s in sorted(by_seed, key=lambda s: (s is None, s))]
         ppl = [float(r["val_ppl"]) for r in group]  # type: ignore[arg-type]
         cvs = [max(r["expert_load_cv"]) for r in group if r["expert_load_cv"]]  # type: ignore[type-var]
         out.append(
@@ -169,6 +174,20 @@ def aggregate(rows: list[dict[str, object]]) -> list[dict[str, object]]:
             }
         )
     return out
+
+
+# what aggregate() computes over a name's seeds (the rest of a row is its first seed's, or added later)
+STATISTICS = ("val_ppl_mean", "val_loss_mean", "val_ppl_std", "seeds", "max_load_cv", "val_ppl_by_seed",
+              "bits_per_byte_mean", "active_experts_mean", "active_experts_by_seed")  # fmt: skip
+
+
+def restated(result: dict) -> list[dict[str, object]]:
+    """A results.json's summary rows with their statistics computed again from its runs by aggregate()'s rules:
+    a table written before each seed counted once (`--seeds 0,0` once trained one run and counted it twice)
+    reports over its distinct runs, not the copies its stored summary averaged."""
+    fresh = {r["name"]: r for r in aggregate(result["runs"])}
+    return [{**row, **{k: fresh[row["name"]][k] for k in STATISTICS if k in fresh.get(row["name"], {})}}
+            for row in result["summary"]]  # fmt: skip
 
 
 def _mean_or_none(values: list[object]) -> float | None:

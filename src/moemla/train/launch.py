@@ -69,6 +69,14 @@ def resolve_configs(
 DEFAULT_DATA = "data/builtin"
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; `note` says what a resume continues from (the CLI prints it)."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__(note)
+        self.note = note
+
+
 def run_training(
     data_dir: str | Path | None,
     *,
@@ -94,4 +102,12 @@ def run_training(
         data, run_dir, resume=resume, preset=preset, variant=variant, file=file, model_flags=model_flags,
         train_flags=train_flags,
     )  # fmt: skip
-    return train(data_dir, run_dir, cfg, tc, resume=resume, from_checkpoint=checkpoint_name, new_data=new_data)
+    try:
+        return train(data_dir, run_dir, cfg, tc, resume=resume, from_checkpoint=checkpoint_name, new_data=new_data)
+    except KeyboardInterrupt:
+        ckpt = RunFolder(run_dir).latest_checkpoint()
+        raise TrainingInterrupted(
+            f"; the run continues from its last checkpoint ({ckpt.name}) with the same command and --resume"
+            if ckpt is not None
+            else "; no checkpoint yet: --resume starts over"
+        ) from None
