@@ -370,3 +370,70 @@ def test_a_row_that_raises_fails_its_own_request_and_not_its_batch_mates(run: Pa
     assert [e.reason for e in got[1]] == ["error"] and "cannot run" in got[1][0].error
     for i in (0, 2):
         assert [type(e) for e in got[i]] == [Token] * 4 + [Finish] and got[i][-1].reason == "length"
+
+
+def test_batches_take_one_row_of_each_waiting_request_in_turn(run: Path) -> None:
+    """A request of many rows sent first, then a one-row request: the small one runs in the first batch that starts
+    after it arrives, not after every row of the large one (once: 11.3 s behind a 3,200-row request)."""
+    import queue as q
+    from collections import deque
+
+    from moemla.serve.engine import Engine, Finish, Job
+
+    model, _, _ = load_run(run)
+    engine = Engine(model, None, max_batch=4, window_s=0.2)
+    batches: list[list[str]] = []
+    real = engine._run
+
+    def recorded(jobs: list) -> None:
+        batches.append([j.name for j in jobs])
+        real(jobs)
+
+    engine._run = recorded
+    done: q.Queue = q.Queue()
+
+    def job(name: str) -> Job:
+        j = Job([5, 9, 23], greedy(6), lambda e, n=name: done.put(n) if isinstance(e, Finish) else None)
+        j.name = name
+        return j
+
+    engine.submit([job(f"big{i}") for i in range(24)])
+    engine.submit([job("small")])
+    finished = [done.get(timeout=120) for _ in range(25)]
+    engine.close()
+    assert len(batches) >= 6
+    assert any("small" in b for b in batches[:2]), batches
+    assert finished.index("small") < 8
+    # round robin across waiting requests: a, b, a, b, then a's rest
+    engine = Engine(model, None, max_batch=4)
+    engine.close()
+    engine._waiting = {1: deque("aaaaa"), 2: deque("bb")}
+    assert engine._take(4) == ["a", "b", "a", "b"] and engine._take(4) == ["a", "a", "a"]
+
+
+def test_a_request_over_the_row_limit_is_a_400_naming_the_flag(server: tuple[str, object]) -> None:
+    url, _ = server
+    r = _post(url, "/v1/completions", {"model": NAME, "prompt": ["Tom"] * 20, "n": 13, "max_tokens": 2})
+    assert r.status_code == 400
+    assert "260 sequences (20 prompts x n = 13)" in r.json()["error"]["message"]
+    assert "--max-rows-per-request" in r.json()["error"]["message"]
+    ok = _post(url, "/v1/completions", {"model": NAME, "prompt": ["Tom"] * 16, "n": 16, "max_tokens": 1})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 256
+
+
+def test_logprobs_20_returns_20_alternatives_even_where_tokens_share_their_text(server: tuple[str, object]) -> None:
+    """A byte-level vocabulary has tokens that are parts of one UTF-8 character: decoded alone they all read
+    U+FFFD, and a {text: logprob} dict once kept 17-19 of 20. Each token is its own key ("bytes:\\xNN" for those)."""
+    url, _ = server
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 8, "logprobs": 20, "temperature": 0}
+    tops = _post(url, "/v1/completions", body).json()["choices"][0]["logprobs"]["top_logprobs"]
+    assert [len(t) for t in tops] == [20] * len(tops)
+    # two or more tokens that decode alone to U+FFFD among one position's 20: the case the old dict lost
+    assert any(sum(k.startswith("bytes:\\x") for k in t) >= 2 for t in tops), "no colliding tokens to test"
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": True,
+            "top_logprobs": 20, "temperature": 0}  # fmt: skip
+    content = _post(url, "/v1/chat/completions", chat).json()["choices"][0]["logprobs"]["content"]
+    for entry in content:
+        assert len(entry["top_logprobs"]) == 20
+        assert len({e["token"] for e in entry["top_logprobs"]}) == 20
+        assert all(e["bytes"] and "\ufffd" not in e["token"] for e in entry["top_logprobs"])

@@ -125,13 +125,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+    if args.max_rows_per_request < 1:
+        raise ValueError(f"--max-rows-per-request must be at least 1, got {args.max_rows_per_request}")
     if not args.max_body_mb > 0:
         raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"moemla serve: listening on {args.host}: the server has no authentication", file=sys.stderr)
     serve(args.run, host=args.host, port=args.port, device=args.device, checkpoint=args.checkpoint, name=args.name,
           max_batch=args.max_batch, cuda_graph=args.cuda_graph, compile=args.compile,
-          max_body_mb=args.max_body_mb)  # fmt: skip
+          max_body_mb=args.max_body_mb, max_rows=args.max_rows_per_request)  # fmt: skip
     return 0
 
 
@@ -150,6 +152,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="step_N", help="serve this checkpoint (default: the newest)")
     p.add_argument("--name", help="model id clients pass as `model` (default: the run folder's name)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together (default 16)")
+    p.add_argument(
+        "--max-rows-per-request", type=int, default=256,
+        help="most sequences (prompts x n) one request may ask for; more is a 400 (default 256). Rows of concurrent "
+        "requests share batches in turn, so a large request does not hold back small ones",
+    )  # fmt: skip
     p.add_argument(
         "--max-body-mb", type=float, default=2.0,
         help="largest request body in MiB; a larger one is answered 413 before it is read (default 2)",

@@ -78,6 +78,16 @@ def _byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
+def piece_bytes(tok: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for: a byte-level token may hold part of a UTF-8 character, which decoding it
+    alone turns into U+FFFD (so two such tokens would look the same)."""
+    piece = tok.id_to_token(token_id) or ""
+    alphabet = _byte_level_alphabet()
+    if type(tok.decoder).__name__ == "ByteLevel" and piece and all(c in alphabet for c in piece):
+        return bytes(alphabet[c] for c in piece)
+    return tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
 def token_bytes(tok: Tokenizer) -> np.ndarray:
     """(V,) UTF-8 bytes of text each token stands for; 0 for special tokens such as <|endoftext|>.
 

@@ -35,7 +35,7 @@ from moemla.serve.protocol import (
     response_head,
     sse,
 )
-from moemla.serve.server import ApiError, Server, encode_prompts, encode_texts, usage
+from moemla.serve.server import MAX_ROWS, ApiError, Server, encode_prompts, encode_texts, usage
 
 router = APIRouter()
 
@@ -189,9 +189,11 @@ async def _http(_: Request, err: HTTPException) -> JSONResponse:
     return JSONResponse(error_body(str(err.detail)), status_code=err.status_code)
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, name: str, max_body_mb: float = 2.0) -> FastAPI:
+def create_app(
+    engine: Engine, tokenizer: Tokenizer, name: str, max_body_mb: float = 2.0, max_rows: int = MAX_ROWS
+) -> FastAPI:
     app = FastAPI(title="moemla", description=f"OpenAI-compatible server for {name}")
-    app.state.server = Server(engine, tokenizer, name)
+    app.state.server = Server(engine, tokenizer, name, max_rows)
     app.add_middleware(BodyLimit, limit=int(max_body_mb * 2**20))
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
@@ -212,6 +214,7 @@ def serve(
     cuda_graph: bool = False,
     compile: bool = False,
     max_body_mb: float = 2.0,
+    max_rows: int = MAX_ROWS,
 ) -> None:
     """Load the run and serve it until interrupted."""
     import uvicorn
@@ -224,7 +227,7 @@ def serve(
     decoder, tok = open_decoder(run_dir, engine_name, device=device, checkpoint=checkpoint, batch_size=max_batch,
                                 mode=mode, compile=compile)  # fmt: skip
     engine = Engine(decoder, eot_id(tok), max_batch=max_batch)
-    app = create_app(engine, tok, name or Path(run_dir).resolve().name, max_body_mb)
+    app = create_app(engine, tok, name or Path(run_dir).resolve().name, max_body_mb, max_rows)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

@@ -3,14 +3,16 @@
 Requests that arrive together (within `window_s`, up to `max_batch`) share one left-padded batch of a
 TorchDecoder (the one Decoder interface) through the one decode loop (inference/decode.py); each row keeps its own
 sampling settings, seed, token budget and cancel flag.
-Requests that arrive while a batch runs wait for the next one.
+Requests that arrive while a batch runs wait for the next one. Batches are filled fairly: one row of each waiting
+request in turn (round robin, in order of arrival), so a request of many rows cannot make a small one sent after
+it wait for all of its rows; it waits at most for the batch that is running.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,7 +60,10 @@ class Engine:
         self.max_batch = max_batch if self.decoder.max_batch is None else min(max_batch, self.decoder.max_batch)
         self.window_s = window_s
         self.stats = {"batches": 0, "jobs": 0, "largest_batch": 0, "cancelled": 0, "tokens": 0}
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._waiting: dict[int, deque[Job]] = {}  # request -> its jobs not yet in a batch, in arrival order
+        self._requests = 0
+        self._closed = False
+        self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="moemla-engine", daemon=True)
         self._thread.start()
 
@@ -67,10 +72,33 @@ class Engine:
         return self.cfg.max_seq_len
 
     def submit(self, jobs: list[Job]) -> None:
+        """Queue one request's jobs (its prompts x n); they share batches fairly with other requests' jobs."""
         for job in jobs:  # the one fit check (PromptTooLong, a ValueError), before any job is queued
             fit(len(job.prompt), self.context, job.sampling.max_new_tokens)
-        for job in jobs:
-            self._queue.put(job)
+        if not jobs:
+            return
+        with self._ready:
+            self._requests += 1
+            self._waiting[self._requests] = deque(jobs)
+            self._ready.notify()
+
+    def _take(self, limit: int) -> list[Job]:
+        """Up to `limit` waiting jobs, one per request in turn (the caller holds the lock)."""
+        taken: list[Job] = []
+        while len(taken) < limit and self._waiting:
+            for request in list(self._waiting):
+                if len(taken) == limit:
+                    break
+                jobs = self._waiting[request]
+                taken.append(jobs.popleft())
+                if not jobs:
+                    del self._waiting[request]
+        return taken
+
+    @property
+    def waiting(self) -> int:
+        with self._ready:
+            return sum(len(q) for q in self._waiting.values())
 
     def _score(self, job: Job) -> None:
         """Emit the prompt's tokens with the log-probability the model gives each after its prefix."""
@@ -80,24 +108,23 @@ class Engine:
             job.emit(Token(token, float(lp[t, token]), top_logprobs(lp[t], job.logprobs), prompt=True))
 
     def close(self) -> None:
-        self._queue.put(None)
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            jobs, deadline = [job], time.monotonic() + self.window_s
-            while len(jobs) < self.max_batch:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                jobs.append(nxt)
+            with self._ready:
+                while not self._waiting and not self._closed:
+                    self._ready.wait()
+                if not self._waiting:
+                    return  # closed, nothing left
+                # requests arriving within the window join this batch (one lone request need not wait for more)
+                deadline = time.monotonic() + self.window_s
+                while self.waiting < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    self._ready.wait(left)
+                jobs = self._take(self.max_batch)
             self._run_isolated(jobs)
 
     def _run_isolated(self, jobs: list[Job]) -> None:

@@ -9,6 +9,7 @@ import uuid
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
+from moemla.data.tokenizer import piece_bytes
 from moemla.inference.decode import Token
 from moemla.inference.sampling import SamplingConfig
 
@@ -125,7 +126,7 @@ def completion_logprobs(tok: Tokenizer, tokens: list[Token], start: int, want_to
     for s in strings:
         offsets.append(pos)
         pos += len(s)
-    top = [{tok.decode([i]): lp for i, lp in t.top} for t in tokens] if want_top else None
+    top = [_alternatives(tok, t.top) for t in tokens] if want_top else None
     return {
         "tokens": strings,
         "token_logprobs": [t.logprob for t in tokens],
@@ -134,12 +135,31 @@ def completion_logprobs(tok: Tokenizer, tokens: list[Token], start: int, want_to
     }
 
 
+def token_key(tok: Tokenizer, token_id: int) -> str:
+    """A token as a text key: its text, or "bytes:\\xNN..." where the token alone is not whole UTF-8 (as OpenAI
+    writes byte tokens), so that distinct tokens get distinct keys."""
+    raw = piece_bytes(tok, token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _alternatives(tok: Tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
+    """The legacy API's {token text: logprob} of a token's top alternatives, one key per token: `logprobs: 20`
+    returns 20, also where several are parts of one UTF-8 character (or decode to the same text)."""
+    out: dict[str, float] = {}
+    for token_id, lp in top:
+        key = token_key(tok, token_id)
+        out[key if key not in out else f"{key} (token {token_id})"] = lp
+    return out
+
+
 def chat_logprobs(tok: Tokenizer, tokens: list[Token]) -> dict[str, object]:
     """The chat API's logprobs object: per token its text, logprob, bytes and top alternatives."""
 
     def entry(token_id: int, logprob: float | None) -> dict[str, object]:
-        text = tok.decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": token_key(tok, token_id), "logprob": logprob, "bytes": list(piece_bytes(tok, token_id))}
 
     return {"content": [entry(t.id, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in tokens]}
 

@@ -46,11 +46,14 @@ async def encode_texts(encoder: PromptEncoder, texts: list[str]) -> list[list[in
         raise ApiError(400, str(err), "context_length_exceeded") from None
 
 
+MAX_ROWS = 256  # sequences (prompts x n) one request may ask for: `moemla serve --max-rows-per-request`
+
+
 class Server:
     """Turns requests into engine jobs and engine events into OpenAI responses."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str) -> None:
-        self.engine, self.tok, self.name = engine, tokenizer, name
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str, max_rows: int = MAX_ROWS) -> None:
+        self.engine, self.tok, self.name, self.max_rows = engine, tokenizer, name, max_rows
         self.encoder = PromptEncoder(tokenizer, engine.context)
         self.stop = eot_id(tokenizer)
         self.seeds = itertools.count(1)
@@ -61,6 +64,11 @@ class Server:
             raise ApiError(
                 404, f"model {req.model!r} does not exist; this server serves {self.name!r}", "model_not_found"
             )
+        rows = len(prompts) * req.n
+        if rows > self.max_rows:
+            raise ApiError(400, f"this request asks for {rows:,} sequences ({len(prompts):,} prompts x n = {req.n}); "
+                           f"the server takes at most {self.max_rows:,} per request (moemla serve "
+                           "--max-rows-per-request): split it into smaller requests", "too_many_rows")  # fmt: skip
         seed = req.seed if req.seed is not None else next(self.seeds) * 1000
         try:
             sampling = [req.sampling(max_tokens, seed + k) for k in range(req.n)]
