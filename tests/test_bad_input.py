@@ -218,8 +218,13 @@ def test_bad_text_files_are_refused_by_name_and_line(tmp_path: Path, capsys: pyt
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             list(file_source([path])())
+    assert main(["prepare", "--text", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    # the folder's .jsonl is read as a .jsonl (as when named directly): its bad line is named; the rest is no text
+    err = capsys.readouterr().err
+    assert "skipped: 2 not UTF-8 text" in err and "latin.jsonl:2: not UTF-8 text" in err
+    latin_jsonl.unlink()
     assert main(["prepare", "--text", str(tmp_path), "--out", str(tmp_path / "out")]) == 1  # a folder of non-text
-    assert "3 matching files, none UTF-8 text" in capsys.readouterr().err
+    assert "2 matching files, none UTF-8 text" in capsys.readouterr().err
 
 
 def test_a_same_size_edit_is_not_mistaken_for_the_prepared_data(tmp_path: Path, capsys) -> None:
@@ -230,7 +235,7 @@ def test_a_same_size_edit_is_not_mistaken_for_the_prepared_data(tmp_path: Path, 
     assert main(argv) == 0
     text.write_text(story.replace("red", "tan") * 60)  # same size, other content
     assert main(argv) == 1
-    assert "different request" in capsys.readouterr().err
+    assert "stories.txt changed)" in capsys.readouterr().err  # names the file that changed
 
 
 def test_training_says_how_long_it_will_take_from_the_first_step(data: Path, tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def test_prepared_folder_is_reused_and_never_mixes_tokenizers(tmp_path: Path) ->
     stamp = (out / "train_000.bin").stat().st_mtime_ns
     _prepare(tmp_path)  # same request: reused as is
     assert (out / "train_000.bin").stat().st_mtime_ns == stamp
-    with pytest.raises(DataError, match="different tokenizer"):
+    with pytest.raises(DataError, match="tokenizer: 'bpe' then, 'gpt2' now"):
         prepare(builtin_source(300), out, {"dataset": "builtin", "stories": 300}, tokenizer="gpt2")
 
 
@@ -182,8 +182,98 @@ def test_a_folder_or_glob_prepares_one_document_per_file(tmp_path: Path, capsys:
     assert splits["train"]["stories"] + splits["val"]["stories"] == 36
     assert len(manifest["request"]["source"]["documents"]) == 36
     assert main(["prepare", "--text", str(tree), "--vocab-size", "300", "--out", str(tmp_path / "all")]) == 0
-    assert "41 documents (1 files skipped: not UTF-8 text)" in capsys.readouterr().err  # 40 .py + README
+    assert "41 documents (skipped: 1 not UTF-8 text)" in capsys.readouterr().err  # 40 .py + README
     pattern = str(tree / "**" / "mod1*.py")  # mod1, mod10..mod19: a recursive glob, quoted in a shell
     assert main(["prepare", "--text", pattern, "--vocab-size", "300", "--val-fraction", "0.3",
                  "--out", str(tmp_path / "glob")]) == 0  # fmt: skip
     assert "11 documents" in capsys.readouterr().err
+
+
+def _tree(root: Path, n: int = 40) -> Path:
+    for i in range(n):
+        (root / f"part{i % 4}").mkdir(parents=True, exist_ok=True)
+        (root / f"part{i % 4}" / f"note{i}.txt").write_text(f"Note {i}: the fox jumped over {i} dogs.\n" * 5)
+    return root
+
+
+def test_folder_and_glob_read_what_the_user_means(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 38: symlinked folders are never followed (a link to `.` once made 20 files 820 documents, two hung
+    the command), the folder and glob forms find the same files, .git is skipped, a folder's .jsonl is read as
+    stories, the output folder inside the input is not its input, and --out on a file is one line."""
+    from moemla.cli import main
+    from moemla.data.documents import find_documents
+
+    tree = _tree(tmp_path / "notes")
+    (tree / "part0" / "self").symlink_to("..")  # two loops
+    (tree / "part1" / "up").symlink_to("../..")
+    (tree / ".git").mkdir()
+    (tree / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    by_folder = find_documents(str(tree))
+    by_glob = find_documents(str(tree / "**" / "*"))
+    assert len(by_folder.documents) == 40 and list(by_folder.documents) == list(by_glob.documents)
+    assert find_documents(str(tree / "part0" / "*.txt")).documents.keys() == {
+        p for p in by_folder.documents if p.parent.name == "part0"
+    }
+    records = [json.dumps({"text": f"Story {i} of the fox."}) for i in range(8)]
+    (tree / "stories.jsonl").write_text("\n".join(records) + "\n")
+    out = tree / "prepared"  # inside the input folder
+    argv = ["prepare", "--text", str(tree), "--vocab-size", "300", "--out", str(out)]
+    assert main(argv) == 0
+    assert "40 documents and 1 .jsonl/.parquet files" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["stories"] + manifest["splits"]["val"]["stories"] == 48  # 40 + 8 records
+    tok = load_tokenizer(str(out / "tokenizer.json"))
+    text = tok.decode(np.fromfile(out / "train_000.bin", dtype=np.uint16).tolist())
+    assert "Story 1 of the fox." in text and '{"text"' not in text
+    assert main(argv) == 0  # the same command again reuses: its own output is not its input
+    assert main([*argv[:-1], str(tree / "part0" / "note0.txt")]) == 1
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_unreadable_and_changing_files_are_counted_or_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moemla.data.documents import document_source, find_documents
+
+    tree = _tree(tmp_path / "notes")
+    broken = tree / "part2" / "note2.txt"
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == broken:
+            raise OSError(5, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    found = find_documents(str(tree))
+    assert found.unreadable == 1 and len(found.documents) == 39 and "1 unreadable" in found.skipped()
+    monkeypatch.undo()
+    found = find_documents(str(tree))
+    changed = tree / "part3" / "note3.txt"
+    changed.write_text("edited while preparing\n")
+    with pytest.raises(DataError, match=r"note3\.txt changed while it was being prepared"):
+        list(document_source(found.documents)())
+
+
+def test_a_refusal_to_reuse_names_a_few_changed_files_and_the_tokenizer_by_content(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from moemla.cli import main
+
+    tree = _tree(tmp_path / "notes")
+    out = tmp_path / "data"
+    argv = ["prepare", "--text", str(tree), "--vocab-size", "300", "--out", str(out)]
+    assert main(argv) == 0
+    for i in range(5):
+        (tree / f"part{i % 4}" / f"note{i}.txt").write_text(f"changed {i}\n")
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "note0.txt changed" in err and "and 2 more files" in err and len(err) < 800
+    # a tokenizer by path: a replaced file is another tokenizer, not the one recorded under that name
+    (tmp_path / "tok.json").write_bytes((out / "tokenizer.json").read_bytes())
+    argv = ["prepare", "--text", str(tree), "--tokenizer", str(tmp_path / "tok.json"), "--out", str(tmp_path / "d2")]
+    assert main(argv) == 0
+    assert main(["prepare", "--stories", "300", "--vocab-size", "280", "--out", str(tmp_path / "d3")]) == 0
+    (tmp_path / "tok.json").write_bytes((tmp_path / "d3" / "tokenizer.json").read_bytes())
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "tokenizer_sha256:" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def prepare_data(
 ) -> tuple[Path, dict]:
     """Resolve the source, then tokenize it into a prepared folder (reused when already there)."""
     if text:
-        source, description = _text_source(text, include or [], exclude or [], log)
+        source, description = _text_source(text, include or [], exclude or [], log, Path(out or "data/text"))
         name = "text"
     elif dataset == "builtin":
         source = builtin_source(stories, corpus_seed)
@@ -54,16 +54,19 @@ def prepare_data(
 
 
 def _text_source(
-    text: list[str], include: list[str], exclude: list[str], log: Callable[[str], None]
+    text: list[str], include: list[str], exclude: list[str], log: Callable[[str], None], out: Path
 ) -> tuple[StorySource, dict[str, object]]:
-    """Plain files by their format (stories per file); folders and glob patterns one document per file."""
-    files = [t for t in text if not is_document_input(t)]
-    docs: list[Path] = []
+    """Plain files by their format (stories per file); folders and glob patterns one document per file (their
+    .jsonl and .parquet files by their format). The output folder is never its own input."""
+    files: list[str | Path] = [t for t in text if not is_document_input(t)]
+    docs: dict[Path, str] = {}
     for spec in (t for t in text if is_document_input(t)):
-        found, skipped = find_documents(spec, include, exclude)
-        log(f"{spec}: {len(found):,} documents" + (f" ({skipped:,} files skipped: not UTF-8 text)" if skipped else ""))
-        docs += found
-    if (include or exclude) and not docs:
+        found = find_documents(spec, include, exclude, skip=(out,))
+        own = f" and {len(found.own_format):,} .jsonl/.parquet files" if found.own_format else ""
+        log(f"{spec}: {len(found.documents):,} documents{own}{found.skipped()}")
+        docs |= found.documents
+        files += found.own_format
+    if (include or exclude) and not any(is_document_input(t) for t in text):
         raise DataError("--include and --exclude filter folders and glob patterns; give one with --text")
     sources = ([file_source(files)] if files else []) + ([document_source(docs)] if docs else [])
 
@@ -72,8 +75,9 @@ def _text_source(
             yield from source()
 
     description: dict[str, object] = {"dataset": "text", "files": [file_identity(p) for p in files]}
-    if docs:  # one document per file
-        description["documents"] = [file_identity(p) for p in docs]
+    if docs:  # one document per file, identified by the bytes the scan read (and the read checks)
+        description["documents"] = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": digest}
+                                     for p, digest in docs.items()]  # fmt: skip
     return read, description
 
 

@@ -97,15 +97,18 @@ def prepare(
     if not 0.0 < val_fraction < 0.5:
         raise DataError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder to prepare the data into")
     request = {"source": description, "tokenizer": tokenizer, "vocab_size": vocab_size, "val_fraction": val_fraction}
+    if tokenizer not in ("bpe", "gpt2"):  # a tokenizer.json by path: its content is the identity, not its name
+        request["tokenizer_sha256"] = digest(load_tokenizer(tokenizer))
     if (out / "manifest.json").exists() and not overwrite:
         old = json.loads((out / "manifest.json").read_text())
         if old["request"] == request:
             return old
-        what = "tokenizer" if old["request"]["tokenizer"] != tokenizer else "request"
         raise DataError(
-            f"{out} already holds data prepared with a different {what} ({old['request']}); a prepared folder "
-            "never mixes tokenizers or sources: choose another --out, or pass --overwrite to replace it"
+            f"{out} already holds data prepared from another request ({request_changes(old['request'], request)}); "
+            "a prepared folder never mixes tokenizers or sources: choose another --out, or pass --overwrite"
         )
     _check_splits(source, val_fraction)
     created = not out.exists()
@@ -131,6 +134,27 @@ def prepare(
         if created and out.is_dir() and not any(out.iterdir()):  # a failed prepare leaves no empty folder behind
             out.rmdir()
     return manifest
+
+
+def request_changes(old: dict, new: dict, most: int = 3) -> str:
+    """What differs between two prepare requests, short: the input files that changed, appeared or went (a few by
+    name, then a count), or the settings (tokenizer, vocabulary, split) that differ."""
+    changes = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in ("tokenizer", "tokenizer_sha256",
+               "vocab_size", "val_fraction") if old.get(k) != new.get(k)]  # fmt: skip
+    before, after = old.get("source", {}), new.get("source", {})
+    files = {k: {f["path"]: f.get("sha256") for f in before.get(k, [])} for k in ("files", "documents")}
+    now = {k: {f["path"]: f.get("sha256") for f in after.get(k, [])} for k in ("files", "documents")}
+    paths = []
+    for k in ("files", "documents"):
+        a, b = files[k], now[k]
+        paths += [f"{p} changed" for p in b if p in a and a[p] != b[p]]
+        paths += [f"{p} is new" for p in b if p not in a] + [f"{p} is gone" for p in a if p not in b]
+    if paths:
+        changes += paths[:most] + ([f"and {len(paths) - most:,} more files"] if len(paths) > most else [])
+    elif not changes:
+        keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        changes = [f"source {k}: {before.get(k)!r} then, {after.get(k)!r} now" for k in keys[:most]]
+    return "; ".join(changes) or "the request differs"
 
 
 def _check_splits(source: StorySource, val_fraction: float) -> None:
