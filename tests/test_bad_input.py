@@ -7,6 +7,7 @@ import pickle
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import SafetensorError
@@ -286,19 +287,37 @@ def test_a_resume_that_fails_to_load_leaves_run_json_as_it_was(run: Path, data: 
     assert (copy / "run.json").read_text() == before
 
 
-def test_a_huge_single_story_is_refused_before_training_a_tokenizer_and_leaves_no_folder(
+def test_one_story_is_refused_before_training_and_a_huge_one_is_prepared_in_pieces(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import time
+    """A file of one short story is refused by counting stories (no tokenizer trained, no folder left); one of
+    10.8 MB on one line (a log, a generated file) is cut at line ends, mid-line where one line is that long, into
+    stories of at most 1M characters, recorded in the manifest, and nothing of its text is lost."""
+    from moemla.data.sources import PIECE_CHARS
 
-    text = tmp_path / "one-line.txt"
-    text.write_text("the cat sat on the mat and " * 400_000)  # 10.8 MB on one line: one story
-    start = time.perf_counter()
-    assert main(["prepare", "--text", str(text), "--out", str(tmp_path / "out")]) == 1
-    assert time.perf_counter() - start < 30  # refused by counting stories, not after tokenizing 10 MB
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat on the mat and " * 40)
+    assert main(["prepare", "--text", str(short), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert "only 1 story" in err and "blank lines" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+    text = tmp_path / "one-line.txt"
+    line = "the cat sat on the mat and " * 400_000
+    text.write_text(line + "\n")
+    argv = ["prepare", "--text", str(text), "--vocab-size", "300", "--val-fraction", "0.3"]
+    argv += ["--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    pieces = manifest["long_stories"]["pieces"]
+    assert manifest["long_stories"]["stories"] == 1
+    assert len(line) / PIECE_CHARS / 1.1 < pieces <= len(line) / PIECE_CHARS + 1
+    assert sum(manifest["splits"][s]["stories"] for s in ("train", "val")) == pieces
+    from moemla.data.shards import PreparedData
+
+    data = PreparedData.open(tmp_path / "out")
+    tok = data.tokenizer()
+    chars = sum(len(tok.decode(np.asarray(sh).tolist())) for s in ("train", "val") for sh in data.shards(s))
+    assert chars == len(line.strip())  # every character is in a piece (the end-of-text tokens decode to nothing)
 
 
 def test_eval_of_a_nan_model_exits_1_with_one_line(run: Path, tmp_path: Path, capsys) -> None:

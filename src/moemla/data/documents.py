@@ -12,6 +12,7 @@ while it is prepared stops the command instead of being recorded wrongly.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import hashlib
 import os
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moemla.data.sources import DataError, StorySource
+from moemla.data.sources import DataError, StorySource, bounded, raw_lines
 
 GLOB_CHARS = set("*?[")
 OWN_FORMAT = (".jsonl", ".parquet")  # a story per record, in a folder as when named directly
@@ -149,17 +150,24 @@ def find_documents(
 
 
 def document_source(documents: dict[Path, str]) -> StorySource:
-    """Each file's whole text as one document, in a fixed (sorted) order; its bytes must still be those whose
-    sha256 the scan recorded."""
+    """Each file's whole text as one document (a long one in Pieces, read a line at a time), in a fixed (sorted)
+    order; its bytes must still be those whose sha256 the scan recorded."""
+
+    def lines(path: Path, digest: str) -> Iterator[str]:
+        sha, decode = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")().decode
+        try:
+            with path.open("rb") as f:
+                for raw in raw_lines(f):
+                    sha.update(raw)
+                    yield decode(raw, final=False)
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) else "not UTF-8 any more"
+            raise DataError(f"{path} can no longer be read ({why}); run the command again") from None
+        if sha.hexdigest() != digest:
+            raise DataError(f"{path} changed while it was being prepared; run the command again once it is done")
 
     def read() -> Iterator[str]:
         for path, digest in documents.items():
-            try:
-                data = path.read_bytes()
-            except OSError as err:
-                raise DataError(f"{path} can no longer be read ({err.strerror}); run the command again") from None
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise DataError(f"{path} changed while it was being prepared; run the command again once it is done")
-            yield data.decode("utf-8").strip()
+            yield from bounded(lines(path, digest))
 
     return read

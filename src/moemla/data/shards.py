@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moemla.data.sources import DataError, StorySource
+from moemla.data.sources import PIECE_CHARS, DataError, Piece, StorySource
 from moemla.data.tokenizer import digest, eot_id, load_tokenizer, train_bpe
 from moemla.progress import Progress
 
 FORMAT = 1
 SPLITS = ("train", "val")
 BPE_SAMPLE_CHARS = 50_000_000  # the BPE is trained on at most this much training text
+BATCH_CHARS = 8_000_000  # characters tokenized in one encode_batch at most (its encodings hold ~100 B per token)
 
 
 def is_val(index: int, val_fraction: float) -> bool:
@@ -182,6 +183,7 @@ def _write_shards(
     dtype = _dtype(tok.get_vocab_size())
     writers = {s: _ShardWriter(folder, s, dtype, shard_tokens) for s in SPLITS}
     texts: list[tuple[int, str]] = []
+    cut = {"stories": 0, "pieces": 0}  # stories longer than PIECE_CHARS, and the pieces they were cut into
 
     def flush() -> None:
         for (i, _), enc in zip(texts, tok.encode_batch([t for _, t in texts]), strict=True):  # parallel in Rust
@@ -189,11 +191,17 @@ def _write_shards(
         texts.clear()
 
     with Progress("tokenizing", unit="stories") as bar:
+        chars = 0
         for i, text in enumerate(source()):
             texts.append((i, text))
-            if len(texts) >= chunk:
+            chars += len(text)
+            if isinstance(text, Piece):
+                cut["stories"] += text.first
+                cut["pieces"] += 1
+            if len(texts) >= chunk or chars >= BATCH_CHARS:  # bounded in stories and in characters
+                bar.advance(len(texts))
                 flush()
-                bar.advance(chunk)
+                chars = 0
         flush()
     for w in writers.values():
         w.close()
@@ -210,6 +218,7 @@ def _write_shards(
         "tokenizer": {"vocab_size": tok.get_vocab_size(), "eot_id": eot, "sha256": digest(tok)},
         "dtype": dtype.name,
         "splits": splits,
+        "long_stories": {"max_chars": PIECE_CHARS, **cut},  # cut at line ends into stories of at most max_chars
     }
 
 

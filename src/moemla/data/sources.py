@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from moemla.data import corpus
 
@@ -19,40 +21,97 @@ class DataError(ValueError):
 
 StorySource = Callable[[], Iterator[str]]  # called once per pass (tokenizer training, then sharding)
 
+# A story (a document, a .txt file without blank lines) longer than this many characters is cut at line ends into
+# stories of about this size, so that reading, BPE training and tokenizing hold one piece at a time: one 50 MB
+# document once took 9 GB, and a 200 MB one ran out of memory. Each piece is a `Piece`; the manifest counts them.
+PIECE_CHARS = 1_000_000
+LINE_BYTES = 1 << 20  # a line longer than this is read (and cut) in parts of this size
+
+
+class Piece(str):
+    """Part of a story longer than PIECE_CHARS, cut at a line end (mid-line only where one line is longer)."""
+
+    first: bool = False  # the first piece of its story
+
+
+def _piece(text: str, first: bool) -> Piece:
+    piece = Piece(text)
+    piece.first = first
+    return piece
+
+
+def raw_lines(f: BinaryIO) -> Iterator[bytes]:
+    """The file's lines as bytes, a line longer than LINE_BYTES in parts (only the last part ends in a newline)."""
+    while raw := f.readline(LINE_BYTES):
+        yield raw
+
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a UTF-8 text file; anything else is a DataError naming the file and line."""
+    """(line number, text) of a UTF-8 text file, a long line in several parts with one number; anything else is a
+    DataError naming the file and line."""
+    decode = codecs.getincrementaldecoder("utf-8")().decode  # a part may end inside a character
     with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
+        n = 1
+        for raw in raw_lines(f):
             if b"\0" in raw:
                 raise DataError(f"{path}:{n}: NUL bytes; this is a binary file, not text: pass UTF-8 text files")
             try:
-                yield n, raw.decode("utf-8")
+                yield n, decode(raw)
             except UnicodeDecodeError as err:
                 raise DataError(
                     f"{path}:{n}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); convert "
                     f"the file first, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}"
                 ) from None
+            n += raw.endswith(b"\n")
+        try:
+            decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{n}: the file ends inside a UTF-8 character; is it cut short?") from None
+
+
+def bounded(lines: Iterator[str]) -> Iterator[str]:
+    """One story's lines as its text: whole (stripped) when under PIECE_CHARS, else as Pieces cut at line ends."""
+    buf: list[str] = []
+    size, first = 0, True
+    for line in lines:
+        buf.append(line)
+        size += len(line)
+        if size >= PIECE_CHARS:
+            text = "".join(buf)
+            yield _piece(text.lstrip() if first else text, first)
+            buf, size, first = [], 0, False
+    text = "".join(buf)
+    if first:
+        if text.strip():
+            yield text.strip()
+    elif text.strip():
+        yield _piece(text.rstrip(), False)
 
 
 def _txt_stories(path: Path) -> Iterator[str]:
-    """Stories separated by <|endoftext|> lines, or by blank lines when the file has no such marker."""
+    """Stories separated by <|endoftext|> lines, or by blank lines when the file has no such marker (a story
+    longer than PIECE_CHARS in pieces)."""
     with path.open("rb") as f:
         by_marker = EOT.encode() in f.read(1 << 20)
-    lines: list[str] = []
-    for _, line in _text_lines(path):
-        if (EOT in line) if by_marker else not line.strip():
-            before, _, after = line.partition(EOT) if by_marker else ("", "", "")
-            lines.append(before)
-            text = "".join(lines).strip()
-            if text:
-                yield text
-            lines = [after.lstrip()] if after.strip() else []
-        else:
-            lines.append(line)
-    text = "".join(lines).strip()
-    if text:
-        yield text
+    lines = (line for _, line in _text_lines(path))
+    carry: list[str] = []  # what followed a marker on its line: the next story's start
+
+    def story() -> Iterator[str]:
+        yield from carry
+        carry.clear()
+        for line in lines:
+            if (EOT in line) if by_marker else not line.strip():
+                before, _, after = line.partition(EOT) if by_marker else ("", "", "")
+                yield before
+                if after.strip():
+                    carry.append(after.lstrip())
+                return
+            yield line
+        done.append(True)
+
+    done: list[bool] = []
+    while not done:
+        yield from bounded(story())
 
 
 def _jsonl_stories(path: Path) -> Iterator[str]:
