@@ -25,7 +25,7 @@ from moemla.progress import Progress
 FORMAT = 1
 SPLITS = ("train", "val")
 BPE_SAMPLE_CHARS = 50_000_000  # the BPE is trained on at most this much training text
-BATCH_CHARS = 8_000_000  # characters tokenized in one encode_batch at most (its encodings hold ~100 B per token)
+BATCH_CHARS = 2_000_000  # characters tokenized in one encode_batch at most (its encodings take ~300 B per token)
 
 
 def is_val(index: int, val_fraction: float) -> bool:
