@@ -251,6 +251,14 @@ def test_unreadable_and_changing_files_are_counted_or_stopped(tmp_path: Path, mo
     changed.write_text("edited while preparing\n")
     with pytest.raises(DataError, match=r"note3\.txt changed while it was being prepared"):
         list(document_source(found.documents)())
+    # a file named directly (.txt, .jsonl): its bytes are hashed as they are read and checked against the record
+    from moemla.data.prepare import file_identity
+
+    recorded = file_identity(changed)["sha256"]
+    assert list(file_source([changed], {changed: recorded})()) == ["edited while preparing"]
+    changed.write_text("edited again\n")
+    with pytest.raises(DataError, match="changed while it was being prepared"):
+        list(file_source([changed], {changed: recorded})())
 
 
 def test_a_refusal_to_reuse_names_a_few_changed_files_and_the_tokenizer_by_content(

@@ -68,13 +68,15 @@ def _text_source(
         files += found.own_format
     if (include or exclude) and not any(is_document_input(t) for t in text):
         raise DataError("--include and --exclude filter folders and glob patterns; give one with --text")
-    sources = ([file_source(files)] if files else []) + ([document_source(docs)] if docs else [])
+    identities = [file_identity(p) for p in files]  # the bytes the read must find again
+    digests = {Path(p): ident["sha256"] for p, ident in zip(files, identities, strict=True)}
+    sources = ([file_source(files, digests)] if files else []) + ([document_source(docs)] if docs else [])
 
     def read() -> Iterator[str]:
         for source in sources:
             yield from source()
 
-    description: dict[str, object] = {"dataset": "text", "files": [file_identity(p) for p in files]}
+    description: dict[str, object] = {"dataset": "text", "files": identities}
     if docs:  # one document per file, identified by the bytes the scan read (and the read checks)
         description["documents"] = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": digest}
                                      for p, digest in docs.items()]  # fmt: skip

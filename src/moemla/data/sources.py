@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 from moemla.data import corpus
 
@@ -46,13 +50,15 @@ def raw_lines(f: BinaryIO) -> Iterator[bytes]:
         yield raw
 
 
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _text_lines(path: Path, sha: Hash | None = None) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 text file, a long line in several parts with one number; anything else is a
-    DataError naming the file and line."""
+    DataError naming the file and line. `sha` hashes the bytes read."""
     decode = codecs.getincrementaldecoder("utf-8")().decode  # a part may end inside a character
     with path.open("rb") as f:
         n = 1
         for raw in raw_lines(f):
+            if sha is not None:
+                sha.update(raw)
             if b"\0" in raw:
                 raise DataError(f"{path}:{n}: NUL bytes; this is a binary file, not text: pass UTF-8 text files")
             try:
@@ -88,12 +94,12 @@ def bounded(lines: Iterator[str]) -> Iterator[str]:
         yield _piece(text.rstrip(), False)
 
 
-def _txt_stories(path: Path) -> Iterator[str]:
+def _txt_stories(path: Path, sha: Hash | None = None) -> Iterator[str]:
     """Stories separated by <|endoftext|> lines, or by blank lines when the file has no such marker (a story
     longer than PIECE_CHARS in pieces)."""
     with path.open("rb") as f:
         by_marker = EOT.encode() in f.read(1 << 20)
-    lines = (line for _, line in _text_lines(path))
+    lines = (line for _, line in _text_lines(path, sha))
     carry: list[str] = []  # what followed a marker on its line: the next story's start
 
     def story() -> Iterator[str]:
@@ -114,8 +120,8 @@ def _txt_stories(path: Path) -> Iterator[str]:
         yield from bounded(story())
 
 
-def _jsonl_stories(path: Path) -> Iterator[str]:
-    for n, line in _text_lines(path):
+def _jsonl_stories(path: Path, sha: Hash | None = None) -> Iterator[str]:
+    for n, line in _text_lines(path, sha):
         if not line.strip():
             continue
         try:
@@ -128,7 +134,7 @@ def _jsonl_stories(path: Path) -> Iterator[str]:
             yield text.strip()
 
 
-def _parquet_stories(path: Path) -> Iterator[str]:
+def _parquet_stories(path: Path, sha: Hash | None = None) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -142,8 +148,9 @@ def _parquet_stories(path: Path) -> Iterator[str]:
                 yield text.strip()
 
 
-def file_source(paths: Sequence[str | Path]) -> StorySource:
-    """Stories from local .txt / .jsonl / .parquet files, checked up front."""
+def file_source(paths: Sequence[str | Path], digests: dict[Path, str] | None = None) -> StorySource:
+    """Stories from local .txt / .jsonl / .parquet files, checked up front. With `digests` (path -> the sha256
+    recorded for it), a .txt or .jsonl whose bytes read differ (it changed meanwhile) stops the read."""
     files = [Path(p) for p in paths]
     if not files:
         raise DataError("no input files given")
@@ -160,7 +167,10 @@ def file_source(paths: Sequence[str | Path]) -> StorySource:
 
     def read() -> Iterator[str]:
         for p in files:
-            yield from readers[p.suffix](p)
+            sha = hashlib.sha256() if digests and p.suffix != ".parquet" else None
+            yield from readers[p.suffix](p, sha)
+            if sha is not None and sha.hexdigest() != digests[p]:  # type: ignore[index]
+                raise DataError(f"{p} changed while it was being prepared; run the command again once it is done")
 
     return read
 
