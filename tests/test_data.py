@@ -235,14 +235,14 @@ def test_unreadable_and_changing_files_are_counted_or_stopped(tmp_path: Path, mo
 
     tree = _tree(tmp_path / "notes")
     broken = tree / "part2" / "note2.txt"
-    real = Path.read_bytes
+    real = Path.open
 
-    def read_bytes(self: Path) -> bytes:
+    def opener(self: Path, *args: object, **kw: object) -> object:
         if self == broken:
             raise OSError(5, "Input/output error")
-        return real(self)
+        return real(self, *args, **kw)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", opener)
     found = find_documents(str(tree))
     assert found.unreadable == 1 and len(found.documents) == 39 and "1 unreadable" in found.skipped()
     monkeypatch.undo()

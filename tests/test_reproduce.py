@@ -8,7 +8,7 @@ from moemla.config import VARIANTS, ConfigError, ModelConfig
 from moemla.data.shards import prepare
 from moemla.data.sources import builtin_source
 from moemla.experiments.claims import _quality
-from moemla.experiments.reproduce import add_bits_per_byte, reproduce, summarize
+from moemla.experiments.reproduce import reproduce, summarize
 from moemla.experiments.tables import relative_improvement, table5_specs
 
 
@@ -35,11 +35,10 @@ def test_table4_sweep_runs_reports_and_resumes(data: Path, tmp_path: Path) -> No
     saved = json.loads((tmp_path / "t4" / "results.json").read_text())
     assert len(saved["runs"]) == 8 and all(r["bits_per_byte"] > 0 for r in saved["runs"])
     assert "bits/byte" in md
-    # tables recorded before bits per byte get it from their loss and data: the value training measured
-    measured = [r.pop("bits_per_byte") for r in saved["runs"]]
-    assert add_bits_per_byte(saved)
-    assert [r["bits_per_byte"] for r in saved["runs"]] == pytest.approx(measured, rel=1e-9)
-    assert not add_bits_per_byte(saved)  # nothing left to fill in
+    # `reproduce summary` reads the tables and writes summary.md; it rewrites no results.json
+    before = {p: p.read_bytes() for p in tmp_path.rglob("results.json")}
+    summarize(tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("results.json")} == before
     # a second call finds every run finished and trains nothing
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "t4" / "runs").glob("*/checkpoints/latest")}
     log.clear()
@@ -353,21 +352,6 @@ def test_routing_tests_each_top_p_seed_against_its_own_seeds_top_k_curve() -> No
     one_seed = routing_markdown([row(r["name"], r["active_experts_by_seed"][:1], r["val_ppl_by_seed"][:1])  # type: ignore[index]
                                  for r in [*fixed, dyn]])  # fmt: skip
     assert one_seed.splitlines()[-3].split("|")[11].strip() == "-"
-
-
-def test_training_time_is_filled_in_only_from_the_run_recorded(tmp_path: Path) -> None:
-    """A table recorded before training times were gets them from its runs' folders, unless a folder now holds
-    another run (a new sweep into the same --out, still under way): its time would be another run's."""
-    from moemla.experiments.reproduce import add_train_seconds
-
-    for name, last_val in (("same", 2.5), ("other", 3.9)):
-        (tmp_path / name).mkdir()
-        records = [{"split": "train", "elapsed_s": 90.0}, {"split": "val", "val_loss": last_val}]
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = {"runs": [{"run": str(tmp_path / n), "val_loss": 2.5} for n in ("same", "other", "gone")]}
-    assert add_train_seconds(result)
-    assert [r.get("train_seconds") for r in result["runs"]] == [90.0, None, None]
-    assert not add_train_seconds(result)  # nothing more to fill
 
 
 def test_a_subset_of_rows_leaves_what_it_cannot_compare_not_measured() -> None:

@@ -105,14 +105,23 @@ class Found:
 
 
 def _text_digest(path: Path) -> str | None:
-    """sha256 of a UTF-8 text file's bytes; None for binary or empty text. OSError when it cannot be read."""
-    data = path.read_bytes()
-    if b"\0" in data:
-        return None
+    """sha256 of a UTF-8 text file's bytes, read in blocks (a 1 GB document must not be held whole); None for
+    binary or empty text. OSError when it cannot be read."""
+    sha, decode, text = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")().decode, False
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            if b"\0" in block:
+                return None
+            try:
+                text = text or bool(decode(block).strip())
+            except UnicodeDecodeError:
+                return None
+            sha.update(block)
     try:
-        return hashlib.sha256(data).hexdigest() if data.decode("utf-8").strip() else None
+        decode(b"", final=True)
     except UnicodeDecodeError:
         return None
+    return sha.hexdigest() if text else None
 
 
 def find_documents(

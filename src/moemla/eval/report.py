@@ -9,15 +9,8 @@ from itertools import combinations
 from pathlib import Path
 
 from moemla.eval.judge import DIMENSIONS, RUBRIC
-
-# Table 8 (12L-1024d models, 100 samples, GPT-4): variant -> (grammar, creativity, coherence, overall) as mean, std
-PAPER_TABLE8 = {
-    "mha": {"grammar": (7.1, 0.8), "creativity": (5.9, 1.2), "coherence": (5.6, 1.1), "overall": (6.2, 0.9)},
-    "mla-rope": {"grammar": (7.8, 0.7), "creativity": (7.2, 1.0), "coherence": (7.3, 0.9), "overall": (7.4, 0.8)},
-    "moe-mha": {"grammar": (7.5, 0.7), "creativity": (6.8, 1.0), "coherence": (6.9, 0.9), "overall": (7.1, 0.8)},
-    "moe-mla-rope": {"grammar": (8.2, 0.6), "creativity": (7.9, 0.8), "coherence": (8.1, 0.7), "overall": (8.1, 0.7)},
-}
-PAPER_SPLIT_HALF = 0.87
+from moemla.paper import JUDGE_SPLIT_HALF as PAPER_SPLIT_HALF
+from moemla.paper import TABLE8 as PAPER_TABLE8
 
 # scores[model][dimension][sample index] = score; samples share an index (same prompt, same seed) across models
 Scores = dict[str, dict[str, dict[int, int]]]

@@ -20,6 +20,21 @@ from dataclasses import dataclass
 
 from moemla.experiments.rows import paired_p_value
 from moemla.experiments.tables import PAPER_TABLE4, paired_sizes, relative_improvement
+from moemla.paper import (
+    ACTIVE_PARAMS_CUT,
+    KV_CACHE_CUT,
+    LOSS_GAIN,
+    compression_costs,
+    compression_text,
+    decode_speedup,
+    granularity_text,
+    judged_text,
+    ppl_gain,
+    scaling_text,
+    synergy_text,
+)
+
+KV_TEXT = f"MLA at r = d/2 cuts the KV cache by {KV_CACHE_CUT:.0%} (abstract, §5.4)"
 
 Row = dict[str, object]
 Results = dict[str, dict]  # table name -> its results.json
@@ -108,7 +123,7 @@ def _number(text: str, paper: float, ours: float, fmt: str, why: str, unit: str 
 def _judged_best(t8: dict[str, Row] | None) -> Claim:
     """Table 8: MoE-MLA-RoPE gets the highest mean judge score of the four variants, dimension by dimension."""
     text = "an LLM judge scores MoE-MLA-RoPE's stories highest of the four variants on every dimension (Table 8)"
-    paper = "grammar 8.2, creativity 7.9, coherence 8.1, overall 8.1: best on all four"
+    paper = judged_text()
     if t8 is None or not all(r.get("judge") for r in t8.values()):
         return Claim(
             text, paper, "-", "not measured", "run `moemla reproduce table8 --endpoint URL --judge-model NAME`"
@@ -124,7 +139,10 @@ def _judged_best(t8: dict[str, Row] | None) -> Claim:
 def _matched_claims(t2: dict[str, Row] | None) -> list[Claim]:
     """Table 2 (parameter-matched): quality, synergy, active parameters, KV cache."""
     claims: list[Claim] = []
-    for metric, gain, use_loss in (("validation loss", 0.069, True), ("perplexity", 0.135, False)):
+    for metric, gain, use_loss in (
+        ("validation loss", LOSS_GAIN["table2"], True),
+        ("perplexity", ppl_gain("table2"), False),
+    ):
         text = f"parameter-matched: MoE-MLA-RoPE improves {metric} over MHA (abstract, Table 2)"
         claims.append(_quality_or_missing(text, gain, t2, use_loss, "table2"))
     if t2 and all(v in t2 for v in ("mla", "moe-mha", "moe-mla-rope")):  # a subset (--rows) may lack them
@@ -137,16 +155,18 @@ def _matched_claims(t2: dict[str, Row] | None) -> list[Claim]:
             ))  # fmt: skip
         ratio = t2["moe-mla-rope"]["active_params"] / t2["mha"]["active_params"]  # type: ignore[operator]
         claims.append(_number(
-            "MoE-MLA-RoPE uses 42% fewer active parameters at equal total parameters (Table 2)", 0.42, 1 - ratio, ".0%",
+            f"MoE-MLA-RoPE uses {ACTIVE_PARAMS_CUT:.0%} fewer active parameters at equal total parameters (Table 2)",
+            ACTIVE_PARAMS_CUT, 1 - ratio, ".0%",
             "active = shared + top-k experts + attention + embeddings; depends on how the matching shrinks the experts",
         ))  # fmt: skip
         kv = 1 - t2["moe-mla-rope"]["kv_cache_bytes_per_token"] / t2["mha"]["kv_cache_bytes_per_token"]  # type: ignore[operator]
         claims.append(_number(
-            "MLA at r = d/2 cuts the KV cache by 68% (abstract, §5.4)", 0.68, kv, ".0%",
-            "with separate K and V latents of rank d/2 the cache is exactly half of MHA's; 68% would need r = 0.32 d",
+            KV_TEXT, KV_CACHE_CUT, kv, ".0%",
+            f"with separate K and V latents of rank d/2 the cache is exactly half of MHA's; {KV_CACHE_CUT:.0%} would "
+            f"need r = {1 - KV_CACHE_CUT:.2f} d",
         ))  # fmt: skip
     else:
-        claims.append(_missing("MLA at r = d/2 cuts the KV cache by 68% (abstract, §5.4)", "68%", "table2"))
+        claims.append(_missing(KV_TEXT, f"{KV_CACHE_CUT:.0%}", "table2"))
     return claims
 
 
@@ -160,7 +180,7 @@ def _synergy(t2: dict[str, Row]) -> Claim:
     verdict, sig, why = _tested(mean(margins) > 0, [paired_p_value(margins, zero)], len(margins))
     return Claim(
         "MoE and MLA are synergistic: the combination beats the sum of MLA alone and MoE alone (§6)",
-        "MLA -5.0%, MoE +5.3%, both +13.5%",
+        synergy_text(),
         f"MLA {mean(mla):+.1%}, MoE {mean(moe):+.1%}, both {mean(both):+.1%}{sig}",
         verdict, why or "gains are perplexity reductions vs MHA; the test is on the per-seed margin", len(margins),
     )  # fmt: skip
@@ -169,7 +189,10 @@ def _synergy(t2: dict[str, Row]) -> Claim:
 def _flop_matched_claims(t3: dict[str, Row] | None) -> list[Claim]:
     """Table 3 (FLOP-matched): quality and decode speed."""
     claims: list[Claim] = []
-    for metric, gain, use_loss in (("validation loss", 0.111, True), ("perplexity", 0.179, False)):
+    for metric, gain, use_loss in (
+        ("validation loss", LOSS_GAIN["table3"], True),
+        ("perplexity", ppl_gain("table3"), False),
+    ):
         text = f"FLOP-matched: MoE-MLA-RoPE improves {metric} over MHA (abstract, Table 3)"
         claims.append(_quality_or_missing(text, gain, t3, use_loss, "table3"))
     if t3 and "mha-rope" in t3:  # our control at equal FLOPs: does MoE-MLA-RoPE gain more than RoPE alone?
@@ -177,16 +200,16 @@ def _flop_matched_claims(t3: dict[str, Row] | None) -> list[Claim]:
             "(our control, not a paper claim) FLOP-matched: MoE-MLA-RoPE beats dense MHA with the same RoPE and FLOPs",
             0.0, t3["moe-mla-rope"], t3["mha-rope"], False,
         ))  # fmt: skip
-    text = "MoE-MLA-RoPE decodes 3.2x faster than MHA (abstract, Table 3)"
+    text = f"MoE-MLA-RoPE decodes {decode_speedup():g}x faster than MHA (abstract, Table 3)"
     if t3 and t3["moe-mla-rope"].get("decode_speedup_vs_mha") is not None:
         r = t3["moe-mla-rope"]
         claims.append(_number(
-            text, 3.2, float(r["decode_speedup_vs_mha"]), ".2f",  # type: ignore[arg-type]
+            text, decode_speedup(), float(r["decode_speedup_vs_mha"]), ".2f",  # type: ignore[arg-type]
             f"measured with `moemla bench` settings: {r['decode_setting']}; see BENCHMARKS.md for other batches",
             "x",
         ))  # fmt: skip
     else:
-        claims.append(_missing(text, "3.2x", "table3"))
+        claims.append(_missing(text, f"{decode_speedup():g}x", "table3"))
     return claims
 
 
@@ -205,11 +228,11 @@ def _compression_claims(t4: dict[str, Row] | None) -> list[Claim]:
         ours = ", ".join(f"{n} {c:+.1%}" for n, c in cost.items()) + sig
         rule = "rule: 2:1 within 1% of 1:1 and the 2:1 -> 4:1 step at least twice the 1:1 -> 2:1 step"
         claims.append(Claim(
-            text, "1:1 +0.0%, 2:1 +0.6%, 4:1 +7.7%, 8:1 +21%", ours, verdict, f"{why}; {rule}" if why else rule,
+            text, compression_text(), ours, verdict, f"{why}; {rule}" if why else rule,
             int(t4["2:1"]["seeds"]),  # type: ignore[call-overload]
         ))  # fmt: skip
     else:
-        claims.append(_missing(text, "2:1 +0.6%", "table4"))
+        claims.append(_missing(text, f"2:1 {compression_costs()['2:1']:+.1%}", "table4"))
     return claims
 
 
@@ -226,7 +249,7 @@ def _granularity_claims(t5: dict[str, Row] | None) -> list[Claim]:
         verdict, sig, why = _tested(best["name"] == "fine", ps, seeds, f"; fine vs {others}:")
         ours = ", ".join(f"{n} {r['val_ppl_mean']:.3f}" for n, r in t5.items()) + sig
         claims.append(Claim(
-            text, "coarse 8.234, standard 7.812, fine 7.388", ours, verdict, why,
+            text, granularity_text(), ours, verdict, why,
             seeds,
         ))  # fmt: skip
     else:
@@ -244,7 +267,7 @@ def _scaling_claims(t7: dict[str, Row] | None) -> list[Claim]:
         gains = [-relative_improvement(moe, mha)[0] for _, mha, moe in pairs]
         ours = ", ".join(f"{p} {g:.1%}" for p, g in zip(presets, gains, strict=True))
         if len(presets) < 2:
-            claims.append(Claim(text, "7.2% -> 13.3%", ours, "not measured", "needs 2+ sizes"))
+            claims.append(Claim(text, scaling_text(), ours, "not measured", "needs 2+ sizes"))
         else:
             # with seeds, each size's gain must exceed the size below's by a paired test over seeds
             per_seed = [_gains(moe, mha) for _, mha, moe in pairs]
@@ -253,10 +276,10 @@ def _scaling_claims(t7: dict[str, Row] | None) -> list[Claim]:
             seeds = min(len(g) for g in per_seed)
             verdict, sig, why = _tested(grows, ps, seeds, "; each step:")
             claims.append(Claim(
-                text, "7.2% -> 13.3%", ours + sig, verdict, why or "perplexity reduction per size", seeds,
+                text, scaling_text(), ours + sig, verdict, why or "perplexity reduction per size", seeds,
             ))  # fmt: skip
     else:
-        claims.append(_missing(text, "7.2% -> 13.3%", "table7"))
+        claims.append(_missing(text, scaling_text(), "table7"))
     return claims
 
 

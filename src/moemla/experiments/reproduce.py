@@ -4,7 +4,6 @@ TABLE.md beside the paper's numbers, results.json, figures and summary.md (the c
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,18 +13,12 @@ from moemla.config import SIZES, ConfigError, ModelConfig
 from moemla.data.prepare import prepare_data
 from moemla.data.shards import PreparedData
 from moemla.data.sources import DataError
-from moemla.data.tokenizer import token_bytes
-from moemla.eval.perplexity import bits_per_byte, window_bytes
 from moemla.experiments import claims, figures, summary
 from moemla.experiments.rows import SEQ_LEN, base_row
-from moemla.experiments.sweep import RunSpec, aggregate, copied_from, restated, run_sweep, train_seconds
+from moemla.experiments.sweep import RunSpec, aggregate, restated, run_sweep
 from moemla.experiments.tables import (
-    PAPER_TABLE4,
-    PAPER_TABLE7,
     TABLES,
-    paired_sizes,
     params_note,
-    relative_improvement,
 )
 from moemla.runs import RunFolder
 from moemla.train.config import TrainConfig
@@ -171,24 +164,6 @@ def _trained_on(runs: list[dict]) -> str:
     return f"; trained on {found}" if found else ""
 
 
-def add_bits_per_byte(result: dict) -> bool:
-    """Fill in bits per byte for runs recorded before it was measured: the recorded validation loss over the
-    text bytes of the same validation windows, when the table's data folder is at hand. True if anything changed."""
-    missing = [r for r in result["runs"] if r.get("bits_per_byte") is None]
-    if not missing or not (Path(result["data"]) / "manifest.json").is_file():
-        return False
-    data, tc = PreparedData.open(result["data"]), TrainConfig.from_dict(result["train"])
-    tokens, n_bytes = window_bytes(
-        data.shards("val"), tc.seq_len, tc.micro_batch_size, tc.eval_tokens, token_bytes(data.tokenizer())
-    )
-    for r in missing:
-        r["bits_per_byte"] = bits_per_byte(float(r["val_loss"]) * tokens, n_bytes)
-    for row in result["summary"]:
-        values = [float(r["bits_per_byte"]) for r in result["runs"] if r["name"] == row["name"]]
-        row["bits_per_byte_mean"] = statistics.mean(values)
-    return True
-
-
 def _presets(preset: str, multi_size: bool) -> list[str]:
     names = [p.strip() for p in preset.split(",") if p.strip()]
     unknown = [p for p in names if p not in SIZES]
@@ -240,26 +215,18 @@ def _add_judgments(
 
 
 def _figures(table: str, rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
+    """Every table's loss and load-balance curves, then the table's own figures (Table.figures)."""
     paths = [figures.val_loss_curves(rows, out / "val_loss.png", f"{table}: validation loss")]
     cv = figures.load_cv_curves(rows, out / "load_cv.png", f"{table}: expert-load CV over training")
     paths += [cv] if cv else []
-    if table == "table4" and (full := base_row(summary, "1:1")) is not None:  # the trade-off is relative to 1:1
-        paths.append(figures.compression_tradeoff(summary, full, PAPER_TABLE4, out / "tradeoff.png"))
-    if table == "table7" and (pairs := paired_sizes(summary)):
-        points = []
-        for preset, mha, moe in pairs:
-            rel, half, _ = relative_improvement(moe, mha)
-            points.append((preset, float(mha["total_params"]), rel, half))  # type: ignore[arg-type]
-        paths.append(figures.scaling(points, PAPER_TABLE7, out / "scaling.png"))
-    return paths
+    own = TABLES[table].figures
+    return paths + (own(summary, out) if own else [])
 
 
 def summarize(results_dir: str | Path = "results") -> str:
-    """summary.md over every table found under results_dir (each folder's results.json), corpus by corpus.
-
-    A table whose runs predate bits per byte or the recorded training time gets them filled in (from its data
-    folder and its runs' own records, where at hand) and its report rewritten.
-    """
+    """summary.md over every table found under results_dir (each folder's results.json), corpus by corpus. It
+    reads the tables and writes only summary.md: no results.json is rewritten (the back-fills of tables recorded
+    before bits per byte and training times were a one-time migration, run on results/ and removed)."""
     root = Path(results_dir)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; give the results folder that `moemla reproduce TABLE --out` wrote")
@@ -274,8 +241,6 @@ def summarize(results_dir: str | Path = "results") -> str:
             ) from None
         if "table" not in res:
             continue
-        if add_bits_per_byte(res) | add_train_seconds(res):
-            write_report(path.parent, res)
         res["summary"] = restated(res)  # every mean and p-value over distinct runs, whatever wrote the file
         by_corpus.setdefault(summary.corpus(res), []).append({**res, "folder": path.parent.name})
     if by_corpus:
@@ -284,26 +249,3 @@ def summarize(results_dir: str | Path = "results") -> str:
         text = claims.markdown(claims.check({}), "no tables run yet")
     (Path(results_dir) / "summary.md").write_text(text)
     return text
-
-
-def add_train_seconds(result: dict) -> bool:
-    """Fill in each run's training time from its folder's metrics, for runs recorded before it was, and whether
-    --reuse copied it from another table (its time counted there). True if anything was filled in.
-
-    Only from the very run recorded (its last validation loss is the table's): the folder may since hold another
-    run, e.g. a longer sweep into the same --out that is still under way."""
-    changed = False
-    for r in result["runs"]:
-        folder = Path(str(r["run"]))
-        if (r.get("train_seconds") is not None and "copied_from" in r) or not (folder / "metrics.jsonl").is_file():
-            continue
-        metrics = RunFolder(folder).metrics()
-        val = [m["val_loss"] for m in metrics if m["split"] == "val"]
-        if not val or val[-1] != r["val_loss"]:
-            continue
-        if r.get("train_seconds") is None and train_seconds(metrics) is not None:
-            r["train_seconds"], changed = train_seconds(metrics), True
-        if "copied_from" not in r:
-            r["copied_from"] = copied_from(folder)
-            changed = changed or r["copied_from"] is not None
-    return changed
