@@ -68,6 +68,8 @@ def _text_source(
         files += found.own_format
     if (include or exclude) and not any(is_document_input(t) for t in text):
         raise DataError("--include and --exclude filter folders and glob patterns; give one with --text")
+    if files:
+        file_source(files)  # every named file checked first: missing, a folder, a type we do not read, empty
     identities = [file_identity(p) for p in files]  # the bytes the read must find again
     digests = {Path(p): ident["sha256"] for p, ident in zip(files, identities, strict=True)}
     sources = ([file_source(files, digests)] if files else []) + ([document_source(docs)] if docs else [])
