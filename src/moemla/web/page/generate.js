@@ -75,6 +75,7 @@ export class OnnxSession {
     this.vocab = manifest.config.vocab_size;
     this.past = [];
     this.length = 0;
+    this.runMs = 0; // time inside onnxruntime-web's session.run (the rest of a step is this page's JavaScript)
   }
 
   // ids (T,) after the cache -> logits (V,) of the last new position; the cache grows by T.
@@ -86,7 +87,9 @@ export class OnnxSession {
       logits_at: int64(ort, [ids.length - 1], [1, 1]),
     };
     this.cache.forEach((c, i) => { feed[c.past] = this.past[i]; });
+    const start = performance.now();
     const out = await this.session.run(feed);
+    this.runMs += performance.now() - start;
     this.past = this.cache.map((c) => out[c.present]);
     this.length += ids.length;
     return out.logits.data; // (1, 1, V) -> (V,)
@@ -109,7 +112,8 @@ export class OnnxSession {
 }
 
 // Generate up to settings.maxNewTokens tokens after the prompt's ids; onToken(id, ids) after each; stops at eos,
-// at the budget, or when shouldStop() says so. Returns {ids, ttftMs, decodeMs, reason}.
+// at the budget, or when shouldStop() says so. Returns {ids, ttftMs, decodeMs, runMs (of decodeMs, the time inside
+// onnxruntime-web), reason}.
 export async function generate(session, promptIds, settings, eos, { onToken = () => {}, shouldStop = () => false } = {}) {
   const budget = fit(promptIds.length, session.context, settings.maxNewTokens);
   const random = rng(settings.seed);
@@ -117,10 +121,11 @@ export async function generate(session, promptIds, settings, eos, { onToken = ()
   const start = performance.now();
   let logits = budget > 0 ? await session.prefill(promptIds) : null;
   let firstAt = null;
+  let runAtFirst = 0;
   let reason = "length";
   while (ids.length < budget) {
     const token = sample(logits, settings, random);
-    if (firstAt === null) firstAt = performance.now();
+    if (firstAt === null) [firstAt, runAtFirst] = [performance.now(), session.runMs];
     if (token === eos) { reason = "stop"; break; }
     ids.push(token);
     await onToken(token, ids);
@@ -129,7 +134,8 @@ export async function generate(session, promptIds, settings, eos, { onToken = ()
     logits = await session.step(token);
   }
   const end = performance.now();
-  return { ids, ttftMs: firstAt === null ? null : firstAt - start, decodeMs: firstAt === null ? 0 : end - firstAt, reason };
+  const decodeMs = firstAt === null ? 0 : end - firstAt;
+  return { ids, ttftMs: firstAt === null ? null : firstAt - start, decodeMs, runMs: session.runMs - runAtFirst, reason };
 }
 
 // Text of ids with an unfinished multi-byte character held back (it is shown once it is whole).
