@@ -65,6 +65,16 @@ def test_parquet_source(tmp_path: Path) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"text": ["A.", "B."]}), tmp_path / "x.parquet")
     assert list(file_source([tmp_path / "x.parquet"])()) == ["A.", "B."]
+    # with the sha256 recorded when it was scanned: a file changed since stops the read (pyarrow reads it whole,
+    # so it is hashed again right after)
+    from moemla.data.prepare import file_identity
+
+    path = tmp_path / "x.parquet"
+    recorded = {path: file_identity(path)["sha256"]}
+    assert list(file_source([path], recorded)()) == ["A.", "B."]
+    pq.write_table(pa.table({"text": ["C."]}), path)
+    with pytest.raises(DataError, match="changed while it was being prepared"):
+        list(file_source([path], recorded)())
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,8 @@ def _parquet_stories(path: Path, sha: Hash | None = None) -> Iterator[str]:
 
 def file_source(paths: Sequence[str | Path], digests: dict[Path, str] | None = None) -> StorySource:
     """Stories from local .txt / .jsonl / .parquet files, checked up front. With `digests` (path -> the sha256
-    recorded for it), a .txt or .jsonl whose bytes read differ (it changed meanwhile) stops the read."""
+    recorded for it), a file whose bytes differ (it changed meanwhile) stops the read: a .txt or .jsonl is hashed
+    as it is read, a .parquet (read by pyarrow) right after."""
     files = [Path(p) for p in paths]
     if not files:
         raise DataError("no input files given")
@@ -167,8 +168,12 @@ def file_source(paths: Sequence[str | Path], digests: dict[Path, str] | None = N
 
     def read() -> Iterator[str]:
         for p in files:
-            sha = hashlib.sha256() if digests and p.suffix != ".parquet" else None
+            sha = hashlib.sha256() if digests else None
             yield from readers[p.suffix](p, sha)
+            if sha is not None and p.suffix == ".parquet":  # pyarrow reads it: hash the file as it is after
+                with p.open("rb") as f:
+                    for block in iter(lambda f=f: f.read(1 << 20), b""):
+                        sha.update(block)
             if sha is not None and sha.hexdigest() != digests[p]:  # type: ignore[index]
                 raise DataError(f"{p} changed while it was being prepared; run the command again once it is done")
 
