@@ -34,6 +34,7 @@ from moemla.web.browser import browser, serving, why_no_browser
 from moemla.web.server import make_server
 
 PROMPT = "Once upon a time"
+ROOT_SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout, where present
 NEW = 24
 
 
@@ -202,12 +203,14 @@ def _node(script: str, *args: str) -> str:
 
 
 def test_the_pages_tokenizer_equals_the_python_tokenizer(web_exports: dict, tmp_path: Path) -> None:
+    """The page's tokenizer (tokenizers.js) encodes and decodes as the Python tokenizer: our trained BPE, and GPT-2's
+    (the presets' vocabulary) where ../shared/data holds it."""
     from tokenizers import Tokenizer
 
     folder = web_exports["mha"]
     texts = ["Once upon a time, there was a little girl named Lily.", "  two  spaces\n\nnew lines\tand a tab ",
              "émoji 😀 ünïcödé 日本語 ﬁ", "don't won't I'll 123 4567 3.14", "a\u00a0b \u2003c",
-             "<|endoftext|>Tom"]  # fmt: skip
+             "<|endoftext|>Tom", "def f(x):\n    return x ** 2  # a comment\n"]  # fmt: skip
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     script = f"""
 import {{ Tokenizer }} from "{(folder / "vendor/tokenizers/tokenizers.min.mjs").as_uri()}";
@@ -218,11 +221,13 @@ console.log(JSON.stringify(texts.map((t) => {{
   const ids = tok.encode(t, {{ add_special_tokens: false }}).ids;
   return [ids, tok.decode(ids, {{ skip_special_tokens: true }})];
 }})));"""
-    got = json.loads(_node(script, str(folder / "tokenizer.json"), str(tmp_path / "texts.json")))
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    for text, (ids, decoded) in zip(texts, got, strict=True):
-        assert ids == tok.encode(text).ids, text
-        assert decoded == tok.decode(ids), text
+    gpt2 = ROOT_SHARED / "data" / "gpt2" / "tokenizer.json"
+    for path in [folder / "tokenizer.json"] + ([gpt2] if gpt2.is_file() else []):
+        got = json.loads(_node(script, str(path), str(tmp_path / "texts.json")))
+        tok = Tokenizer.from_file(str(path))
+        for text, (ids, decoded) in zip(texts, got, strict=True):
+            assert ids == tok.encode(text).ids, (path, text)
+            assert decoded == tok.decode(ids), (path, text)
 
 
 def test_the_pages_fit_check_is_the_python_one(web_exports: dict) -> None:
