@@ -57,11 +57,6 @@ def run(argv: list[str], pythonpath: str | None = None) -> tuple[float, float, i
     return seconds, usage.ru_maxrss / 1024, proc.returncode
 
 
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes-mb", default="10,100,1000", help="input sizes in MB (10^6 bytes)")
@@ -92,6 +87,8 @@ def main() -> None:
                              "tokens": tokens, "exit": code, "long_stories": manifest.get("long_stories")})  # fmt: skip
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 subprocess.run(["rm", "-rf", str(root)], check=True)
+    from moemla.device import cpu_name
+
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores\n")
     print("| input | layout | exit | time s | peak RSS MiB | tokens | stories cut (pieces) |")
     print("|---:|---|---:|---:|---:|---:|---|")

@@ -26,11 +26,6 @@ import numpy as np
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play in the park with her friends."
 
 
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
 def tokenizer_file(root: Path) -> Path:
     """A 4,096-token BPE trained on the built-in corpus by `moemla prepare`."""
     data = root / "data"
@@ -129,6 +124,8 @@ def main() -> None:
                         }
                     )
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    from moemla.device import cpu_name
+
     print(f"CPU: {cpu_name()}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, best of {args.repeats}\n")
     print("| preset | variant | weights | threads | model MiB | browser decode tok/s | native decode tok/s | "
           "browser / native | in onnxruntime-web | browser TTFT ms | native TTFT ms |")  # fmt: skip

@@ -10,6 +10,18 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_name() -> str:
+    """The CPU's model name as `lscpu` prints it ("?" where lscpu is missing): benchmarks record it beside their
+    numbers, since our machines differ (AMD EPYC with AVX2, Intel Xeon with AVX-512 and AMX)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "?"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else the CPU; asking for CUDA where there is none is a one-line error."""
     if name == "auto":

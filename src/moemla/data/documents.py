@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moemla.data.sources import DataError, StorySource, bounded, raw_lines
+from moemla.data.sources import DataError, StorySource, bounded, text_lines
 
 GLOB_CHARS = set("*?[")
 OWN_FORMAT = (".jsonl", ".parquet")  # a story per record, in a folder as when named directly
@@ -163,15 +163,12 @@ def document_source(documents: dict[Path, str]) -> StorySource:
     order; its bytes must still be those whose sha256 the scan recorded."""
 
     def lines(path: Path, digest: str) -> Iterator[str]:
-        sha, decode = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")().decode
+        sha = hashlib.sha256()
         try:
-            with path.open("rb") as f:
-                for raw in raw_lines(f):
-                    sha.update(raw)
-                    yield decode(raw, final=False)
-        except (OSError, UnicodeDecodeError) as err:
-            why = err.strerror if isinstance(err, OSError) else "not UTF-8 any more"
-            raise DataError(f"{path} can no longer be read ({why}); run the command again") from None
+            for _, line in text_lines(path, sha):  # a file no longer UTF-8 text is named, with its line
+                yield line
+        except OSError as err:
+            raise DataError(f"{path} can no longer be read ({err.strerror}); run the command again") from None
         if sha.hexdigest() != digest:
             raise DataError(f"{path} changed while it was being prepared; run the command again once it is done")
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from moemla.data.documents import document_source, find_documents, is_document_input
 from moemla.data.shards import prepare
-from moemla.data.sources import DataError, StorySource, builtin_source, file_source, tinystories_source
+from moemla.data.sources import (
+    DataError,
+    StorySource,
+    builtin_source,
+    checked_files,
+    file_sha256,
+    file_source,
+    tinystories_source,
+)
 
 # the defaults of `moemla prepare`, the demo and `moemla reproduce`, in one place
 VOCAB_SIZE = 4096  # a byte-level BPE of a few thousand tokens: at small sizes GPT-2's 50,257 would be mostly embedding
@@ -69,7 +76,7 @@ def _text_source(
     if (include or exclude) and not any(is_document_input(t) for t in text):
         raise DataError("--include and --exclude filter folders and glob patterns; give one with --text")
     if files:
-        file_source(files)  # every named file checked first: missing, a folder, a type we do not read, empty
+        checked_files(files)  # before hashing: missing, a folder, a type we do not read, empty
     identities = [file_identity(p) for p in files]  # the bytes the read must find again
     digests = {Path(p): ident["sha256"] for p, ident in zip(files, identities, strict=True)}
     sources = ([file_source(files, digests)] if files else []) + ([document_source(docs)] if docs else [])
@@ -88,8 +95,4 @@ def _text_source(
 def file_identity(path: str | Path) -> dict[str, object]:
     """Path, size and content hash of an input file: a prepared folder is reused only for the same content."""
     p = Path(path)
-    digest = hashlib.sha256()
-    with p.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
+    return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)}

@@ -101,8 +101,9 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a folder to prepare the data into")
     request = {"source": description, "tokenizer": tokenizer, "vocab_size": vocab_size, "val_fraction": val_fraction}
-    if tokenizer not in ("bpe", "gpt2"):  # a tokenizer.json by path: its content is the identity, not its name
-        request["tokenizer_sha256"] = digest(load_tokenizer(tokenizer))
+    given = load_tokenizer(tokenizer) if tokenizer not in ("bpe", "gpt2") else None
+    if given is not None:  # a tokenizer.json by path: its content is the identity, not its name
+        request["tokenizer_sha256"] = digest(given)
     if (out / "manifest.json").exists() and not overwrite:
         old = json.loads((out / "manifest.json").read_text())
         if old["request"] == request:
@@ -120,6 +121,8 @@ def prepare(
         tok = (
             train_bpe(_train_texts(source, val_fraction), vocab_size)
             if tokenizer == "bpe"
+            else given
+            if given is not None
             else load_tokenizer(tokenizer)
         )
         manifest = _write_shards(source, tok, partial, val_fraction, shard_tokens, chunk)

@@ -44,13 +44,22 @@ def _piece(text: str, first: bool) -> Piece:
     return piece
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def raw_lines(f: BinaryIO) -> Iterator[bytes]:
     """The file's lines as bytes, a line longer than LINE_BYTES in parts (only the last part ends in a newline)."""
     while raw := f.readline(LINE_BYTES):
         yield raw
 
 
-def _text_lines(path: Path, sha: Hash | None = None) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path, sha: Hash | None = None) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 text file, a long line in several parts with one number; anything else is a
     DataError naming the file and line. `sha` hashes the bytes read."""
     decode = codecs.getincrementaldecoder("utf-8")().decode  # a part may end inside a character
@@ -99,7 +108,7 @@ def _txt_stories(path: Path, sha: Hash | None = None) -> Iterator[str]:
     longer than PIECE_CHARS in pieces)."""
     with path.open("rb") as f:
         by_marker = EOT.encode() in f.read(1 << 20)
-    lines = (line for _, line in _text_lines(path, sha))
+    lines = (line for _, line in text_lines(path, sha))
     carry: list[str] = []  # what followed a marker on its line: the next story's start
 
     def story() -> Iterator[str]:
@@ -121,7 +130,7 @@ def _txt_stories(path: Path, sha: Hash | None = None) -> Iterator[str]:
 
 
 def _jsonl_stories(path: Path, sha: Hash | None = None) -> Iterator[str]:
-    for n, line in _text_lines(path, sha):
+    for n, line in text_lines(path, sha):
         if not line.strip():
             continue
         try:
@@ -148,10 +157,8 @@ def _parquet_stories(path: Path, sha: Hash | None = None) -> Iterator[str]:
                 yield text.strip()
 
 
-def file_source(paths: Sequence[str | Path], digests: dict[Path, str] | None = None) -> StorySource:
-    """Stories from local .txt / .jsonl / .parquet files, checked up front. With `digests` (path -> the sha256
-    recorded for it), a file whose bytes differ (it changed meanwhile) stops the read: a .txt or .jsonl is hashed
-    as it is read, a .parquet (read by pyarrow) right after."""
+def checked_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The named input files, each one that exists, is a file of a type we read and is not empty."""
     files = [Path(p) for p in paths]
     if not files:
         raise DataError("no input files given")
@@ -164,17 +171,22 @@ def file_source(paths: Sequence[str | Path], digests: dict[Path, str] | None = N
             raise DataError(f"{p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
         if p.stat().st_size == 0:
             raise DataError(f"input file is empty: {p}")
+    return files
+
+
+def file_source(paths: Sequence[str | Path], digests: dict[Path, str] | None = None) -> StorySource:
+    """Stories from local .txt / .jsonl / .parquet files, checked up front. With `digests` (path -> the sha256
+    recorded for it), a file whose bytes differ (it changed meanwhile) stops the read: a .txt or .jsonl is hashed
+    as it is read, a .parquet (read by pyarrow) right after."""
+    files = checked_files(paths)
     readers = {".txt": _txt_stories, ".jsonl": _jsonl_stories, ".parquet": _parquet_stories}
 
     def read() -> Iterator[str]:
         for p in files:
-            sha = hashlib.sha256() if digests else None
+            parquet = p.suffix == ".parquet"  # pyarrow reads it: hashed as it is right after
+            sha = hashlib.sha256() if digests and not parquet else None
             yield from readers[p.suffix](p, sha)
-            if sha is not None and p.suffix == ".parquet":  # pyarrow reads it: hash the file as it is after
-                with p.open("rb") as f:
-                    for block in iter(lambda f=f: f.read(1 << 20), b""):
-                        sha.update(block)
-            if sha is not None and sha.hexdigest() != digests[p]:  # type: ignore[index]
+            if digests and (file_sha256(p) if parquet else sha.hexdigest()) != digests[p]:  # type: ignore[union-attr]
                 raise DataError(f"{p} changed while it was being prepared; run the command again once it is done")
 
     return read

@@ -100,13 +100,14 @@ def _check_same_run(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: Prep
     """A run found in the output folder must be this spec's run, or its numbers would be silently reused: the same
     model and data (RunFolder's "same run?" rule, as --resume) and the same training settings."""
     run = RunFolder.open(run_dir)
-    found = TrainConfig.from_dict(run.train_settings).to_dict()  # a field added since reads as its default
+    meta = run.meta  # run.json read once; model_differences and data_difference read it again, once each
+    found = TrainConfig.from_dict(meta["train"]).to_dict()  # a field added since reads as its default
+    stored, asked = ModelConfig.from_dict(meta["model"]).to_dict(), cfg.to_dict()
     wanted = {k: v for k, v in tc.to_dict().items() if k not in EXECUTION_ONLY}
-    differ = [f"model.{k}: {run.model_config.to_dict().get(k)!r} there, {cfg.to_dict()[k]!r} now"
-              for k in run.model_differences(cfg)]  # fmt: skip
+    differ = [f"model.{k}: {stored.get(k)!r} there, {asked[k]!r} now" for k in run.model_differences(cfg)]
     differ += [f"train.{k}: {found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v]
     if run.data_difference(data.tokenizer_sha256, data.sha256, data.root) is not None:
-        differ.append(f"data: {run.meta['data']['path']} there, {data.root} now")
+        differ.append(f"data: {meta['data']['path']} there, {data.root} now")
     if differ:
         raise ConfigError(
             f"{run_dir} holds a run with other settings ({'; '.join(differ[:3])}); "

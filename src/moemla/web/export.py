@@ -13,22 +13,22 @@ import shutil
 from pathlib import Path
 
 from moemla.inference.onnx import MANIFEST
-from moemla.inference.onnx.write import OnnxQuantize, check_exportable, replace_folder
+from moemla.inference.onnx.write import OnnxQuantize, check_exportable, file_sizes, replace_folder
 from moemla.runs.checkpoint import write_text_atomic
 from moemla.web import PAGE_FILES
 from moemla.web.assets import PAGE, copy_assets, resolve_assets
 
 
-def add_page(folder: Path, node_modules: str | Path | None = None) -> dict[str, object]:
-    """Add the page and its libraries to the ONNX export folder `folder`; its manifest then lists every file the
-    page loads (so `moemla web` and read_manifest find a missing one) and the libraries' versions."""
-    sources = resolve_assets(node_modules)
+def add_page(folder: Path, node_modules: str | Path | None = None, sources: dict | None = None) -> dict[str, object]:
+    """Add the page and its libraries (`sources` as resolve_assets found them, or found now) to the ONNX export
+    folder `folder`; its manifest then lists every file the page loads (so `moemla web` and read_manifest find a
+    missing one) and the libraries' versions."""
+    sources = sources if sources is not None else resolve_assets(node_modules)
     for name in PAGE_FILES:
         shutil.copyfile(PAGE / name, folder / name)
     versions = copy_assets(sources, folder)
     manifest = json.loads((folder / MANIFEST).read_text())
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest["files"] = {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
+    manifest["files"] = file_sizes(folder)
     manifest["web"] = {"libraries": versions, "page": list(PAGE_FILES)}
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -45,12 +45,12 @@ def export_web(
 
     out = check_out(Path(out_dir), overwrite)
     check_exportable(RunFolder.open(run_dir).model_config, quantize)  # a run that is not portable: before any work
-    resolve_assets(node_modules)  # fetch (or find) the libraries first: no network fails before the slow export
+    sources = resolve_assets(node_modules)  # fetch (or find) the libraries first: no network fails before the export
     partial = out.with_name(f".{out.name}.web-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         export_onnx(run_dir, partial, quantize=quantize, checkpoint=checkpoint, overwrite=True)
-        manifest = add_page(partial, node_modules)
+        manifest = add_page(partial, sources=sources)
         replace_folder(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -331,12 +331,18 @@ def replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Every file of an export folder but the manifest, by its path below the folder: what read_manifest checks."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
+
+
 def build_manifest(
     cfg: ModelConfig, quantize: OnnxQuantize, eos: int | None, checked: dict, source: dict | None, folder: Path
 ) -> dict[str, object]:
     """What a runner needs besides the graph: the config, the cache's tensors and shapes, eos, sampling defaults."""
     cache = cache_entries(cfg)
-    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name != MANIFEST}
+    files = file_sizes(folder)
     return {
         "format": FORMAT,
         "version": VERSION,
