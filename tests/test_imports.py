@@ -20,6 +20,7 @@ LAYERS = [
         "moemla.compiling",
         "moemla.device",
         "moemla.runs",
+        "moemla.folders",
     ],
     ["moemla.eval", "moemla.inference"],  # read runs; never import train
     ["moemla.train"],  # creates runs and writes through them; evaluates with eval

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,6 +141,56 @@ def test_bad_input_is_one_line_on_the_page(web_exports: dict, chromium: object, 
         assert "\n" not in run.result["error"]
 
 
+def test_a_page_that_cannot_start_says_which_file_and_what_to_do(
+    web_exports: dict, chromium: object, tmp_path: Path
+) -> None:
+    """Issue 45, case 7: a module missing from the folder, or the page opened from file://, is one line on the
+    page within seconds (app.js never runs then: index.html's watchdog says it), never "loading" forever."""
+    for missing in ("vendor/tokenizers/tokenizers.min.mjs", "generate.js"):
+        broken = tmp_path / missing.replace("/", "-")
+        shutil.copytree(web_exports["mha"], broken)
+        (broken / missing).unlink()
+        with plain_server(broken) as url:
+            page = chromium.open(f"{url}?prompt=Tom&max=5")
+        assert page.state == "error" and missing in page.result["error"], page.result
+        assert "--format web" in page.result["error"] and "\n" not in page.result["error"]
+    page = chromium.open((web_exports["mha"] / "index.html").as_uri())
+    assert page.state == "error" and "moemla web" in page.result["error"], page.result
+    with plain_server(web_exports["mha"]) as url:
+        bad = chromium.open(f"{url}?prompt=Tom&max=abc")
+    assert bad.state == "error" and "max=abc" in bad.result["error"], bad.result
+
+
+def test_a_damaged_file_in_the_npm_cache_is_fetched_again_or_stops_the_export(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Issue 45, case 8: each cached file is checked against its sha512 whenever it is used and copied."""
+    from moemla.web import assets
+
+    _assets_or_skip()
+    cache = tmp_path / "cache"
+    shutil.copytree(assets.cache_root().parent, cache)
+    monkeypatch.setenv("MOEMLA_CACHE", str(cache))
+    found = resolve_assets()
+    src = found["@huggingface/tokenizers"][0]
+    damaged = src / "tokenizers.min.mjs"
+    good = damaged.read_bytes()
+    damaged.write_bytes(b"export const Tokenizer = null;")  # same cache, wrong bytes
+    offline = urllib.error.URLError("no network")
+    with monkeypatch.context() as m:
+        m.setattr(assets, "_download", lambda url: (_ for _ in ()).throw(offline))
+        with pytest.raises(ConfigError, match="cached copy is damaged"):
+            resolve_assets()
+    try:
+        again = resolve_assets()  # online: fetched anew
+    except ConfigError as err:
+        pytest.skip(f"the npm registry is not reachable here: {err}")
+    assert again["@huggingface/tokenizers"][0] / "tokenizers.min.mjs" == damaged and damaged.read_bytes() == good
+    damaged.write_bytes(b"changed after the check")  # damaged between resolving and copying: the copy stops
+    with pytest.raises(ConfigError, match="changed in the cache"):
+        assets.copy_assets(again, tmp_path / "export")
+
+
 def test_every_file_the_page_loads_is_in_the_folder_and_listed(web_exports: dict) -> None:
     folder = web_exports["moe-mla-rope"]
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -177,7 +228,7 @@ def test_moemla_web_refuses_bad_folders_and_ports_in_one_line(
     cases = [
         ([str(onnx_only)], "without the page; export it with --format web"),
         ([str(tmp_path / "nowhere")], "is not a folder"),
-        ([str(trained_debug_run)], "no manifest.json"),
+        ([str(trained_debug_run)], "is a run, not a web export"),
         ([str(web_exports["mha"]), "--port", "99999"], "--port must be in 0..65535"),
     ]
     for argv, message in cases:

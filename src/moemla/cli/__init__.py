@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, RunError, CheckpointError, TrainingDiverged, JudgeError, ValueError) as err:
         print(f"moemla {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a read-only folder, a full disk: the file and the reason, not a traceback
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"moemla {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         note = getattr(err, "note", None) or INTERRUPTED.get(args.command, "")  # training knows its checkpoint
         print(f"moemla {args.command}: interrupted{note}", file=sys.stderr)

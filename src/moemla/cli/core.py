@@ -9,7 +9,7 @@ import sys
 import typing
 
 from moemla import accounting
-from moemla.cli.flags import add_config_flags, add_dataclass_flags, config_overrides, flag_values
+from moemla.cli.flags import add_config_flags, add_dataclass_flags, config_overrides, flag_values, positive_int
 from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, PAPER_PRESET, SIZES, VARIANTS, ModelConfig
 from moemla.data.prepare import STORIES, VAL_FRACTION, VOCAB_SIZE
 from moemla.demo import STEPS as DEMO_STEPS
@@ -215,8 +215,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="prepared folder (default: the run's training data)")
     p.add_argument("--text", nargs="+", metavar="PATH", help="evaluate raw text files with the run's tokenizer")
     p.add_argument("--split", default="val", choices=["val", "train"], help="split of the prepared folder")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default the run's micro-batch)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="evaluate at most this many tokens")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="sequences per batch (default the run's micro-batch)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--checkpoint", metavar="step_N", help="evaluate this checkpoint (default: the newest)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

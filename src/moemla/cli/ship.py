@@ -62,8 +62,10 @@ def _export_onnx(args: argparse.Namespace) -> int:
           f"{manifest['export_seconds']} s; logits within {check['max_abs_logit_error']:.1e} of the torch model, "
           f"top-1 agreement {check['top1_agreement']:.0%}")  # fmt: skip
     for name in ("validation_perplexity", "fp32_validation_perplexity"):
-        if name in manifest:
+        if manifest.get(name) is not None:
             print(f"{name.replace('_', ' ')}: {manifest[name]:.3f}")
+    if "perplexity_not_measured" in manifest:
+        print(f"validation perplexity not measured: {manifest['perplexity_not_measured']}")
     if web:
         print(f"open it in a browser: moemla web {args.out}   (any static file server works too, on one thread)")
         return 0
@@ -233,9 +235,11 @@ def add_import(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from moemla.web.server import make_server, url
+    from moemla.web.server import make_server, network_notice, url
 
     server = make_server(args.folder, args.host, args.port)
+    if notice := network_notice(args.host):
+        print(notice, file=sys.stderr)
     print(f"serving {args.folder} at {url(server)} (cross-origin isolated: multi-threaded WebAssembly); Ctrl-C stops",
           flush=True)  # fmt: skip
     try:

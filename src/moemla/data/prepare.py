@@ -55,7 +55,7 @@ def prepare_data(
     folder = Path(out or f"data/{name}")
     manifest = prepare(
         source, folder, description, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
-        overwrite=overwrite,
+        overwrite=overwrite, sources=tuple(t for t in text or () if Path(t).exists()),
     )  # fmt: skip
     return folder, manifest
 

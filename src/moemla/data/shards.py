@@ -20,6 +20,19 @@ from tokenizers import Tokenizer
 
 from moemla.data.sources import PIECE_CHARS, DataError, Piece, StorySource
 from moemla.data.tokenizer import digest, eot_id, load_tokenizer, train_bpe
+from moemla.folders import (
+    DATA_KEYS,
+    MANIFEST,
+    TOKENIZER_FILE,
+    RecordError,
+    check_destination,
+    kind,
+    read_json,
+    read_record,
+    replace_folder,
+    staging,
+    write_text_atomic,
+)
 from moemla.progress import Progress
 
 FORMAT = 1
@@ -93,6 +106,7 @@ def prepare(
     shard_tokens: int = 1 << 27,
     overwrite: bool = False,
     chunk: int = 2048,
+    sources: tuple[str | Path, ...] = (),
 ) -> dict[str, object]:
     """Tokenize `source` into `out`; reuse it when already prepared from the same request."""
     if not 0.0 < val_fraction < 0.5:
@@ -104,20 +118,19 @@ def prepare(
     given = load_tokenizer(tokenizer) if tokenizer not in ("bpe", "gpt2") else None
     if given is not None:  # a tokenizer.json by path: its content is the identity, not its name
         request["tokenizer_sha256"] = digest(given)
-    if (out / "manifest.json").exists() and not overwrite:
-        old = json.loads((out / "manifest.json").read_text())
-        if old["request"] == request:
+    if kind(out) == "data" and not overwrite:
+        old = read_json(out / MANIFEST) or {}
+        if old.get("request") == request:
             return old
+        changes = request_changes(old.get("request", {}), request)
         raise DataError(
-            f"{out} already holds data prepared from another request ({request_changes(old['request'], request)}); "
+            f"{out} already holds data prepared from another request ({changes}); "
             "a prepared folder never mixes tokenizers or sources: choose another --out, or pass --overwrite"
         )
+    check_destination(out, "prepare", sources=sources, overwrite=overwrite, fix="choose another --out")
     _check_splits(source, val_fraction)
-    created = not out.exists()
-    partial = out / ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    stage = staging(out, "prepare")
+    try:  # assembled beside OUT and moved into place whole: an interrupted prepare leaves what was there
         tok = (
             train_bpe(_train_texts(source, val_fraction), vocab_size)
             if tokenizer == "bpe"
@@ -125,18 +138,15 @@ def prepare(
             if given is not None
             else load_tokenizer(tokenizer)
         )
-        manifest = _write_shards(source, tok, partial, val_fraction, shard_tokens, chunk)
+        folder = stage / "data"
+        folder.mkdir()
+        manifest = _write_shards(source, tok, folder, val_fraction, shard_tokens, chunk)
         manifest["request"] = request
-        tok.save(str(partial / "tokenizer.json"))
-        for name in [s["file"] for split in manifest["splits"].values() for s in split["shards"]] + ["tokenizer.json"]:
-            (partial / name).replace(out / name)
-        tmp = out / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(out / "manifest.json")  # the folder counts as prepared only from here on
+        tok.save(str(folder / TOKENIZER_FILE))
+        write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))  # the folder's record, last
+        replace_folder(folder, out)
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        if created and out.is_dir() and not any(out.iterdir()):  # a failed prepare leaves no empty folder behind
-            out.rmdir()
+        shutil.rmtree(stage, ignore_errors=True)
     return manifest
 
 
@@ -235,12 +245,14 @@ class PreparedData:
     @classmethod
     def open(cls, root: str | Path) -> PreparedData:
         root = Path(root)
-        path = root / "manifest.json"
+        path = root / MANIFEST
         if not path.is_file():
-            hint = " (an unfinished `moemla prepare`? run it again)" if (root / ".partial").exists() else ""
-            raise DataError(f"{root} is not a prepared data folder: no manifest.json{hint}; run `moemla prepare`")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
+            raise DataError(f"{root} is not a prepared data folder: no {MANIFEST}; run `moemla prepare`")
+        try:
+            manifest = read_record(path, DATA_KEYS, "prepare the folder again with `moemla prepare`")
+        except RecordError as err:
+            raise DataError(str(err)) from None
+        if manifest["format"] != FORMAT:
             raise DataError(f"{root} was prepared by an incompatible moemla version; prepare it again")
         data = cls(root, manifest)
         for split in SPLITS:
@@ -286,11 +298,11 @@ class PreparedData:
                     raise DataError(f"{self.root / shard['file']} does not match its checksum; prepare it again")
 
 
-def _windows(shards: list[np.ndarray], seq_len: int) -> np.ndarray:
+def _windows(shards: list[np.ndarray], seq_len: int, fix: str = "use a shorter --seq-len") -> np.ndarray:
     """Number of (seq_len + 1)-token windows that start in each shard."""
     counts = np.array([max(len(s) - seq_len, 0) for s in shards], dtype=np.int64)
     if counts.sum() == 0:
-        raise DataError(f"the data holds fewer than {seq_len + 1} tokens per shard; use a shorter --seq-len")
+        raise DataError(f"the data holds fewer than {seq_len + 1} tokens per shard; {fix}")
     return counts
 
 
@@ -312,7 +324,9 @@ def eval_batches(
     shards: list[np.ndarray], seq_len: int, batch: int, max_tokens: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping windows over the split, the same every time."""
-    _windows(shards, seq_len)
+    # evaluation has no --seq-len: its windows are the run's training sequence length
+    _windows(shards, seq_len, f"evaluation scores windows of {seq_len} tokens and the next one (the run's sequence "
+                              "length); give a longer text or more data")  # fmt: skip
     rows: list[np.ndarray] = []
     seen = 0
     for s in shards:

@@ -44,10 +44,11 @@ def _evaluate_export(
     else:
         if data_dir is None and run is None:
             raise DataError(f"{folder} does not say where its data is; pass --data PREPARED_FOLDER or --text FILE")
-        shards = PreparedData.open(data_dir or run.meta["data"]["path"]).shards(split)
+        shards = PreparedData.open(data_dir or run.data_path or "").shards(split)
     # the windows the run was evaluated on in training, where the run is still on disk
     seq_len = run.train_settings.get("seq_len", dec.cfg.max_seq_len) if run else dec.cfg.max_seq_len
-    result = evaluate(dec, shards, seq_len=seq_len, batch_size=batch_size or EVAL_BATCH, max_tokens=max_tokens,
+    batch = EVAL_BATCH if batch_size is None else batch_size
+    result = evaluate(dec, shards, seq_len=seq_len, batch_size=batch, max_tokens=max_tokens,
                       token_bytes=token_bytes(tok))  # fmt: skip
     return {"run": str(folder), **result}
 
@@ -76,7 +77,7 @@ def evaluate_run(
     if text:
         shards = text_tokens(text, tok)
     else:
-        data = PreparedData.open(data_dir or meta["data"]["path"])
+        data = PreparedData.open(data_dir or run.data_path or "")
         if data.tokenizer_sha256 != meta["data"]["tokenizer_sha256"]:
             raise DataError(
                 f"{data.root} was tokenized with a different tokenizer than {run_dir} was trained with; "

@@ -20,6 +20,7 @@ from moemla.experiments.tables import (
     TABLES,
     params_note,
 )
+from moemla.folders import check_destination
 from moemla.runs import RunFolder
 from moemla.train.config import TrainConfig
 
@@ -66,6 +67,8 @@ def setup(
     spec = TABLES[table]
     presets = _presets(preset, spec.multi_size)
     seq_len = seq_len or SEQ_LEN
+    folder = Path(out or f"results/{table}-{presets[-1]}")
+    check_destination(folder, "reproduce", sources=(*([data] if data else []), *reuse), fix="choose another --out")
     if data is None:
         data, _ = prepare_data(out="data/builtin")
     vocab = PreparedData.open(data).vocab_size
@@ -81,7 +84,6 @@ def setup(
     tc = TrainConfig(seq_len=seq_len, device=device, **length, **{**REPRODUCE_TRAIN, **batch})  # type: ignore[arg-type]
     interval = max(1, tc.steps // 5)
     tc = tc.replace(eval_interval=interval, ckpt_interval=interval)
-    folder = Path(out or f"results/{table}-{presets[-1]}")
     specs = spec.specs(bases, list(seeds))
     if rows:  # a subset of the table's rows, e.g. the RoPE control: mha, mha-rope, moe-mla-rope
         unknown = sorted(set(rows) - {r.name for r in specs})

@@ -18,10 +18,11 @@ from tokenizers import Tokenizer
 from moemla.config import ConfigError, ModelConfig, check_portable, variant_name
 from moemla.data.sources import EOT
 from moemla.device import DTYPES
+from moemla.folders import HF_CONFIG, check_destination, replace_folder, staging, write_text_atomic
 from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
 from moemla.runs import RunFolder
-from moemla.runs.checkpoint import save_safetensors, write_text_atomic
+from moemla.runs.checkpoint import save_safetensors
 from moemla.runs.folder import TOKENIZER_FILE
 
 Architecture = Literal["auto", "native", "remote"]
@@ -223,7 +224,7 @@ def export_hf(
     except ImportError:
         raise ExportError("export to Hugging Face needs transformers: pip install 'moemla[hf]'") from None
     run = RunFolder.open(run_dir)
-    model, tok = run.load_model("cpu", checkpoint), run.tokenizer()
+    model, tok = run.load_model("cpu", checkpoint, finite=True), run.tokenizer()
     cfg = model.cfg
     native = native_architecture(cfg)
     if architecture == "native" and native is None:
@@ -237,21 +238,29 @@ def export_hf(
             check_portable(cfg, "the Hugging Face export", "export a model that keeps it at its default")
         except ConfigError as err:
             raise ExportError(str(err)) from None
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     eot = tok.token_to_id(EOT)
     if eot is None:
         raise ExportError(f"the run's tokenizer has no {EOT} token, which export needs as eos")
+    out = check_destination(out_dir, "export", sources=(run_dir,), overwrite=overwrite)
+    stage = staging(out, "export")
+    try:  # assembled beside OUT and moved into place only when complete
+        write_hf_folder(model, tok, kind, dtype, Path(run_dir) / TOKENIZER_FILE, stage / "hf")
+        replace_folder(stage / "hf", out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {"out": str(out), "architecture": kind, "variant": variant_name(cfg), "dtype": dtype, "run": str(run_dir)}
+
+
+def write_hf_folder(model: Transformer, tok: Tokenizer, kind: str, dtype: str, tokenizer: Path, out: Path) -> None:
+    """The Hugging Face folder at `out` (a new path). config.json comes last and lists every file written
+    (moemla_files): the record by which a later `export --overwrite` knows the folder as its own."""
+    cfg, eot = model.cfg, tok.token_to_id(EOT)
+    out.mkdir(parents=True)
     config, weights = {
         "gpt2": (gpt2_config, gpt2_weights),
         "gpt_neox": (gpt_neox_config, gpt_neox_weights),
         "remote": (remote_config, remote_weights),
     }[kind]
-    write_text_atomic(out / "config.json", json.dumps(config(cfg, eot, dtype), indent=2) + "\n")
     save_safetensors(_cast(weights(model), DTYPES[dtype]), out / "model.safetensors", metadata={"format": "pt"})
     if kind == "remote":
         for name in REMOTE_FILES:
@@ -261,5 +270,6 @@ def export_hf(
     write_tokenizer(tok, out, cfg.max_seq_len)
     # moemla's own tokenizer file, byte for byte: transformers rewrites tokenizer.json (a no-op post-processor),
     # and `moemla import` must hand back a run whose tokenizer digest matches the data it was trained on
-    shutil.copyfile(Path(run_dir) / TOKENIZER_FILE, out / MOEMLA_TOKENIZER)
-    return {"out": str(out), "architecture": kind, "variant": variant_name(cfg), "dtype": dtype, "run": str(run_dir)}
+    shutil.copyfile(tokenizer, out / MOEMLA_TOKENIZER)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    write_text_atomic(out / HF_CONFIG, json.dumps({**config(cfg, eot, dtype), "moemla_files": files}, indent=2) + "\n")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from moemla.config import ConfigError, ModelConfig
 from moemla.data.tokenizer import digest, load_tokenizer
 from moemla.export.hf import GPT2_NAMES, MOEMLA_TOKENIZER, NEOX_NAMES, ExportError
+from moemla.folders import check_destination, replace_folder, staging
 from moemla.model import Transformer
 from moemla.runs import RunFolder
 
@@ -98,13 +99,9 @@ def import_hf(folder: str | Path, run_dir: str | Path, *, overwrite: bool = Fals
         raise ExportError(f"{src}: the weights do not fit its moemla_config (no tensor {err})") from None
     check_fits(src, state, model.state_dict())
     model.load_state_dict(state)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
-        shutil.rmtree(out)
+    check_destination(out, "import", sources=(src,), overwrite=overwrite)
     tok_file = src / MOEMLA_TOKENIZER if (src / MOEMLA_TOKENIZER).is_file() else src / "tokenizer.json"
     tok = load_tokenizer(str(tok_file))
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": cfg.to_dict(),
         # what import knows of training; `moemla train --resume` fills the rest with its defaults
@@ -112,8 +109,13 @@ def import_hf(folder: str | Path, run_dir: str | Path, *, overwrite: bool = Fals
         "data": {"path": str(src.resolve()), "tokenizer_sha256": digest(tok), "vocab_size": tok.get_vocab_size()},
         "imported_from": str(src.resolve()),
     }
-    run = RunFolder(out)
-    run.write_meta(meta)
-    run.write_tokenizer(tok_file)
-    run.save_checkpoint(0, model, {}, {"step": 0, "elapsed_s": 0.0}, keep=1)
+    stage = staging(out, "import")
+    try:  # the run is assembled beside OUT and moved into place only when complete
+        run = RunFolder(stage / "run")
+        run.write_meta(meta)
+        run.write_tokenizer(tok_file)
+        run.save_checkpoint(0, model, {}, {"step": 0, "elapsed_s": 0.0}, keep=1)
+        replace_folder(run.path, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return {"run": str(out), "variant": hf.get("moemla_variant"), "from": str(src), "architecture": hf["model_type"]}

@@ -21,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moemla.folders import write_text_atomic
+
 MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.pt", "state.json"
 EARLIER = "use an earlier checkpoint with --checkpoint step_N (the run's checkpoints/ folder lists them)"
 
@@ -53,20 +55,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     mask = os.umask(0)
     os.umask(mask)
     path.chmod(0o666 & ~mask)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` via a fsynced temporary file; on failure (a full disk) nothing is left behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def find(run_dir: str | Path, name: str | None = None) -> Path | None:

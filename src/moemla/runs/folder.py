@@ -21,10 +21,20 @@ from tokenizers import Tokenizer
 
 from moemla.config import ModelConfig
 from moemla.data.tokenizer import load_tokenizer
+from moemla.folders import (
+    MANIFEST,
+    METRICS_FILE,
+    RUN_FILE,
+    RUN_KEYS,
+    TOKENIZER_FILE,
+    RecordError,
+    read_record,
+    write_text_atomic,
+)
 from moemla.model import Transformer
-from moemla.runs.checkpoint import STATE, find, latest, load_weights, save, write_text_atomic
+from moemla.runs.checkpoint import STATE, find, latest, load_weights, save
 
-RUN_FILE, METRICS_FILE, TOKENIZER_FILE, LOCK_FILE = "run.json", "metrics.jsonl", "tokenizer.json", ".lock"
+LOCK_FILE = ".lock"
 
 
 class RunError(ValueError):
@@ -60,9 +70,9 @@ class RunFolder:
         if not path.is_file():
             raise self._not_a_run()
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise RunError(f"{path} is corrupt ({err})") from None
+            return read_record(path, RUN_KEYS, "restore it from a copy, or train the run again")
+        except RecordError as err:
+            raise RunError(str(err)) from None
 
     @property
     def model_config(self) -> ModelConfig:
@@ -73,6 +83,20 @@ class RunFolder:
         """The training settings as recorded (TrainConfig's fields); train/ turns them back into a TrainConfig."""
         return self.meta["train"]
 
+    @property
+    def data_path(self) -> Path | None:
+        """The prepared data folder the run was trained on, the same from any working directory. run.json records
+        it absolute; runs recorded before that hold it relative to where training ran, so a relative path is looked
+        for from here, then from each folder above the run (the first that holds prepared data wins)."""
+        recorded = self.meta.get("data", {}).get("path")
+        if not recorded:
+            return None
+        path = Path(recorded)
+        if path.is_absolute():
+            return path
+        tries = [path, *(base / path for base in self.path.resolve().parents)]
+        return next((p.resolve() for p in tries if (p / MANIFEST).is_file()), path)
+
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(str(self.path / TOKENIZER_FILE))
 
@@ -80,14 +104,22 @@ class RunFolder:
         """Checkpoint `name` (step_N), or the newest; None when the run has none yet."""
         return find(self.path, name)
 
-    def load_model(self, device: str | torch.device = "cpu", checkpoint: str | None = None) -> Transformer:
-        """A checkpoint's model in eval mode: the newest, or `checkpoint` (step_N)."""
+    def load_model(
+        self, device: str | torch.device = "cpu", checkpoint: str | None = None, finite: bool = False
+    ) -> Transformer:
+        """A checkpoint's model in eval mode: the newest, or `checkpoint` (step_N). With `finite` (exports), a
+        checkpoint whose weights hold NaN or infinite values is a RunError that names it."""
         cfg = self.model_config
         path = self.checkpoint(checkpoint)
         if path is None:
             raise RunError(f"{self.path} has no checkpoint yet; train it (or let training reach its first checkpoint)")
         model = Transformer(cfg)
         load_weights(path, model)
+        weights = model.state_dict().values() if finite else ()
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in weights if p.is_floating_point())
+        if bad:
+            raise RunError(f"{path} holds {bad:,} NaN or infinite weights (training diverged before it was saved); "
+                           "use an earlier checkpoint with --checkpoint step_N")  # fmt: skip
         return model.to(device).eval()
 
     def latest_checkpoint(self) -> Path | None:
@@ -121,8 +153,8 @@ class RunFolder:
             return "tokenizer"
         if "sha256" in old:
             return None if old["sha256"] == sha256 else "data"
-        path = Path(old["path"])
-        moved = not (path / "manifest.json").is_file()
+        path = self.data_path or Path()
+        moved = not (path / MANIFEST).is_file()
         return None if moved or path.resolve() == Path(root).resolve() else "data"
 
     # writing (training's, and an import's) -----------------------------------------------------------------------

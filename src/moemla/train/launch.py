@@ -8,6 +8,7 @@ from pathlib import Path
 
 from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, ConfigError, ModelConfig
 from moemla.data.shards import PreparedData
+from moemla.folders import check_destination
 from moemla.runs.folder import RunFolder
 from moemla.train.config import TrainConfig
 from moemla.train.loop import train
@@ -97,6 +98,8 @@ def run_training(
     run_dir = Path(out or f"runs/{name}")
     if data_dir is None:
         data_dir = (recorded_data(run_dir) if resume else None) or DEFAULT_DATA
+    # a new, empty or run folder only: never into prepared data, an export or a folder of other files
+    check_destination(run_dir, "train", sources=(data_dir,), fix="choose another --out")
     data = PreparedData.open(data_dir)
     cfg, tc = resolve_configs(
         data, run_dir, resume=resume, preset=preset, variant=variant, file=file, model_flags=model_flags,

@@ -10,6 +10,7 @@ from pathlib import Path
 from moemla.config import ModelConfig
 from moemla.data.shards import PreparedData
 from moemla.data.sources import DataError
+from moemla.folders import MANIFEST
 from moemla.runs.folder import RUN_FILE, RunError, RunFolder
 from moemla.train.config import TrainConfig
 
@@ -19,7 +20,8 @@ def configs(meta: dict) -> tuple[ModelConfig, TrainConfig]:
 
 
 def data_meta(data: PreparedData) -> dict[str, object]:
-    return {"path": str(data.root), "sha256": data.sha256, "tokenizer_sha256": data.tokenizer_sha256,
+    # the path absolute: run.json's data folder resolves the same from any working directory
+    return {"path": str(Path(data.root).resolve()), "sha256": data.sha256, "tokenizer_sha256": data.tokenizer_sha256,
             "vocab_size": data.vocab_size, "train_tokens": data.tokens("train")}  # fmt: skip
 
 
@@ -28,13 +30,13 @@ def recorded_data(run_dir: Path) -> Path | None:
     run = RunFolder(run_dir)
     if not run.exists():
         return None
-    path = run.meta["data"].get("path")
-    if not path or not (Path(path) / "manifest.json").is_file():
+    path = run.data_path
+    if not path or not (path / MANIFEST).is_file():
         raise RunError(
             f"{run_dir} was trained on {path or 'no recorded data'}, which is not a prepared data folder now; "
             "pass --data FOLDER (with --new-data if it holds other data than the run was trained on)"
         )
-    return Path(path)
+    return path
 
 
 def check_same_data(run_dir: Path, old: dict, data: PreparedData, new_data: bool) -> None:

@@ -8,13 +8,12 @@ tokenizer.json). Once written it needs no network; any static file server shows 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from moemla.folders import check_destination, replace_folder, staging, write_text_atomic
 from moemla.inference.onnx import MANIFEST
-from moemla.inference.onnx.write import OnnxQuantize, check_exportable, file_sizes, replace_folder
-from moemla.runs.checkpoint import write_text_atomic
+from moemla.inference.onnx.write import OnnxQuantize, check_exportable, file_sizes
 from moemla.web import PAGE_FILES
 from moemla.web.assets import PAGE, copy_assets, resolve_assets
 
@@ -40,19 +39,18 @@ def export_web(
 ) -> dict[str, object]:  # fmt: skip
     """Write the run as a web export folder; returns its manifest. Int8 by default: a quarter of fp32's download
     at +0.03% perplexity (BENCHMARKS.md, "Quantized exports")."""
-    from moemla.export.onnx import check_out, export_onnx
+    from moemla.export.onnx import write_export
     from moemla.runs import RunFolder
 
-    out = check_out(Path(out_dir), overwrite)
-    check_exportable(RunFolder.open(run_dir).model_config, quantize)  # a run that is not portable: before any work
+    run = RunFolder.open(run_dir)
+    check_exportable(run.model_config, quantize)  # a run that is not portable: before any work
+    out = check_destination(out_dir, "export", sources=(run_dir,), overwrite=overwrite)
     sources = resolve_assets(node_modules)  # fetch (or find) the libraries first: no network fails before the export
-    partial = out.with_name(f".{out.name}.web-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
+    stage = staging(out, "web")
     try:
-        export_onnx(run_dir, partial, quantize=quantize, checkpoint=checkpoint, overwrite=True)
-        manifest = add_page(partial, sources=sources)
-        replace_folder(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        write_export(run, stage / "web", quantize, checkpoint)
+        manifest = add_page(stage / "web", sources=sources)
+        replace_folder(stage / "web", out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return manifest

@@ -9,7 +9,6 @@ without a copy); `OnnxSession` and `logits` are numpy through and through.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moemla.config import ConfigError, ModelConfig
+from moemla.folders import EXPORT_KEYS, RUN_FILE, RecordError, check_record, read_record
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
 from moemla.inference.padding import left_pad
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def is_onnx_folder(path: str | Path) -> bool:
     """Whether path is an export folder (a manifest.json and no run.json); read_manifest then says what is wrong
     with one that is damaged."""
-    return (Path(path) / MANIFEST).is_file() and not (Path(path) / "run.json").is_file()
+    return (Path(path) / MANIFEST).is_file() and not (Path(path) / RUN_FILE).is_file()
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -36,16 +36,18 @@ def read_manifest(folder: str | Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise ConfigError(f"{folder} has no {MANIFEST}: export it again with `moemla export RUN OUT --format onnx`")
+    again = "export the model again with `moemla export RUN OUT --format onnx`"
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}); export the model again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a moemla ONNX manifest; export the model again")
-    if manifest.get("version") != VERSION:
-        raise ConfigError(f"{folder} was written by another moemla (graph version {manifest.get('version')}, this "
-                          f"one reads {VERSION}); export it again with this moemla")  # fmt: skip
-    for name, size in manifest.get("files", {}).items():
+        manifest = read_record(path, {"format": str}, again)
+        if manifest["format"] != FORMAT:
+            raise ConfigError(f"{path} is not a moemla ONNX manifest; {again}")
+        if manifest.get("version") != VERSION:
+            raise ConfigError(f"{folder} was written by another moemla (graph version {manifest.get('version')}, "
+                              f"this one reads {VERSION}); export it again with this moemla")  # fmt: skip
+        check_record(manifest, path, EXPORT_KEYS, again)
+    except RecordError as err:
+        raise ConfigError(str(err)) from None
+    for name, size in manifest["files"].items():
         f = folder / name
         if not f.is_file() or f.stat().st_size != size:
             what = "is missing" if not f.is_file() else f"has {f.stat().st_size:,} bytes, not {size:,}"

@@ -33,8 +33,43 @@ def sample(logits, temperature, top_k, top_p, rng):
     return int(order[rng.choice(len(order), p=probs)])
 
 
+def truncate_prompt(ids, context, max_new):
+    """moemla's one rule (inference/sampling.py, held equal by a test): the prompt's end, cut so that
+    min(max_new, context // 2) tokens may follow."""
+    keep = context - min(max_new, context // 2)
+    return list(ids[-keep:]) if len(ids) > keep else list(ids)
+
+
+def load():
+    """The manifest, tokenizer and session of this folder; one line naming what is damaged otherwise."""
+    again = "export the model again with `moemla export RUN OUT --format onnx`"
+    try:
+        manifest = json.loads((HERE / "manifest.json").read_text())
+    except FileNotFoundError:
+        sys.exit(f"{HERE / 'manifest.json'} is missing; {again}")
+    except ValueError as err:
+        sys.exit(f"{HERE / 'manifest.json'} is not valid JSON ({err}); {again}")
+    for key in ("sampling", "config", "cache", "eos_token_id"):
+        if not isinstance(manifest, dict) or key not in manifest:
+            sys.exit(f"{HERE / 'manifest.json'} has no {key!r}; {again}")
+    if not isinstance(manifest["config"].get("max_seq_len"), int):
+        sys.exit(f"{HERE / 'manifest.json'} has no 'config.max_seq_len'; {again}")
+    for name in ("tokenizer.json", "model.onnx"):
+        if not (HERE / name).is_file():
+            sys.exit(f"{HERE / name} is missing; {again}")
+    try:
+        tokenizer = Tokenizer.from_file(str(HERE / "tokenizer.json"))
+    except Exception as err:  # tokenizers raises its own exception type
+        sys.exit(f"{HERE / 'tokenizer.json'} cannot be read ({str(err).splitlines()[0]}); {again}")
+    try:
+        session = ort.InferenceSession(str(HERE / "model.onnx"), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types
+        sys.exit(f"{HERE / 'model.onnx'} cannot be loaded ({str(err).splitlines()[0][:200]}); {again}")
+    return manifest, tokenizer, session
+
+
 def main():
-    manifest = json.loads((HERE / "manifest.json").read_text())
+    manifest, tokenizer, session = load()
     defaults = manifest["sampling"]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("prompt", help="text to continue")
@@ -44,13 +79,33 @@ def main():
     p.add_argument("--top-p", type=float, default=defaults["top_p"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.max_new_tokens < 0:
+        p.error(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be at least 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
 
-    tokenizer = Tokenizer.from_file(str(HERE / "tokenizer.json"))
-    session = ort.InferenceSession(str(HERE / "model.onnx"), providers=["CPUExecutionProvider"])
     context, eos = manifest["config"]["max_seq_len"], manifest["eos_token_id"]
-    ids = tokenizer.encode(args.prompt).ids[-(context - 1) :]
-    if not ids:
+    encoded = tokenizer.encode(args.prompt).ids
+    if not encoded:
         sys.exit("the prompt is empty")
+    ids = truncate_prompt(encoded, context, args.max_new_tokens)
+    if len(ids) < len(encoded):
+        room = context - len(ids)
+        print(
+            f"run_onnx.py: the prompt's {len(encoded)} tokens were cut to its last {len(ids)} (the context is "
+            f"{context}), so up to {min(room, args.max_new_tokens)} new tokens fit",
+            file=sys.stderr,
+        )
+    elif len(ids) + args.max_new_tokens > context:
+        print(
+            f"run_onnx.py: only {context - len(ids)} of the {args.max_new_tokens} new tokens fit in the context "
+            f"of {context}",
+            file=sys.stderr,
+        )
     rng = np.random.default_rng(args.seed)
     cache = {c["past"]: np.zeros([{"batch": 1, "past": 0}.get(n, n) for n in c["shape"]], np.float32)
              for c in manifest["cache"]}  # fmt: skip

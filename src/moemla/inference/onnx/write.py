@@ -15,7 +15,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import shutil
 import time
 import warnings
@@ -28,6 +27,7 @@ import torch
 
 from moemla import accounting
 from moemla.config import ConfigError, ModelConfig, check_portable, variant_name
+from moemla.folders import TOKENIZER_FILE, replace_folder, staging
 from moemla.inference.cpu.quant import to_int8
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
 from moemla.inference.onnx.graph import ExportedLM, cache_names, cache_shape
@@ -292,9 +292,7 @@ def write_onnx(
     require_onnx()
     cfg = model.cfg
     check_exportable(cfg, quantize)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging(out)
     try:
         start = time.perf_counter()
         fp32 = tmp / (MODEL if quantize == "none" else "fp32.onnx")
@@ -305,7 +303,7 @@ def write_onnx(
                 f.unlink()
         checked = check_file(tmp / MODEL, model, quantize)
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
         shutil.copyfile(RUNNER, tmp / "run_onnx.py")
         manifest = build_manifest(cfg, quantize, eos_token_id, checked, source, tmp)
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
@@ -320,15 +318,6 @@ def write_onnx(
 def cache_entries(cfg: ModelConfig) -> list[dict[str, object]]:
     """The cache's tensors in graph order: input and output names and shape (batch, past, *the layer's spec)."""
     return [{"past": f"past.{n}", "present": f"present.{n}", "shape": cache_shape(cfg, n)} for n in cache_names(cfg)]
-
-
-def replace_folder(new: Path, out: Path) -> None:
-    """new renamed to out; an existing out is moved aside first and removed only once new is in place."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    new.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def file_sizes(folder: Path) -> dict[str, int]:

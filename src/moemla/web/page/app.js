@@ -6,6 +6,7 @@ import * as ort from "./vendor/onnxruntime-web/ort.wasm.min.mjs";
 import { Tokenizer } from "./vendor/tokenizers/tokenizers.min.mjs";
 import { checkSampling, generate, OnnxSession, visibleText } from "./generate.js";
 
+window.moemlaStarted = true; // every module loaded: index.html's watchdog stands down
 const FORMAT = "moemla-onnx";
 const VERSION = 2;
 // WebAssembly (wasm32) addresses at most 4 GiB and onnxruntime-web copies the model file into that memory before
@@ -111,7 +112,10 @@ function readSettings() {
   } catch {
     throw new Error(`seed must be a whole number in [0, 2^63), got ${$("seed").value}`);
   }
-  const settings = { temperature: num("temperature") ?? 0, topK: num("top_k"), topP: num("top_p"), maxNewTokens: num("max_new") ?? 0, seed };
+  // an empty box or one that is not a number ("abc" reads as empty) is refused, never read as 0
+  const maxNewTokens = num("max_new");
+  if (maxNewTokens === null) throw new Error("max new tokens is empty or not a number; give a whole number, 0 or more");
+  const settings = { temperature: num("temperature") ?? 0, topK: num("top_k"), topP: num("top_p"), maxNewTokens, seed };
   checkSampling(settings);
   return settings;
 }
@@ -219,7 +223,11 @@ try {
   if (query.has("prompt")) {
     $("prompt").value = query.get("prompt");
     if (query.get("greedy") === "1") $("temperature").value = 0;
-    if (query.has("max")) $("max_new").value = query.get("max");
+    if (query.has("max")) {
+      const max = query.get("max").trim();
+      if (!/^\d+$/.test(max)) throw new Error(`?max=${max}: give a whole number of new tokens, 0 or more (e.g. max=50)`);
+      $("max_new").value = max;
+    }
     if (query.has("seed")) $("seed").value = query.get("seed");
     await run();
   }
