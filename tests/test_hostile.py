@@ -318,6 +318,21 @@ def test_moemla_web_names_the_fix_for_a_run_a_bad_host_and_a_network_host(
     assert "reachable from the network" in network_notice("0.0.0.0")
 
 
+def test_moemla_web_on_every_interface_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import http.server
+
+    def stop(self: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C at once: only what the command printed before serving matters
+
+    monkeypatch.setattr(http.server.ThreadingHTTPServer, "serve_forever", stop)
+    assert main(["web", str(fake_web_folder(tmp_path / "web")), "--host", "0.0.0.0", "--port", "0"]) == 0
+    assert "now reachable from the network" in capsys.readouterr().err
+    assert main(["web", str(tmp_path / "web"), "--port", "0"]) == 0
+    assert "network" not in capsys.readouterr().err
+
+
 # 9. paths recorded in run.json resolve the same from any working directory --------------------------------------
 def test_a_runs_data_resolves_from_any_working_directory(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
