@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
-from moemla.config import ModelConfig, variant_name
+from moemla.config import ModelConfig, flavor_name, variant_name
 from moemla.model.kv_cache import cache_numel_per_token
 
 
-def attention_params(cfg: ModelConfig) -> int:
+def attention_weights(cfg: ModelConfig) -> int:
+    """The attention's matrix entries. MHA: W^Q, W^K, W^V, W^O (d x d). MLA: W^Q (d x d, plus H * P decoupled RoPE
+    channels), W^Kc and W^Vc (d x r each, Eq. 13) or one joint W^KVc (d x r), the shared RoPE key (d x P), W^Kr and
+    W^Vr (r x d for all heads, Eq. 14), W^O."""
     d, r = cfg.dim, cfg.kv_lora_rank
-    if cfg.decoupled:  # + RoPE query channels per head (H * Dr) and one shared RoPE key (Dr)
-        pe = cfg.n_heads * cfg.rope_dim + cfg.rope_dim
-        return 2 * d * d + 4 * d * r + d * pe + (4 * d + 2 * r + pe) * cfg.bias
-    if cfg.attention == "mla":
-        # W^Q, W^O (d x d); W^Kc, W^Vc (d x r, Eq. 13); W^Kr, W^Vr (r x d for all heads, Eq. 14)
-        return 2 * d * d + 4 * d * r + (4 * d + 2 * r) * cfg.bias
-    return 4 * d * d + 4 * d * cfg.bias  # W^Q, W^K, W^V, W^O
+    if cfg.attention == "mha":
+        return 4 * d * d
+    p = cfg.rope_dim if cfg.decoupled else 0
+    latent = (1 if cfg.latent == "joint" else 2) * r
+    return d * (d + cfg.n_heads * p) + d * (latent + p) + 2 * r * d + d * d
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    """attention_weights plus each projection's bias (where cfg.bias) and the joint latent's RMSNorm weight."""
+    d, r = cfg.dim, cfg.kv_lora_rank
+    if cfg.attention == "mha":
+        return attention_weights(cfg) + 4 * d * cfg.bias
+    p = cfg.rope_dim if cfg.decoupled else 0
+    latent = (1 if cfg.latent == "joint" else 2) * r
+    biases = (d + cfg.n_heads * p) + (latent + p) + 3 * d
+    return attention_weights(cfg) + biases * cfg.bias + (r if cfg.latent == "joint" else 0)
+
+
+def ffn_matrices(cfg: ModelConfig) -> int:
+    """Matrices per FFN: GELU's w1, w2; SwiGLU's gate, up, down."""
+    return 3 if cfg.ffn_activation == "swiglu" else 2
 
 
 def expert_params(cfg: ModelConfig) -> int:
-    """One routed or shared expert: GELU MLP d -> h -> d without biases."""
-    return 2 * cfg.dim * cfg.expert_inter_dim
+    """One routed or shared expert: an MLP d -> h -> d (GELU, or SwiGLU's three matrices) without biases."""
+    return ffn_matrices(cfg) * cfg.dim * cfg.expert_inter_dim
 
 
 def ffn_params(cfg: ModelConfig) -> int:
@@ -28,17 +45,22 @@ def ffn_params(cfg: ModelConfig) -> int:
         router = cfg.n_routed_experts * d  # W_g; the balancing bias b is a buffer, not a parameter
         return router + (cfg.n_routed_experts + cfg.n_shared_experts) * expert_params(cfg)
     f = cfg.dense_inter_dim
-    return 2 * d * f + (f + d) * cfg.bias
+    return ffn_matrices(cfg) * d * f + ((ffn_matrices(cfg) - 1) * f + d) * cfg.bias
+
+
+def norm_params(cfg: ModelConfig) -> int:
+    """One normalisation: LayerNorm's weight and bias, or RMSNorm's weight."""
+    return (2 if cfg.norm == "layernorm" else 1) * cfg.dim
 
 
 def block_params(cfg: ModelConfig) -> int:
-    return 4 * cfg.dim + attention_params(cfg) + ffn_params(cfg)  # two LayerNorms (weight + bias)
+    return 2 * norm_params(cfg) + attention_params(cfg) + ffn_params(cfg)
 
 
 def total_params(cfg: ModelConfig) -> int:
     d = cfg.dim
     embeddings = cfg.vocab_size * d + (cfg.max_seq_len * d if cfg.positions == "learned" else 0)
-    return embeddings + cfg.n_layers * block_params(cfg) + 2 * d  # LM head tied to the embedding
+    return embeddings + cfg.n_layers * block_params(cfg) + norm_params(cfg)  # LM head tied to the embedding
 
 
 def active_params(cfg: ModelConfig) -> int:
@@ -54,16 +76,13 @@ def ffn_matmul_weights_per_token(cfg: ModelConfig) -> int:
     if cfg.ffn == "moe":
         active = cfg.n_activated_experts + cfg.n_shared_experts
         return cfg.n_routed_experts * cfg.dim + active * expert_params(cfg)
-    return 2 * cfg.dim * cfg.dense_inter_dim
+    return ffn_matrices(cfg) * cfg.dim * cfg.dense_inter_dim
 
 
 def matmul_weights_per_token(cfg: ModelConfig) -> int:
     """Weights one token multiplies by in a forward pass (biases, norms and lookups excluded)."""
-    d, r = cfg.dim, cfg.kv_lora_rank
-    attn = 2 * d * d + 4 * d * r if cfg.attention == "mla" else 4 * d * d
-    if cfg.decoupled:
-        attn += d * (cfg.n_heads + 1) * cfg.rope_dim
-    return cfg.n_layers * (attn + ffn_matmul_weights_per_token(cfg)) + cfg.vocab_size * d  # + LM head
+    attn = attention_weights(cfg)
+    return cfg.n_layers * (attn + ffn_matmul_weights_per_token(cfg)) + cfg.vocab_size * cfg.dim  # + LM head
 
 
 def flops_per_token(cfg: ModelConfig, context: int | None = None) -> int:
@@ -112,6 +131,11 @@ def summary(cfg: ModelConfig, context: int | None = None, dtype: str = "float32"
         "vocab_size": cfg.vocab_size,
         "kv_lora_rank": cfg.kv_lora_rank if cfg.attention == "mla" else None,
         "rope_mode": cfg.rope_mode if cfg.attention == "mla" and cfg.positions == "rope" else None,
+        "flavor": flavor_name(cfg) or "custom",
+        "norm": cfg.norm,
+        "ffn_activation": cfg.ffn_activation,
+        "latent": cfg.latent if cfg.attention == "mla" else None,
+        "scoring": cfg.scoring if cfg.ffn == "moe" else None,
         "total_params": total_params(cfg),
         "active_params": active_params(cfg),
         "flops_per_token": flops_per_token(cfg, context),

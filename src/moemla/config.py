@@ -12,6 +12,10 @@ FFNKind = Literal["dense", "moe"]
 BalanceRule = Literal["paper", "sign"]
 RopeMode = Literal["post", "decoupled"]
 RoutingKind = Literal["top-k", "top-p"]
+NormKind = Literal["layernorm", "rmsnorm"]
+ActivationKind = Literal["gelu", "swiglu"]
+LatentKind = Literal["separate", "joint"]
+ScoringKind = Literal["softmax", "sigmoid"]
 
 
 # the one place for these defaults: what `moemla train` and the demo build (tiny trains on a CPU in minutes),
@@ -19,6 +23,7 @@ RoutingKind = Literal["top-k", "top-p"]
 # what `moemla train` builds when neither --preset nor --variant nor a config file says (CPU-sized), and the
 # size the paper's tables default to
 DEFAULT_PRESET, DEFAULT_VARIANT, PAPER_PRESET = "tiny", "moe-mla-rope", "xs"
+DEFAULT_FLAVOR = "paper"  # the paper's block (FLAVORS, below)
 
 
 def doc(default: object, help: str) -> object:
@@ -46,6 +51,14 @@ class ModelConfig:
     positions: PositionKind = "rope"
     ffn: FFNKind = "moe"
 
+    # the block's choices (the paper's by default; FLAVORS["deepseek"] sets DeepSeek-V3's, whose runtimes need it)
+    norm: NormKind = "layernorm"  # layernorm: Eq. 11-12 (weight and bias); rmsnorm: a weight, no mean, no bias
+    # gelu: w2 GELU(w1 x); swiglu: w2 (SiLU(gate x) * up x), for the dense MLP, shared and routed experts alike
+    ffn_activation: ActivationKind = "gelu"
+    # MLA: separate latents C^K, C^V (Eq. 7-8) or one joint latent C^KV, RMS-normalised, feeding both
+    # up-projections (DeepSeek-V2 §2.1.2): the cache then holds r (+ the RoPE key) per token, not 2r
+    latent: LatentKind = "separate"
+
     # mla (§3.1, Eq. 13-14)
     kv_compression: float = 0.5  # rho = r / d; the latent rank r is `kv_lora_rank`
     # post: RoPE after the up-projection (the paper, §3.1); decoupled: DeepSeek-V2's extra RoPE
@@ -66,6 +79,9 @@ class ModelConfig:
     n_activated_experts: int = 6
     moe_inter_dim: int | None = None  # expert hidden width; None means d_ff / 4
     bias_in_gate: bool = True  # paper: gates come from softmax(l + b); False: DeepSeek-V3
+    # the router's score per expert: softmax over the experts (the paper) or an independent sigmoid (DeepSeek-V3);
+    # either way the gates are the chosen experts' scores normalised over the chosen
+    scoring: ScoringKind = "softmax"
     # top-k: every token gets n_activated_experts (the paper). top-p (its §7 question 3, dynamic expert selection):
     # each token gets the fewest of its top n_activated_experts, in gate order, whose share of their gate mass
     # reaches routing_p, and at least min_activated_experts
@@ -99,7 +115,12 @@ class ModelConfig:
 
     @property
     def dense_inter_dim(self) -> int:
-        return self.ffn_inter_dim or self.ffn_mult * self.dim
+        """The dense MLP's hidden width: ffn_mult * d for GELU; for SwiGLU's three matrices 2/3 of it (rounded up to
+        a multiple of 8), so both dense FFNs hold the same parameters (the experts follow at 1/4 of it)."""
+        if self.ffn_inter_dim:
+            return self.ffn_inter_dim
+        width = self.ffn_mult * self.dim
+        return width if self.ffn_activation == "gelu" else -(-2 * width // 3 // 8) * 8
 
     @property
     def expert_inter_dim(self) -> int:
@@ -119,12 +140,16 @@ class ModelConfig:
         return cls(**data)
 
     @classmethod
-    def from_preset(cls, size: str = PAPER_PRESET, variant: str = DEFAULT_VARIANT, **overrides: object) -> ModelConfig:
+    def from_preset(
+        cls, size: str = PAPER_PRESET, variant: str = DEFAULT_VARIANT, flavor: str = DEFAULT_FLAVOR, **overrides: object
+    ) -> ModelConfig:
         if size not in SIZES:
             raise ConfigError(f"unknown size preset {size!r}; choose one of {list(SIZES)}")
         if variant not in VARIANTS:
             raise ConfigError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
-        return cls.from_dict({**SIZES[size], **VARIANTS[variant], **overrides})
+        if flavor not in FLAVORS:
+            raise ConfigError(f"unknown flavor {flavor!r}; choose one of {list(FLAVORS)}")
+        return cls.from_dict({**SIZES[size], **VARIANTS[variant], **FLAVORS[flavor], **overrides})
 
 
 def field_names() -> list[str]:
@@ -160,6 +185,28 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
+# The block's choices as named sets (STYLE: choices, not names; a flavor only sets them). paper: LayerNorm, GELU,
+# separate latents, softmax routing with the bias in the gate (the paper's §3.1 and Algorithm 1). deepseek: the
+# block of DeepSeek-V3 (RMSNorm without biases, SwiGLU experts, one RMS-normalised joint latent, sigmoid scores with
+# the balancing bias used for selection only), which llama.cpp, vLLM, SGLang and transformers run natively: with
+# --variant moe-mla-drope or mla-drope it is DeepSeek-V3's architecture, with mha-rope Llama's.
+FLAVORS: dict[str, dict[str, object]] = {
+    "paper": {},
+    "deepseek": dict(norm="rmsnorm", ffn_activation="swiglu", latent="joint", scoring="sigmoid", bias=False,
+                     bias_in_gate=False),
+}  # fmt: skip
+BLOCK_FIELDS = ("norm", "ffn_activation", "latent", "scoring", "bias", "bias_in_gate")
+
+
+def flavor_name(cfg: ModelConfig) -> str | None:
+    """The flavor whose block choices equal cfg's (None: a mix of them)."""
+    defaults = ModelConfig.__dataclass_fields__
+    for name, choices in FLAVORS.items():
+        if all(getattr(cfg, f) == choices.get(f, defaults[f].default) for f in BLOCK_FIELDS):
+            return name
+    return None
+
+
 def variant_name(cfg: ModelConfig) -> str | None:
     """The preset name whose three choices equal cfg's, if any (for display only)."""
     choice = dict(attention=cfg.attention, positions=cfg.positions, ffn=cfg.ffn, rope_mode=cfg.rope_mode)
@@ -180,6 +227,10 @@ def validate(cfg: ModelConfig) -> None:
     _check_choice(cfg, "balance_rule", BalanceRule)
     _check_choice(cfg, "rope_mode", RopeMode)
     _check_choice(cfg, "routing", RoutingKind)
+    _check_choice(cfg, "norm", NormKind)
+    _check_choice(cfg, "ffn_activation", ActivationKind)
+    _check_choice(cfg, "latent", LatentKind)
+    _check_choice(cfg, "scoring", ScoringKind)
     if cfg.rope_mode == "decoupled" and not (cfg.attention == "mla" and cfg.positions == "rope"):
         raise ConfigError("rope_mode='decoupled' needs attention='mla' and positions='rope'")
     if cfg.decoupled and (cfg.rope_dim < 2 or cfg.rope_dim % 2):
@@ -238,6 +289,17 @@ PORTABLE: dict[str, tuple[object, ...] | None] = {
 }  # fmt: skip
 
 
+# The ONNX graph is built from the model's own functions (inference/onnx/graph.py calls model/), so it runs every
+# block choice; only top-p routing's data-dependent expert count stays out of its static shapes.
+ONNX_PORTABLE: dict[str, tuple[object, ...] | None] = {
+    **PORTABLE,
+    "norm": None,
+    "ffn_activation": None,
+    "latent": None,
+    "scoring": None,
+}
+
+
 def portable(cfg: ModelConfig) -> bool:
     """Whether the second implementations run this model (check_portable would pass)."""
     try:
@@ -247,12 +309,15 @@ def portable(cfg: ModelConfig) -> bool:
     return True
 
 
-def check_portable(cfg: ModelConfig, what: str, way_out: str) -> None:
-    """ConfigError naming the first config field that `what` (a second implementation) does not implement."""
+def check_portable(
+    cfg: ModelConfig, what: str, way_out: str, table: dict[str, tuple[object, ...] | None] = PORTABLE
+) -> None:
+    """ConfigError naming the first config field that `what` (a second implementation, whose fields are `table`)
+    does not implement."""
     defaults = type(cfg)()
     for f in dataclasses.fields(cfg):
-        value, allowed = getattr(cfg, f.name), PORTABLE.get(f.name, ())
-        if f.name not in PORTABLE and value != getattr(defaults, f.name):
+        value, allowed = getattr(cfg, f.name), table.get(f.name, ())
+        if f.name not in table and value != getattr(defaults, f.name):
             raise ConfigError(f"{what} does not implement ModelConfig.{f.name}={value!r}; {way_out}")
         if allowed and value not in allowed:
             raise ConfigError(f"{what} supports {f.name} in {allowed}, not {value!r}; {way_out}")

@@ -9,8 +9,24 @@ import sys
 import typing
 
 from moemla import accounting
-from moemla.cli.flags import add_config_flags, add_dataclass_flags, config_overrides, flag_values, positive_int
-from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, PAPER_PRESET, SIZES, VARIANTS, ModelConfig
+from moemla.cli.flags import (
+    FLAVOR_HELP,
+    add_config_flags,
+    add_dataclass_flags,
+    config_overrides,
+    flag_values,
+    positive_int,
+)
+from moemla.config import (
+    DEFAULT_FLAVOR,
+    DEFAULT_PRESET,
+    DEFAULT_VARIANT,
+    FLAVORS,
+    PAPER_PRESET,
+    SIZES,
+    VARIANTS,
+    ModelConfig,
+)
 from moemla.data.prepare import STORIES, VAL_FRACTION, VOCAB_SIZE
 from moemla.demo import STEPS as DEMO_STEPS
 from moemla.train.config import TrainConfig
@@ -38,7 +54,10 @@ def _print_table(rows: list[dict[str, object]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{rows[0]['n_layers']} layers, d={rows[0]['dim']}, vocab {rows[0]['vocab_size']}")
+    r0 = rows[0]
+    block = f"{r0['flavor']} block ({r0['norm']}, {r0['ffn_activation']}" + (f", {r0['latent']} latent" if
+                                                                           r0["latent"] else "") + ")"  # fmt: skip
+    table = Table(title=f"{r0['n_layers']} layers, d={r0['dim']}, vocab {r0['vocab_size']}, {block}")
     table.add_column("variant", no_wrap=True)
     for name in ("params", "active", "FLOPs/token", "KV bytes/token", "KV vs mha"):
         table.add_column(name, justify="right", no_wrap=True)
@@ -61,7 +80,7 @@ def _print_table(rows: list[dict[str, object]]) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     variants = list(VARIANTS) if args.all_variants else [args.variant]
-    configs = [ModelConfig.from_preset(args.preset, v, **overrides) for v in variants]
+    configs = [ModelConfig.from_preset(args.preset, v, args.flavor, **overrides) for v in variants]
     rows = [accounting.summary(cfg, args.context, args.dtype) for cfg in configs]
     if args.json:
         print(json.dumps(rows if args.all_variants else rows[0]))
@@ -91,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from moemla.train.launch import run_training
 
     result = run_training(
-        args.data, out=args.out, resume=args.resume, preset=args.preset, variant=args.variant,
+        args.data, out=args.out, resume=args.resume, preset=args.preset, variant=args.variant, flavor=args.flavor,
         config_file=args.config, model_flags=flag_values(args, "cfg_"), train_flags=flag_values(args, "tc_"),
         checkpoint_name=args.checkpoint, new_data=args.new_data,
     )  # fmt: skip
@@ -185,6 +204,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/PRESET-VARIANT)")
     p.add_argument("--preset", choices=list(SIZES), help=f"size preset (default {DEFAULT_PRESET})")
     p.add_argument("--variant", choices=list(VARIANTS), help=f"architecture variant (default {DEFAULT_VARIANT})")
+    p.add_argument(
+        "--flavor",
+        choices=list(FLAVORS),
+        help=FLAVOR_HELP,
+    )
     p.add_argument("--config", help="JSON or TOML file with preset, variant, model {...} and train {...}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument(
@@ -249,6 +273,12 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         "--preset", default=PAPER_PRESET, choices=list(SIZES), help="size preset (Table 1, plus tiny and debug)"
     )
     info.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS), help="architecture variant")
+    info.add_argument(
+        "--flavor",
+        default=DEFAULT_FLAVOR,
+        choices=list(FLAVORS),
+        help=FLAVOR_HELP,
+    )
     info.add_argument("--all-variants", action="store_true", help="compare all variants side by side")
     info.add_argument("--context", type=int, default=None, help="context length for FLOPs (default max_seq_len)")
     info.add_argument(

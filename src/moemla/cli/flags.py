@@ -10,6 +10,12 @@ from collections.abc import Callable
 
 from moemla.config import DEFAULT_VARIANT, ModelConfig
 
+FLAVOR_HELP = (
+    "the block: paper (LayerNorm, GELU, separate latents, softmax routing; the default) or deepseek (RMSNorm, "
+    "SwiGLU, one joint latent, sigmoid routing, no biases: DeepSeek-V3's block; with moe-mla-drope it is "
+    "DeepSeek-V3's architecture, with mha-rope Llama's)"
+)
+
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number >= 1 (0 is refused like a negative, never read as "the default")."""

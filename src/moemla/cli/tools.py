@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from moemla.cli.flags import (
+    FLAVOR_HELP,
     add_config_flags,
     add_dataclass_flags,
     config_overrides,
@@ -16,7 +17,16 @@ from moemla.cli.flags import (
     positive_int,
     seed_list,
 )
-from moemla.config import DEFAULT_PRESET, PAPER_PRESET, SIZES, VARIANTS, ConfigError, ModelConfig
+from moemla.config import (
+    DEFAULT_FLAVOR,
+    DEFAULT_PRESET,
+    FLAVORS,
+    PAPER_PRESET,
+    SIZES,
+    VARIANTS,
+    ConfigError,
+    ModelConfig,
+)
 from moemla.data.sources import DataError
 from moemla.experiments.tables import TABLES
 from moemla.inference.sampling import SamplingConfig
@@ -99,7 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = []
     for batch in batches:
         for v in variants:
-            cfg = ModelConfig.from_preset(args.preset, v, **overrides)
+            cfg = ModelConfig.from_preset(args.preset, v, args.flavor, **overrides)
             if not args.json:
                 print(f"{v}, batch {batch} ...", file=sys.stderr, flush=True)
             rows.append(bench(
@@ -129,7 +139,7 @@ def _bench_memory(args: argparse.Namespace, variants: list[str], device, dtype, 
         raise ConfigError(f"--memory must be a positive number of GiB, got {args.memory}")
     rows = []
     for v in variants:
-        cfg = ModelConfig.from_preset(args.preset, v, **overrides)
+        cfg = ModelConfig.from_preset(args.preset, v, args.flavor, **overrides)
         if not args.json:
             print(f"{v}: fitting {args.memory} GiB ...", file=sys.stderr, flush=True)
         rows.append(bench_memory(
@@ -155,7 +165,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     steps = None if args.tokens else args.steps
     rows = tuple(args.rows.split(",")) if args.rows else None
     shape = {"tokens": args.tokens, "device": args.device, "batch_size": args.batch_size, "seq_len": args.seq_len,
-             "rows": rows, "reuse": tuple(args.reuse.split(",")) if args.reuse else ()}  # fmt: skip
+             "rows": rows, "reuse": tuple(args.reuse.split(",")) if args.reuse else (),
+             "flavor": args.flavor}  # fmt: skip
     if args.plan:
         from moemla.device import resolve_device
         from moemla.experiments import plan as planning
@@ -271,6 +282,11 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, help="sequences per optimizer step (default 16; a GPU wants more)"
     )
     p.add_argument("--seq-len", type=positive_int, help="tokens per training sequence (default 256)")
+    p.add_argument(
+        "--flavor", default=DEFAULT_FLAVOR, choices=list(FLAVORS),
+        help="the block every row is built with: paper (default) or deepseek (RMSNorm, SwiGLU, joint latent, sigmoid "
+        "routing): the paper's claims re-tested in DeepSeek-V3's block; results go to results/TABLE-PRESET-deepseek",
+    )  # fmt: skip
     p.add_argument("--rows", help="only these rows of the table, comma-separated (e.g. mha,mha-rope,moe-mla-rope)")
     p.add_argument(
         "--reuse", metavar="FOLDERS",
@@ -327,6 +343,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preset", default=PAPER_PRESET, choices=list(SIZES), help=f"size preset (default {PAPER_PRESET})")
     p.add_argument("--variants", default="mha,moe-mla-rope,moe-mla-drope", help="comma-separated, or all")
+    p.add_argument(
+        "--flavor",
+        default=DEFAULT_FLAVOR,
+        choices=list(FLAVORS),
+        help=FLAVOR_HELP,
+    )
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,16")
     p.add_argument("--context", type=int, default=512, help="positions filled at the end of decoding")
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps (the prompt is context - new tokens)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moemla.config import SIZES, ConfigError, ModelConfig
+from moemla.config import DEFAULT_FLAVOR, SIZES, ConfigError, ModelConfig
 from moemla.data.prepare import prepare_data
 from moemla.data.shards import PreparedData
 from moemla.data.sources import DataError
@@ -60,6 +60,7 @@ def setup(
     seq_len: int | None = None,
     rows: tuple[str, ...] | None = None,
     reuse: tuple[str | Path, ...] = (),
+    flavor: str = DEFAULT_FLAVOR,
 ) -> Setup:
     """`preset` is one size, or for table7 a comma-separated list (one size means every size up to it)."""
     if table not in TABLES:
@@ -67,14 +68,14 @@ def setup(
     spec = TABLES[table]
     presets = _presets(preset, spec.multi_size)
     seq_len = seq_len or SEQ_LEN
-    folder = Path(out or f"results/{table}-{presets[-1]}")
+    folder = Path(out or f"results/{table}-{presets[-1]}" + ("" if flavor == DEFAULT_FLAVOR else f"-{flavor}"))
     check_destination(folder, "reproduce", sources=(*([data] if data else []), *reuse), fix="choose another --out")
     if data is None:
         data, _ = prepare_data(out="data/builtin")
     vocab = PreparedData.open(data).vocab_size
     # every size trains on sequences of seq_len tokens (a shorter context, debug's 64, is raised to it)
     bases = {
-        p: ModelConfig.from_preset(p, "moe-mla-rope", vocab_size=vocab, **BALANCE).replace(
+        p: ModelConfig.from_preset(p, "moe-mla-rope", flavor, vocab_size=vocab, **BALANCE).replace(
             max_seq_len=max(seq_len, int(SIZES[p]["max_seq_len"]))  # type: ignore[call-overload]
         )
         for p in presets
@@ -95,6 +96,7 @@ def setup(
         f" --seq-len {seq_len}" if seq_len != SEQ_LEN else ""
     )
     flags += f" --rows {','.join(rows)}" if rows else ""
+    flags += f" --flavor {flavor}" if flavor != DEFAULT_FLAVOR else ""
     command = f"moemla reproduce {table} --preset {','.join(presets)} {flags} --seeds {','.join(map(str, seeds))}"
     missing = [str(f) for f in reuse if not Path(f).is_dir()]
     if missing:

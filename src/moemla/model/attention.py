@@ -25,6 +25,7 @@ class Angles(NamedTuple):
 
 
 Rope = Angles | None
+NORM_EPS = 1e-6  # RMSNorm's epsilon (the block's and the joint latent's), DeepSeek-V3's and Llama's
 
 
 def causal_attention(
@@ -68,6 +69,13 @@ def post_rope_scores(
     return scores
 
 
+def latents(entries: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An MLA layer's cache entries (cache_spec's names) as (C^K, C^V, k_pe): a joint latent is both C^K and C^V."""
+    c_k = entries["c_kv"] if "c_kv" in entries else entries["c_k"]
+    c_v = entries["c_kv"] if "c_kv" in entries else entries["c_v"]
+    return c_k, c_v, entries.get("k_pe")
+
+
 class MHA(nn.Module):
     """Standard multi-head attention; caches K and V for every head."""
 
@@ -77,11 +85,19 @@ class MHA(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, rope: Rope, at: Write | None, layer: int) -> torch.Tensor:
+    def project(self, x: torch.Tensor, q_cos: torch.Tensor | None, q_sin: torch.Tensor | None) -> tuple:
+        """x (B, T, C) -> q (B, T, H, D) and the new tokens' cache entries {k, v} (B, T, H, D), keys rotated at
+        the new positions (q_cos, q_sin (T, D/2); None without RoPE). The torch model and the ONNX graph call it."""
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim).unbind(2)  # (B, T, H, D) each
-        if rope is not None:
-            q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.q_cos, rope.q_sin)  # keys cached rotated
+        if q_cos is not None:
+            q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, q_cos, q_sin)  # keys cached rotated
+        return q, {"k": k, "v": v}
+
+    def forward(self, x: torch.Tensor, rope: Rope, at: Write | None, layer: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, new = self.project(x, *((rope.q_cos, rope.q_sin) if rope is not None else (None, None)))
+        k, v = new["k"], new["v"]
         mask = None
         if at is not None:
             kv = at.cache.append(layer, at, k=k, v=v)
@@ -104,28 +120,46 @@ class MLA(nn.Module):
         self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
         self.rank = cfg.kv_lora_rank
         self.decoupled = cfg.decoupled
+        self.joint = cfg.latent == "joint"
         self.rope_dim = cfg.rope_dim if cfg.decoupled else 0  # P
         h, p = cfg.n_heads, self.rope_dim
         self.wq = nn.Linear(cfg.dim, h * (self.head_dim + p), bias=cfg.bias)
-        # W^Kc and W^Vc (d -> r each, shared across heads) and the shared RoPE key fused into one matmul
-        self.wkv_a = nn.Linear(cfg.dim, 2 * self.rank + p, bias=cfg.bias)
+        # W^Kc and W^Vc (d -> r each, shared across heads), or one W^KVc (d -> r) for a joint latent, and the
+        # shared RoPE key, fused into one matmul
+        self.wkv_a = nn.Linear(cfg.dim, (1 if self.joint else 2) * self.rank + p, bias=cfg.bias)
+        # DeepSeek-V2 §2.1.2: the joint latent is RMS-normalised before it is cached and up-projected
+        self.kv_norm = nn.RMSNorm(self.rank, eps=NORM_EPS) if self.joint else None
         # W_h^Kr and W_h^Vr for all heads at once (r -> H * D)
         self.wk_b = nn.Linear(self.rank, cfg.dim, bias=cfg.bias)
         self.wv_b = nn.Linear(self.rank, cfg.dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
 
+    def project(self, x: torch.Tensor, q_cos: torch.Tensor | None, q_sin: torch.Tensor | None) -> tuple:
+        """x (B, T, C) -> q (B, T, H, D), q_pe (B, T, H, P) rotated, and the new tokens' cache entries (cache_spec's
+        names: c_k, c_v or the joint c_kv, (B, T, R); k_pe (B, T, P) rotated). The torch model and the ONNX graph
+        call it; `latents` reads the entries back as (C^K, C^V, k_pe)."""
+        b, t, _ = x.shape
+        h, d, p, r = self.n_heads, self.head_dim, self.rope_dim, self.rank
+        q, q_pe = self.wq(x).view(b, t, h, d + p).split([d, p], dim=-1)  # (B, T, H, D), (B, T, H, P)
+        if self.joint:
+            c_kv, k_pe = self.wkv_a(x).split([r, p], dim=-1)  # (B, T, R), (B, T, P)
+            new = {"c_kv": self.kv_norm(c_kv)}
+        else:
+            c_k, c_v, k_pe = self.wkv_a(x).split([r, r, p], dim=-1)  # (B, T, R) x 2, (B, T, P)
+            new = {"c_k": c_k, "c_v": c_v}
+        if self.decoupled:
+            q_pe = apply_rope(q_pe, q_cos, q_sin)
+            new["k_pe"] = apply_rope(k_pe[:, :, None], q_cos, q_sin)[:, :, 0]  # one key for all heads, rotated
+        return q, q_pe, new
+
     def forward(self, x: torch.Tensor, rope: Rope, at: Write | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         h, d, p = self.n_heads, self.head_dim, self.rope_dim
-        q, q_pe = self.wq(x).view(b, t, h, d + p).split([d, p], dim=-1)  # (B, T, H, D), (B, T, H, P)
-        c_k, c_v, k_pe = self.wkv_a(x).split([self.rank, self.rank, p], dim=-1)  # (B, T, R) x 2, (B, T, P)
-        if self.decoupled:
-            q_pe = apply_rope(q_pe, rope.q_cos, rope.q_sin)
-            k_pe = apply_rope(k_pe[:, :, None], rope.q_cos, rope.q_sin)[:, :, 0]  # one key for all heads, rotated
+        q, q_pe, new = self.project(x, *((rope.q_cos, rope.q_sin) if rope is not None else (None, None)))
+        c_k, c_v, k_pe = latents(new)
         mask = None
         if at is not None:
-            kv = at.cache.append(layer, at, c_k=c_k, c_v=c_v, **({"k_pe": k_pe} if self.decoupled else {}))
-            c_k, c_v, k_pe = kv["c_k"], kv["c_v"], kv.get("k_pe")  # (B, S, R), S = the write's span
+            c_k, c_v, k_pe = latents(at.cache.append(layer, at, **new))  # (B, S, R), S = the write's span
             mask = at.mask
             if t == 1 and at.cache.absorbed and not self.training:  # one-token steps attend over the latents
                 return self.decode_absorbed(q, q_pe, c_k, c_v, k_pe, rope, None if mask is None else mask[:, 0])

@@ -13,10 +13,13 @@ from moemla.config import ModelConfig
 
 def cache_spec(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Per-token, per-layer tensors the attention keeps: MHA caches K and V per head, MLA only C^K, C^V."""
-    if cfg.decoupled:  # DeepSeek-V2: one RoPE key shared by all heads, stored rotated beside the latents
-        return {"c_k": (cfg.kv_lora_rank,), "c_v": (cfg.kv_lora_rank,), "k_pe": (cfg.rope_dim,)}
     if cfg.attention == "mla":
-        return {"c_k": (cfg.kv_lora_rank,), "c_v": (cfg.kv_lora_rank,)}  # Eq. 13: shared latents
+        r = cfg.kv_lora_rank
+        # Eq. 13: latents shared by the heads, C^K and C^V, or one joint C^KV (DeepSeek-V2 §2.1.2)
+        spec = {"c_kv": (r,)} if cfg.latent == "joint" else {"c_k": (r,), "c_v": (r,)}
+        if cfg.decoupled:  # DeepSeek-V2: one RoPE key shared by all heads, stored rotated beside the latents
+            spec["k_pe"] = (cfg.rope_dim,)
+        return spec
     return {"k": (cfg.n_heads, cfg.head_dim), "v": (cfg.n_heads, cfg.head_dim)}
 
 

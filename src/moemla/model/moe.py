@@ -8,20 +8,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemla.config import BalanceRule, ModelConfig
+from moemla.config import ActivationKind, BalanceRule, ModelConfig, ScoringKind
 from moemla.model.kv_cache import Write
 
 
-class MLP(nn.Module):
-    """GELU feed-forward d -> hidden -> d; the dense FFN, and the fused shared experts."""
+def activate(h: torch.Tensor, kind: ActivationKind) -> torch.Tensor:
+    """The FFN's nonlinearity on the first projection's output h (..., W): GELU (the paper) -> (..., W); SwiGLU
+    (DeepSeek, Llama) reads h as [gate | up] halves -> SiLU(gate) * up, (..., W / 2). Every FFN form (the dense MLP,
+    shared and routed experts, grouped, gathered or masked dispatch, the ONNX graph) calls this one function, so
+    w1 holds both SwiGLU matrices side by side and each expert stays one matmul in, one out."""
+    if kind == "gelu":
+        return F.gelu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
-    def __init__(self, dim: int, hidden: int, bias: bool) -> None:
+
+def in_width(hidden: int, kind: ActivationKind) -> int:
+    """w1's output width for an FFN of `hidden` units: SwiGLU's gate and up side by side."""
+    return 2 * hidden if kind == "swiglu" else hidden
+
+
+class MLP(nn.Module):
+    """Feed-forward d -> hidden -> d (GELU or SwiGLU, `activate`); the dense FFN, and the fused shared experts."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool, activation: ActivationKind = "gelu") -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.activation = activation
+        self.w1 = nn.Linear(dim, in_width(hidden, activation), bias=bias)
         self.w2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.gelu(self.w1(x)))
+        return self.w2(activate(self.w1(x), self.activation))
 
 
 class Router(nn.Module):
@@ -29,7 +46,7 @@ class Router(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.top_k, self.bias_in_gate = cfg.n_activated_experts, cfg.bias_in_gate
+        self.top_k, self.bias_in_gate, self.scoring = cfg.n_activated_experts, cfg.bias_in_gate, cfg.scoring
         self.top_p = cfg.routing_p if cfg.routing == "top-p" else None
         self.min_k = cfg.min_activated_experts
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
@@ -42,15 +59,21 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight.float())  # (N, E); router math in fp32
         if self.bias_in_gate:
             # Algorithm 1 / Eq. 2: l = W_g x + b, TopK(softmax(l)), gates renormalized over the top-k
-            gates, idx = torch.softmax(logits + self.bias, dim=-1).topk(self.top_k, dim=-1)
+            gates, idx = score(logits + self.bias, self.scoring).topk(self.top_k, dim=-1)
         else:
             # NOTE: DeepSeek-V3: b only decides *which* experts; gate values use the unbiased scores
-            scores = torch.softmax(logits, dim=-1)
+            scores = score(logits, self.scoring)
             idx = (scores + self.bias).topk(self.top_k, dim=-1).indices
             gates = scores.gather(-1, idx)
         if self.top_p is not None:
             gates = top_p(gates / gates.sum(dim=-1, keepdim=True), self.top_p, self.min_k)
         return gates / gates.sum(dim=-1, keepdim=True), idx
+
+
+def score(logits: torch.Tensor, kind: ScoringKind) -> torch.Tensor:
+    """Each expert's affinity (N, E): a softmax over the experts (the paper, DeepSeek-V2) or an independent sigmoid
+    (DeepSeek-V3 §2.1.2); the router then normalises the chosen experts' scores to sum to 1."""
+    return torch.softmax(logits, dim=-1) if kind == "softmax" else torch.sigmoid(logits)
 
 
 def top_p(gates: torch.Tensor, p: float, min_k: int) -> torch.Tensor:
@@ -160,12 +183,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class RoutedExperts(nn.Module):
-    """E GELU experts with stacked weights; tokens are sorted by expert and run as grouped matmuls."""
+    """E experts (GELU or SwiGLU) with stacked weights; tokens are sorted by expert and run as grouped matmuls."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
+    def __init__(self, n_experts: int, dim: int, hidden: int, activation: ActivationKind = "gelu") -> None:
         super().__init__()
-        self.n_experts = n_experts
-        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # (E, C, h)
+        self.n_experts, self.activation = n_experts, activation
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, in_width(hidden, activation)))  # (E, C, h or 2h)
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))  # (E, h, C)
 
     def forward(
@@ -184,7 +207,7 @@ class RoutedExperts(nn.Module):
         # index_select, not x[...]: its backward is a plain index_add, cheaper than index_put on CPU
         xs = x.to(dtype).index_select(0, order // k)  # (N*K, C) in expert order
         tail = keep is not None
-        h = F.gelu(grouped_mm(xs, self.w1.to(dtype), counts, tail))  # (N*K, h)
+        h = activate(grouped_mm(xs, self.w1.to(dtype), counts, tail), self.activation)  # (N*K, h)
         y = grouped_mm(h, self.w2.to(dtype), counts, tail)  # (N*K, C)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -205,7 +228,7 @@ class RoutedExperts(nn.Module):
         flat = idx.flatten()  # (A,), A = N * K assignments in token order
         x = x.to(self.w1.dtype)
         w1 = _gather(self.w1, flat, "w1", scratch)  # (A, C, h)
-        h = F.gelu(torch.bmm(x.repeat_interleave(k, dim=0)[:, None], w1))  # (A, 1, h)
+        h = activate(torch.bmm(x.repeat_interleave(k, dim=0)[:, None], w1), self.activation)  # (A, 1, h)
         w2 = _gather(self.w2, flat, "w2", scratch)  # (A, h, C)
         y = torch.bmm(h, w2).view(n, k, -1)  # (N, K, C)
         return torch.bmm(gates.unsqueeze(1).to(y.dtype), y).squeeze(1)
@@ -237,10 +260,10 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.router = Router(cfg)
-        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.expert_inter_dim)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.expert_inter_dim, cfg.ffn_activation)
         # N_s shared experts with gate 1 are one MLP of N_s times the width: same math, one matmul
         hidden = cfg.n_shared_experts * cfg.expert_inter_dim
-        self.shared = MLP(cfg.dim, hidden, bias=False) if hidden else None
+        self.shared = MLP(cfg.dim, hidden, bias=False, activation=cfg.ffn_activation) if hidden else None
         # routed assignments per expert since the last balancing update (train) / reset (eval)
         self.register_buffer("train_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("eval_load", torch.zeros(cfg.n_routed_experts), persistent=False)

@@ -9,21 +9,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemla.config import ModelConfig
-from moemla.model.attention import MHA, MLA, Angles
+from moemla.model.attention import MHA, MLA, NORM_EPS, Angles
 from moemla.model.dropout import Dropout
 from moemla.model.kv_cache import KVCache, Write
 from moemla.model.moe import MLP, MoE, RoutedExperts, Router, load_cvs
 from moemla.model.rope import rope_tables
 
 
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The block's normalisation: LayerNorm (Eq. 11-12, weight and bias) or RMSNorm (a weight only)."""
+    dim = dim or cfg.dim
+    return nn.LayerNorm(dim) if cfg.norm == "layernorm" else nn.RMSNorm(dim, eps=NORM_EPS)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.ln1 = make_norm(cfg)
         self.attn = MLA(cfg) if cfg.attention == "mla" else MHA(cfg)
-        self.ln2 = nn.LayerNorm(cfg.dim)
-        self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg.dim, cfg.dense_inter_dim, cfg.bias)
+        self.ln2 = make_norm(cfg)
+        self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg.dim, cfg.dense_inter_dim, cfg.bias, cfg.ffn_activation)
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: Angles | None, at: Write | None) -> torch.Tensor:
@@ -52,7 +58,7 @@ class Transformer(nn.Module):
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.dim)
+        self.ln_f = make_norm(cfg)
         if cfg.positions == "rope":
             cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # (T_max, D/2)

@@ -6,7 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
-from moemla.config import DEFAULT_PRESET, DEFAULT_VARIANT, ConfigError, ModelConfig
+from moemla.config import BLOCK_FIELDS, DEFAULT_FLAVOR, DEFAULT_PRESET, DEFAULT_VARIANT, ConfigError, ModelConfig
 from moemla.data.shards import PreparedData
 from moemla.folders import check_destination
 from moemla.runs.folder import RunFolder
@@ -14,7 +14,7 @@ from moemla.train.config import TrainConfig
 from moemla.train.loop import train
 from moemla.train.resume import check_same_model, configs, recorded_data
 
-CONFIG_KEYS = {"preset", "variant", "model", "train"}
+CONFIG_KEYS = {"preset", "variant", "flavor", "model", "train"}
 
 
 def read_config_file(path: str | None) -> dict:
@@ -41,6 +41,7 @@ def resolve_configs(
     resume: bool = False,
     preset: str | None = None,
     variant: str | None = None,
+    flavor: str | None = None,
     file: dict | None = None,
     model_flags: dict | None = None,
     train_flags: dict | None = None,
@@ -51,18 +52,23 @@ def resolve_configs(
     train_over = {**file.get("train", {}), **(train_flags or {})}
     preset = preset or file.get("preset")
     variant = variant or file.get("variant")
+    flavor = flavor or file.get("flavor")
     if resume and RunFolder(run_dir).exists():
         cfg, tc = configs(RunFolder(run_dir).meta)
-        if preset or variant:  # a named preset or variant must be the one the run was started with
+        if preset or variant or flavor:  # a named preset, variant or flavor must be the one the run started with
+            # an unnamed flavor is the run's own block (its switches as recorded)
+            block = {} if flavor else {f: getattr(cfg, f) for f in BLOCK_FIELDS}
             asked = ModelConfig.from_preset(
-                preset or DEFAULT_PRESET, variant or DEFAULT_VARIANT, **{"vocab_size": cfg.vocab_size, **model_over}
-            )
+                preset or DEFAULT_PRESET, variant or DEFAULT_VARIANT, flavor or DEFAULT_FLAVOR,
+                **{"vocab_size": cfg.vocab_size, **block, **model_over},
+            )  # fmt: skip
         else:  # flags alone change fields of the run's own config
             asked = cfg.replace(**model_over)
         check_same_model(run_dir, asked)
         return cfg, tc.replace(**train_over)
     model_over.setdefault("vocab_size", data.vocab_size)
-    cfg = ModelConfig.from_preset(preset or DEFAULT_PRESET, variant or DEFAULT_VARIANT, **model_over)
+    cfg = ModelConfig.from_preset(preset or DEFAULT_PRESET, variant or DEFAULT_VARIANT, flavor or DEFAULT_FLAVOR,
+                                  **model_over)  # fmt: skip
     train_over.setdefault("seq_len", min(TrainConfig.seq_len, cfg.max_seq_len))
     return cfg, TrainConfig.from_dict(train_over)
 
@@ -85,6 +91,7 @@ def run_training(
     resume: bool = False,
     preset: str | None = None,
     variant: str | None = None,
+    flavor: str | None = None,
     config_file: str | None = None,
     model_flags: dict | None = None,
     train_flags: dict | None = None,
@@ -95,6 +102,8 @@ def run_training(
     Without `data_dir` a new run trains on data/builtin and a resumed one on the data it was trained on."""
     file = read_config_file(config_file)
     name = f"{preset or file.get('preset', DEFAULT_PRESET)}-{variant or file.get('variant', DEFAULT_VARIANT)}"
+    flavor_ = flavor or file.get("flavor", DEFAULT_FLAVOR)
+    name += "" if flavor_ == DEFAULT_FLAVOR else f"-{flavor_}"
     run_dir = Path(out or f"runs/{name}")
     if data_dir is None:
         data_dir = (recorded_data(run_dir) if resume else None) or DEFAULT_DATA
@@ -102,7 +111,7 @@ def run_training(
     check_destination(run_dir, "train", sources=(data_dir,), fix="choose another --out")
     data = PreparedData.open(data_dir)
     cfg, tc = resolve_configs(
-        data, run_dir, resume=resume, preset=preset, variant=variant, file=file, model_flags=model_flags,
+        data, run_dir, resume=resume, preset=preset, variant=variant, flavor=flavor, file=file, model_flags=model_flags,
         train_flags=train_flags,
     )  # fmt: skip
     try:

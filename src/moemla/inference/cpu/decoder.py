@@ -133,7 +133,8 @@ class NumpyDecoder:
     def from_model(
         cls, model: object, max_len: int | None = None, compiled: bool = False, quantize: str = "none"
     ) -> NumpyDecoder:
-        """From a torch `Transformer` (its current weights, copied)."""
+        """From a torch `Transformer` (its current weights, copied; a model it cannot run is refused first)."""
+        check_supported(model.cfg)
         state = {name: t.detach().float().cpu().numpy() for name, t in model.state_dict().items()}
         return cls(model.cfg, state, max_len, compiled, quantize)
 

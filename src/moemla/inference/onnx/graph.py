@@ -21,9 +21,9 @@ from torch import nn
 
 from moemla.config import ModelConfig
 from moemla.model import Transformer
-from moemla.model.attention import MHA, MLA
+from moemla.model.attention import MHA, MLA, latents
 from moemla.model.kv_cache import cache_spec
-from moemla.model.moe import MoE
+from moemla.model.moe import MoE, activate
 from moemla.model.rope import apply_rope
 
 
@@ -47,31 +47,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
 
 
 def mha(attn: MHA, x: torch.Tensor, rope: tuple | None, allowed: torch.Tensor, past: list[torch.Tensor]):
-    b, t, _ = x.shape
-    q, k, v = attn.wqkv(x).view(b, t, 3, attn.n_heads, attn.head_dim).unbind(2)  # (B, T, H, D) each
-    if rope is not None:
-        q, k = apply_rope(q, *rope[:2]), apply_rope(k, *rope[:2])  # keys cached rotated, at their slots
-    k, v = torch.cat([past[0], k.transpose(1, 2)], 2), torch.cat([past[1], v.transpose(1, 2)], 2)  # (B, H, S, D)
-    return attn.wo(attend(q, k, v, allowed, attn.head_dim**-0.5)), [k, v]
+    q, new = attn.project(x, *(rope[:2] if rope is not None else (None, None)))  # the model's own projection
+    k, v = torch.cat([past[0], new["k"].transpose(1, 2)], 2), torch.cat([past[1], new["v"].transpose(1, 2)], 2)
+    return attn.wo(attend(q, k, v, allowed, attn.head_dim**-0.5)), [k, v]  # the cache as (B, H, S, D)
 
 
 def mla(attn: MLA, x: torch.Tensor, rope: tuple | None, allowed: torch.Tensor, past: list[torch.Tensor]):
-    b, t, _ = x.shape
-    h, d, p, r = attn.n_heads, attn.head_dim, attn.rope_dim, attn.rank
-    q, q_pe = attn.wq(x).view(b, t, h, d + p).split([d, p], dim=-1)  # (B, T, H, D), (B, T, H, P)
-    c_k, c_v, k_pe = attn.wkv_a(x).split([r, r, p], dim=-1)  # (B, T, R) x 2, (B, T, P)
-    c_k, c_v = torch.cat([past[0], c_k], 1), torch.cat([past[1], c_v], 1)  # (B, S, R)
-    new = [c_k, c_v]
-    if attn.decoupled:
-        q_pe = apply_rope(q_pe, *rope[:2])
-        k_pe = torch.cat([past[2], apply_rope(k_pe[:, :, None], *rope[:2])[:, :, 0]], 1)  # (B, S, P)
-        new.append(k_pe)
+    t = x.shape[1]
+    h, d, p = attn.n_heads, attn.head_dim, attn.rope_dim
+    q, q_pe, new = attn.project(x, *(rope[:2] if rope is not None else (None, None)))  # the model's own projection
+    full = {name: torch.cat([old, new[name]], 1) for old, name in zip(past, new, strict=True)}  # (B, S, ...)
+    c_k, c_v, k_pe = latents(full)  # a joint latent is both C^K and C^V
+    k_pe = k_pe if k_pe is not None else c_k[..., :0]  # a branch operand must be a tensor
     ops = (q, q_pe, c_k, c_v, k_pe, allowed, *_latent_weights(attn))
     if rope is not None and not attn.decoupled:  # §3.1: RoPE after the up-projection; every key re-rotated
         y = _expanded((h, d, p), *ops, rope=rope)
     else:  # the branches take the weights as operands and capture no module: torch.export traces them faster
         y = torch.cond(t == 1, lambda *o: _absorbed((h, d, p), *o), lambda *o: _expanded((h, d, p), *o), ops)
-    return attn.wo(y), new
+    return attn.wo(y), list(full.values())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,7 +134,7 @@ def _gathered(ffn: MoE, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor)
     flat = idx.reshape(-1)  # a Gather on axis 0 (not GatherND): what the int8 export dequantizes row by row
     w1 = ffn.experts.w1.index_select(0, flat).view(n, k, *ffn.experts.w1.shape[1:])  # (N, K, C, h)
     w2 = ffn.experts.w2.index_select(0, flat).view(n, k, *ffn.experts.w2.shape[1:])  # (N, K, h, C)
-    hid = F.gelu(x[:, None, None, :] @ w1)  # (N, K, 1, h)
+    hid = activate(x[:, None, None, :] @ w1, ffn.experts.activation)  # (N, K, 1, h)
     y = (hid @ w2)[:, :, 0]  # (N, K, C)
     return (y * gates[..., None].to(y.dtype)).sum(1)
 
@@ -149,7 +142,7 @@ def _gathered(ffn: MoE, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor)
 def _masked(ffn: MoE, x: torch.Tensor, gates: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, weighted by a gate that is 0 outside the token's top-k: (N, C)."""
     dense = torch.zeros(x.shape[0], ffn.experts.n_experts, dtype=gates.dtype).scatter(-1, idx, gates)  # (N, E)
-    hid = F.gelu(x[None] @ ffn.experts.w1)  # (E, N, h)
+    hid = activate(x[None] @ ffn.experts.w1, ffn.experts.activation)  # (E, N, h)
     y = (hid * dense.T[..., None].to(hid.dtype)) @ ffn.experts.w2  # (E, N, C)
     return y.sum(0)
 

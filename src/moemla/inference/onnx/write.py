@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from moemla import accounting
-from moemla.config import ConfigError, ModelConfig, check_portable, variant_name
+from moemla.config import ONNX_PORTABLE, ConfigError, ModelConfig, check_portable, variant_name
 from moemla.folders import TOKENIZER_FILE, replace_folder, staging
 from moemla.inference.cpu.quant import to_int8
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
@@ -51,7 +51,8 @@ def require_onnx() -> None:
 def check_exportable(cfg: ModelConfig, quantize: OnnxQuantize) -> None:
     """The one check of what the ONNX graph implements, before any file is written. (int4 blocks any width:
     MatMulNBits pads a width that is not a multiple of its block.)"""
-    check_portable(cfg, "the ONNX export", "export a model that keeps it at its default (top-k routing)")
+    check_portable(cfg, "the ONNX export", "export a model that keeps it at its default (top-k routing)",
+                   ONNX_PORTABLE)  # fmt: skip
     if quantize not in ("none", "int8", "int4"):
         raise ConfigError(f"--quantize must be none, int8 or int4, not {quantize!r}")
 
