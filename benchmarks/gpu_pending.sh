@@ -42,9 +42,11 @@ declare -A CMD=(
     # issue 23: a whole Table 2 at xs, one seed, in one process: must take under 9 minutes (prints the plan first)
     [reproduce-plan]="python3 -m moemla reproduce table2 --preset xs --device cuda --batch-size 64 --seq-len 512 \
 --tokens 20000000 --plan"
+    # issue 43: vLLM loads the native DeepSeek-V3 export and writes moemla's greedy tokens (skips without vllm)
+    [vllm-greedy]="python3 benchmarks/vllm_greedy.py --device cuda --preset tiny --new 32"
 )
 ORDER=(decode-eager decode-graph cuda-tests decode-compiled-graph decode-2048-graph decode-2048-compiled-graph
-    memory-4096 train-throughput moe-layer train-overhead reproduce-plan)
+    memory-4096 train-throughput moe-layer train-overhead reproduce-plan vllm-greedy)
 
 if [[ "${1:-}" == "--list" ]]; then
     for name in "${ORDER[@]}"; do echo "$name: ${CMD[$name]}"; done

@@ -71,13 +71,13 @@ def test_the_joint_latent_halves_mlas_cache_and_the_rope_key_stays() -> None:
 
 
 def test_swiglu_keeps_the_ffn_parameters_of_gelu() -> None:
-    """Matching keeps the paper's rule in parameters: SwiGLU's dense FFN is 2/3 as wide (three matrices), each
-    expert a quarter of it, so FFN parameters stay within 1% of GELU's."""
+    """Matching keeps the paper's rule in parameters: SwiGLU's FFNs are 2/3 as wide (three matrices), to a multiple
+    of 8 (16-byte rows for grouped matmuls), so at xs the FFN parameters stay within 2% of GELU's."""
     for variant in ("mha", "moe-mla-rope"):
         gelu = ModelConfig.from_preset("xs", variant)
         swiglu = gelu.replace(ffn_activation="swiglu")
-        assert abs(accounting.ffn_params(swiglu) / accounting.ffn_params(gelu) - 1) < 0.01
-        assert swiglu.expert_inter_dim == swiglu.dense_inter_dim // 4
+        assert abs(accounting.ffn_params(swiglu) / accounting.ffn_params(gelu) - 1) < 0.02
+        assert swiglu.expert_inter_dim % 8 == 0 and swiglu.dense_inter_dim % 8 == 0
 
 
 def test_sigmoid_scores_select_with_the_bias_and_weight_without_it() -> None:

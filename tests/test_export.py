@@ -246,7 +246,7 @@ def test_remote_export_and_cpu_engine_refuse_the_same_unimplemented_fields(
     run = make_run(base_run, tmp_path / "run", "moe-mla-rope", bias_in_gate=False)
     export_hf(run, tmp_path / "ok")  # implemented: exports
     monkeypatch.delitem(moemla.config.PORTABLE, "bias_in_gate")  # as if a new field nobody ported yet
-    with pytest.raises(ExportError, match=r"Hugging Face export does not implement ModelConfig.bias_in_gate=False"):
+    with pytest.raises(ExportError, match=r"remote code does not implement ModelConfig.bias_in_gate=False"):
         export_hf(run, tmp_path / "hf")
     model, _, _ = load_run(run)
     with pytest.raises(ConfigError, match=r"CPU engine does not implement ModelConfig.bias_in_gate=False"):

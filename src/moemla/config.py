@@ -115,16 +115,20 @@ class ModelConfig:
 
     @property
     def dense_inter_dim(self) -> int:
-        """The dense MLP's hidden width: ffn_mult * d for GELU; for SwiGLU's three matrices 2/3 of it (rounded up to
-        a multiple of 8), so both dense FFNs hold the same parameters (the experts follow at 1/4 of it)."""
+        """The dense MLP's hidden width: ffn_mult * d for GELU; for SwiGLU's three matrices 2/3 of it, so both hold
+        the same parameters (to a multiple of 8: grouped matmuls, ours and transformers', want 16-byte rows)."""
         if self.ffn_inter_dim:
             return self.ffn_inter_dim
-        width = self.ffn_mult * self.dim
-        return width if self.ffn_activation == "gelu" else -(-2 * width // 3 // 8) * 8
+        return _swiglu_width(self.ffn_mult * self.dim, self.ffn_activation)
 
     @property
     def expert_inter_dim(self) -> int:
-        return self.moe_inter_dim or self.dense_inter_dim // 4
+        """Each expert 1/4 of the dense FFN (§3.1) in parameters: d_ff / 4 for GELU, 2/3 of that for SwiGLU."""
+        if self.moe_inter_dim:
+            return self.moe_inter_dim
+        if self.ffn_activation == "gelu":
+            return self.dense_inter_dim // 4
+        return _swiglu_width(self.ffn_mult * self.dim // 4, self.ffn_activation)
 
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -150,6 +154,11 @@ class ModelConfig:
         if flavor not in FLAVORS:
             raise ConfigError(f"unknown flavor {flavor!r}; choose one of {list(FLAVORS)}")
         return cls.from_dict({**SIZES[size], **VARIANTS[variant], **FLAVORS[flavor], **overrides})
+
+
+def _swiglu_width(gelu_width: int, activation: str) -> int:
+    """The hidden width with a GELU MLP's parameters: itself, or 2/3 of it for SwiGLU to the nearest multiple of 8."""
+    return gelu_width if activation == "gelu" else max(8, round(2 * gelu_width / 3 / 8) * 8)
 
 
 def field_names() -> list[str]:

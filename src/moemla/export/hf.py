@@ -18,6 +18,15 @@ from tokenizers import Tokenizer
 from moemla.config import ConfigError, ModelConfig, check_portable, variant_name
 from moemla.data.sources import EOT
 from moemla.device import DTYPES
+from moemla.export.hf_native import (
+    DEEPSEEK,
+    LLAMA,
+    deepseek_config,
+    deepseek_weights,
+    llama_config,
+    llama_weights,
+    native_blocker,
+)
 from moemla.folders import HF_CONFIG, check_destination, replace_folder, staging, write_text_atomic
 from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
@@ -43,13 +52,23 @@ class ExportError(ValueError):
 
 
 def native_architecture(cfg: ModelConfig) -> str | None:
-    """The transformers architecture that computes exactly this model, or None (then remote code)."""
-    dense_mha = cfg.attention == "mha" and cfg.ffn == "dense" and cfg.bias
+    """The transformers architecture that computes exactly this model, or None (then remote code): the paper's
+    dense MHA as GPT-2 or GPT-NeoX, the DeepSeek flavor as DeepSeek-V3 or Llama (hf_native)."""
+    paper = cfg.norm == "layernorm" and cfg.ffn_activation == "gelu"
+    dense_mha = cfg.attention == "mha" and cfg.ffn == "dense" and cfg.bias and paper
     if dense_mha and cfg.positions == "learned":
         return "gpt2"
     if dense_mha and cfg.positions == "rope":
         return "gpt_neox"
-    return None
+    return native_blocker(cfg)[0]
+
+
+def deepseek_v3_config(cfg: ModelConfig, eot: int, dtype: str) -> dict[str, object]:
+    return {**deepseek_config(cfg, eot), **_common(cfg, eot, dtype)}
+
+
+def llama_hf_config(cfg: ModelConfig, eot: int, dtype: str) -> dict[str, object]:
+    return {**llama_config(cfg, eot), **_common(cfg, eot, dtype)}
 
 
 def _common(cfg: ModelConfig, eot: int, dtype: str) -> dict[str, object]:
@@ -188,7 +207,8 @@ def remote_weights(model: Transformer) -> dict[str, torch.Tensor]:
 def _cast(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Floating weights in dtype, except the router (weight and balancing bias), which stays fp32."""
     return {
-        k: (v if ".router." in k or not v.is_floating_point() else v.to(dtype)).contiguous() for k, v in weights.items()
+        k: (v if ".router." in k or ".mlp.gate." in k or not v.is_floating_point() else v.to(dtype)).contiguous()
+        for k, v in weights.items()
     }
 
 
@@ -227,15 +247,18 @@ def export_hf(
     model, tok = run.load_model("cpu", checkpoint, finite=True), run.tokenizer()
     cfg = model.cfg
     native = native_architecture(cfg)
+    blocker = native_blocker(cfg)[1]
     if architecture == "native" and native is None:
         raise ExportError(
-            f"{variant_name(cfg) or 'this model'} has no exact native transformers architecture (only dense mha "
-            "with biases does: GPT-2, GPT-NeoX); use --architecture remote"
+            f"{variant_name(cfg) or 'this model'} has no exact native transformers architecture (the paper's dense "
+            f"mha with biases: GPT-2, GPT-NeoX; --flavor deepseek: DeepSeek-V3, Llama; here {blocker}); use "
+            "--architecture remote"
         )
     kind = native if architecture != "remote" and native else "remote"
     if kind == "remote":  # the remote code is a second implementation: it refuses what it does not implement
         try:
-            check_portable(cfg, "the Hugging Face export", "export a model that keeps it at its default")
+            check_portable(cfg, "the Hugging Face export's remote code", "export a model that keeps it at its "
+                           f"default, or one transformers runs natively (DeepSeek-V3's block: {blocker})")  # fmt: skip
         except ConfigError as err:
             raise ExportError(str(err)) from None
     eot = tok.token_to_id(EOT)
@@ -259,6 +282,8 @@ def write_hf_folder(model: Transformer, tok: Tokenizer, kind: str, dtype: str, t
     config, weights = {
         "gpt2": (gpt2_config, gpt2_weights),
         "gpt_neox": (gpt_neox_config, gpt_neox_weights),
+        DEEPSEEK: (deepseek_v3_config, deepseek_weights),
+        LLAMA: (llama_hf_config, llama_weights),
         "remote": (remote_config, remote_weights),
     }[kind]
     save_safetensors(_cast(weights(model), DTYPES[dtype]), out / "model.safetensors", metadata={"format": "pt"})

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from moemla.config import ConfigError, ModelConfig
 from moemla.data.tokenizer import digest, load_tokenizer
 from moemla.export.hf import GPT2_NAMES, MOEMLA_TOKENIZER, NEOX_NAMES, ExportError
+from moemla.export.hf_native import DEEPSEEK, LLAMA, from_native
 from moemla.folders import check_destination, replace_folder, staging
 from moemla.model import Transformer
 from moemla.runs import RunFolder
@@ -63,7 +64,8 @@ def check_fits(src: Path, state: dict[str, torch.Tensor], want: dict[str, torch.
         )
 
 
-READERS = {"moemla": _from_remote, "gpt2": _from_gpt2, "gpt_neox": _from_gpt_neox}
+READERS = {"moemla": _from_remote, "gpt2": _from_gpt2, "gpt_neox": _from_gpt_neox, DEEPSEEK: from_native,
+           LLAMA: from_native}  # fmt: skip
 
 
 IMPORTED_SEQ_LEN = 512  # §3.3's sequence length, cut to the model's context
