@@ -120,7 +120,12 @@ def test_top_p_routing_is_refused_in_one_line(tmp_path: Path) -> None:
 def test_quantized_exports_run_and_report_their_agreement(quantize: str, tmp_path: Path) -> None:
     model = _model("moe-mha-rope", dim=64, vocab_size=1024)
     manifest = write_onnx(model, tmp_path / quantize, quantize=quantize)
-    assert manifest["quantize"] == quantize and 0.0 <= manifest["check"]["top1_agreement"] <= 1.0
+    # measured: int8 1.1e-2, int4 8.1e-2 from the fp32 logits, the same top-1 token at every checked position; a
+    # graph that was not quantized (fp32 differs by ~1e-7) or that is broken (a wrong token) fails here
+    bound = {"int8": 0.05, "int4": 0.3}[quantize]
+    check = manifest["check"]
+    assert manifest["quantize"] == quantize and 1e-4 < check["max_abs_logit_error"] < bound, check
+    assert check["top1_agreement"] >= 0.9, check
     dec = OnnxDecoder(tmp_path / quantize)
     assert len(generate_ids(dec, [5, 9, 23], greedy(10))) == 10
     # the dense matrices (the LM head the largest) are smaller; the routers and the experts stay fp32

@@ -281,7 +281,7 @@ class PreparedData:
         return self.manifest["tokenizer"]["sha256"]
 
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(str(self.root / "tokenizer.json"))
+        return load_tokenizer(str(self.root / TOKENIZER_FILE))
 
     def shards(self, split: str) -> list[np.ndarray]:
         dtype = np.dtype(self.manifest["dtype"])

@@ -12,6 +12,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moemla.data.sources import EOT, DataError
+from moemla.folders import TOKENIZER_FILE
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
@@ -35,7 +36,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     """`gpt2` (from the Hugging Face hub) or a path to a tokenizer.json."""
     path = Path(spec)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        path = path / TOKENIZER_FILE
     if path.suffix == ".json":
         if not path.is_file():
             raise DataError(f"tokenizer file not found: {path}")

@@ -13,6 +13,7 @@ from moemla.data.sources import DataError, file_source
 from moemla.data.tokenizer import eot_id, load_tokenizer, token_bytes
 from moemla.device import amp_dtype, resolve_device
 from moemla.eval.perplexity import evaluate
+from moemla.folders import TOKENIZER_FILE
 from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder
 from moemla.runs import RunError, RunFolder
 
@@ -36,7 +37,7 @@ def _evaluate_export(
     if device not in ("auto", "cpu") or checkpoint_name is not None:
         raise RunError(f"{folder} is an ONNX export (one checkpoint, run on the CPU): drop --device and --checkpoint")
     dec = OnnxDecoder(folder)
-    tok = load_tokenizer(str(Path(folder) / "tokenizer.json"))
+    tok = load_tokenizer(str(Path(folder) / TOKENIZER_FILE))
     source = dec.manifest.get("source", {}).get("run")
     run = RunFolder(source) if source and RunFolder(source).exists() else None
     if text:

@@ -11,6 +11,7 @@ from pathlib import Path
 from moemla.experiments import claims
 from moemla.experiments.claims import Claim
 from moemla.experiments.tables import TABLES
+from moemla.folders import MANIFEST
 
 # corpora by their prepared folder's name, in the order the summary shows them (others follow, by name)
 CORPORA = {
@@ -131,7 +132,7 @@ def _epochs(result: dict) -> str:
     from moemla.data.shards import PreparedData
     from moemla.train.config import TrainConfig
 
-    if not (Path(str(result["data"])) / "manifest.json").is_file() or not result["train"]:
+    if not (Path(str(result["data"])) / MANIFEST).is_file() or not result["train"]:
         return "-"
     tc = TrainConfig.from_dict(result["train"])
     return f"{tc.steps * tc.tokens_per_step / PreparedData.open(result['data']).tokens('train'):.2f}"

@@ -14,7 +14,7 @@ from moemla.config import ConfigError, ModelConfig
 from moemla.data.tokenizer import digest, load_tokenizer
 from moemla.export.hf import GPT2_NAMES, MOEMLA_TOKENIZER, NEOX_NAMES, ExportError
 from moemla.export.hf_native import DEEPSEEK, LLAMA, from_native
-from moemla.folders import check_destination, replace_folder, staging
+from moemla.folders import TOKENIZER_FILE, check_destination, replace_folder, staging
 from moemla.model import Transformer
 from moemla.runs import RunFolder
 
@@ -102,7 +102,7 @@ def import_hf(folder: str | Path, run_dir: str | Path, *, overwrite: bool = Fals
     check_fits(src, state, model.state_dict())
     model.load_state_dict(state)
     check_destination(out, "import", sources=(src,), overwrite=overwrite)
-    tok_file = src / MOEMLA_TOKENIZER if (src / MOEMLA_TOKENIZER).is_file() else src / "tokenizer.json"
+    tok_file = src / MOEMLA_TOKENIZER if (src / MOEMLA_TOKENIZER).is_file() else src / TOKENIZER_FILE
     tok = load_tokenizer(str(tok_file))
     meta = {
         "model": cfg.to_dict(),

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 from moemla.config import ConfigError
 from moemla.data.tokenizer import load_tokenizer
 from moemla.device import resolve_device
+from moemla.folders import TOKENIZER_FILE
 from moemla.inference.decoder import Decoder, Engine, Mode, Quantize, engine_device, make_decoder
 from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder
 
@@ -37,7 +38,7 @@ def open_decoder(
                 f"{path} is an ONNX export (one checkpoint, quantized at export, run on the CPU by onnxruntime): "
                 f"drop {flags}"
             )
-        return OnnxDecoder(path), load_tokenizer(Path(path) / "tokenizer.json")
+        return OnnxDecoder(path), load_tokenizer(Path(path) / TOKENIZER_FILE)
     if engine == "onnx":
         raise ConfigError(
             f"--engine onnx runs an ONNX export folder; export this run first: moemla export {path} OUT --format onnx"

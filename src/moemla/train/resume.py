@@ -10,7 +10,7 @@ from pathlib import Path
 from moemla.config import ModelConfig
 from moemla.data.shards import PreparedData
 from moemla.data.sources import DataError
-from moemla.folders import MANIFEST
+from moemla.folders import MANIFEST, TOKENIZER_FILE
 from moemla.runs.folder import RUN_FILE, RunError, RunFolder
 from moemla.train.config import TrainConfig
 
@@ -70,7 +70,7 @@ def start(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, data: PreparedData, 
         check_same_model(run_dir, cfg)
         return meta
     run.write_meta(meta)
-    run.write_tokenizer(data.root / "tokenizer.json")
+    run.write_tokenizer(data.root / TOKENIZER_FILE)
     return meta
 
 
