@@ -16,6 +16,8 @@ NormKind = Literal["layernorm", "rmsnorm"]
 ActivationKind = Literal["gelu", "swiglu"]
 LatentKind = Literal["separate", "joint"]
 ScoringKind = Literal["softmax", "sigmoid"]
+# weights an inference engine holds: fp32, int8 (the CPU and ONNX engines), int4 blocks (the ONNX engine only)
+QuantizeKind = Literal["none", "int8", "int4"]
 
 
 # the one place for these defaults: what `moemla train` and the demo build (tiny trains on a CPU in minutes),

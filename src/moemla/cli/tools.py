@@ -28,6 +28,7 @@ from moemla.config import (
     ModelConfig,
 )
 from moemla.data.sources import DataError
+from moemla.device import DTYPES
 from moemla.experiments.tables import TABLES
 from moemla.inference.sampling import SamplingConfig
 
@@ -353,7 +354,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=512, help="positions filled at the end of decoding")
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps (the prompt is context - new tokens)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and cache")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and cache")
     p.add_argument("--naive", action="store_true", help="MLA decode through re-expanded K and V (no absorption)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from moemla.compiling import CompiledOrEager
-from moemla.config import ConfigError, ModelConfig, portable
+from moemla.config import ConfigError, ModelConfig, QuantizeKind, portable
 from moemla.inference.padding import left_pad
 from moemla.model import KVCache, Transformer
 
 Engine = Literal["torch", "numpy", "numba", "onnx"]
 Mode = Literal["eager", "static", "cuda-graph"]
-Quantize = Literal["none", "int8", "int4"]  # int4: the ONNX engine only
+Quantize = QuantizeKind  # int4: the ONNX engine only
 
 
 class Decoder(Protocol):

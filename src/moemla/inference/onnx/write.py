@@ -20,13 +20,12 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from moemla import accounting
-from moemla.config import ONNX_PORTABLE, ConfigError, ModelConfig, check_portable, variant_name
+from moemla.config import ONNX_PORTABLE, ConfigError, ModelConfig, QuantizeKind, check_portable, variant_name
 from moemla.folders import TOKENIZER_FILE, replace_folder, staging
 from moemla.inference.cpu.quant import to_int8
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
@@ -34,7 +33,7 @@ from moemla.inference.onnx.graph import ExportedLM, cache_names, cache_shape
 from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
 
-OnnxQuantize = Literal["none", "int8", "int4"]
+OnnxQuantize = QuantizeKind
 RUNNER = Path(__file__).with_name("runner.py")  # copied into every export as run_onnx.py, never imported
 INT4_BLOCK = 32  # MatMulNBits' block of input channels sharing one scale
 
