@@ -28,6 +28,7 @@ MANIFEST = "manifest.json"  # a prepared data set's record (data/shards.py) and 
 HF_CONFIG = "config.json"  # a Hugging Face export's record: moemla_config, and moemla_files since this rule
 RESULTS_FILE = "results.json"  # `moemla reproduce`'s results
 ONNX_FORMAT = "moemla-onnx"  # an export manifest's "format"
+GGUF_FORMAT = "moemla-gguf"  # a GGUF export folder's manifest
 
 # what each kind is, in words, and which command writes it
 KINDS = {
@@ -37,10 +38,11 @@ KINDS = {
     "onnx": "an ONNX export",
     "web": "a web export",
     "hf": "a Hugging Face export",
+    "gguf": "a GGUF export",
     "results": "a `moemla reproduce` results folder",
 }
 WRITES = {  # command -> the kinds of folder it writes (and so may replace)
-    "export": ("onnx", "web", "hf"),
+    "export": ("onnx", "web", "hf", "gguf"),
     "import": ("imported",),
     "prepare": ("data",),
     "train": ("run", "imported"),
@@ -77,6 +79,8 @@ def kind(folder: str | Path) -> str | None:
     manifest = read_json(folder / MANIFEST)
     if manifest is not None and manifest.get("format") == ONNX_FORMAT:
         return "web" if "web" in manifest else "onnx"
+    if manifest is not None and manifest.get("format") == GGUF_FORMAT:
+        return "gguf"
     if manifest is not None and "splits" in manifest:
         return "data"
     config = read_json(folder / HF_CONFIG)
@@ -90,7 +94,7 @@ def kind(folder: str | Path) -> str | None:
 def owned_files(folder: Path, what: str) -> set[str] | None:
     """The files (paths below folder) that the record of a folder of kind `what` says its command wrote; None
     where the record does not list them (then the folder is replaced only if the caller says so)."""
-    if what in ("onnx", "web"):
+    if what in ("onnx", "web", "gguf"):
         return {*(read_json(folder / MANIFEST) or {}).get("files", {}), MANIFEST}
     if what == "data":
         manifest = read_json(folder / MANIFEST) or {}

@@ -13,9 +13,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.web_assets and args.format != "web":
         raise ValueError("--web-assets is for --format web")
     if args.format in ("onnx", "web"):
+        if args.quantize in GGUF_TYPES:
+            raise ValueError(f"--quantize {args.quantize} is a GGUF type (--format gguf); {args.format} takes "
+                             "none, int8 or int4")  # fmt: skip
         return _export_onnx(args)
+    if args.format == "gguf":
+        return _export_gguf(args)
     if args.quantize is not None:
-        raise ValueError("--quantize is for --format onnx or web; a Hugging Face export takes --dtype")
+        raise ValueError("--quantize is for --format onnx, web or gguf; a Hugging Face export takes --dtype")
     from moemla.export.hf import export_hf
 
     info = export_hf(
@@ -32,6 +37,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     flag = ", trust_remote_code=True" if remote else ""
     print(f"  model = AutoModelForCausalLM.from_pretrained({info['out']!r}{flag})")
     print(f"  tokenizer = AutoTokenizer.from_pretrained({info['out']!r}{flag})")
+    return 0
+
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from moemla.export.gguf import GGUF_FILE, MODELFILE, export_gguf
+
+    if args.architecture != "auto" or args.dtype != "float32":
+        raise ValueError("--architecture and --dtype are for --format hf; a gguf export takes --quantize f32|f16|q8_0")
+    if args.quantize not in (None, *GGUF_TYPES):
+        raise ValueError(f"--quantize for --format gguf is f32, f16 or q8_0 (llama.cpp's names), not {args.quantize}")
+    manifest = export_gguf(args.run, args.out, qtype=args.quantize or "f16", checkpoint=args.checkpoint,
+                           overwrite=args.overwrite)  # fmt: skip
+    if args.json:
+        print(json.dumps(manifest))
+        return 0
+    kv = manifest["kv_cache_bytes_per_token"]
+    print(f"wrote {args.out}: {manifest['architecture']} GGUF ({manifest['type']}, "
+          f"{manifest['bytes'] / 2**20:.1f} MiB); llama.cpp caches the latent and the RoPE key: {kv['f16']:,} "
+          f"bytes/token in its f16 cache ({kv['f32']:,} in f32)")  # fmt: skip
+    print("run it with llama.cpp or Ollama:")
+    print(f"  llama-cli -m {args.out}/{GGUF_FILE} -p 'Once upon a time' -n 200")
+    print(f"  ollama create moemla -f {args.out}/{MODELFILE} && ollama run moemla 'Once upon a time'")
     return 0
 
 
@@ -89,15 +119,17 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder")
     p.add_argument("out", help="folder to write (must be new or empty, unless --overwrite)")
     p.add_argument(
-        "--format", default="hf", choices=["hf", "onnx", "web"],
+        "--format", default="hf", choices=["hf", "onnx", "web", "gguf"],
         help="hf: a Hugging Face transformers folder (default); onnx: an ONNX Runtime folder (model.onnx whose cache "
         "keeps MLA's latents, manifest.json, tokenizer.json, run_onnx.py) that runs without torch; web: the onnx "
-        "folder plus a static page that writes stories in the browser (onnxruntime-web; `moemla web OUT` serves it)",
+        "folder plus a static page that writes stories in the browser (onnxruntime-web; `moemla web OUT` serves it); "
+        "gguf: model.gguf for llama.cpp and Ollama (the DeepSeek flavor: deepseek2 with the latent cache, or llama)",
     )  # fmt: skip
     p.add_argument(
-        "--quantize", default=None, choices=["none", "int8", "int4"],
+        "--quantize", default=None, choices=["none", "int8", "int4", *GGUF_TYPES],
         help="ONNX weights: none (fp32), int8 (dynamic int8 MatMuls) or int4 (4-bit blocks, MatMulNBits); the "
-        "routers stay fp32 (default: none for onnx, int8 for web, a quarter of the download)",
+        "routers stay fp32 (default: none for onnx, int8 for web, a quarter of the download). GGUF: f32, f16 "
+        "(default) or q8_0, llama.cpp's types",
     )  # fmt: skip
     p.add_argument(
         "--web-assets", metavar="NODE_MODULES",
