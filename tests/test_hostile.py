@@ -385,3 +385,15 @@ def test_exporting_nan_weights_names_the_checkpoint(project: Path, tmp_path: Pat
     for fmt in ("onnx", "hf"):
         refused(["export", str(run.path), str(tmp_path / fmt), "--format", fmt], capsys, "step_00000099", "NaN",
                 "--checkpoint")  # fmt: skip
+
+
+EXPORT_FLAGS = [("eval", ["--checkpoint", "step_1"]), ("eval", ["--device", "cuda"]),
+                ("generate", ["--quantize", "int8"]), ("generate", ["--compile"])]  # fmt: skip
+
+
+@pytest.mark.parametrize(("command", "flag"), EXPORT_FLAGS)
+def test_flags_an_export_cannot_honour_are_refused_by_one_rule(
+    onnx_export: Path, command: str, flag: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 42, item 2: one refusal (onnx.engine.refuse_export_flags) for generate, serve and eval."""
+    refused([command, str(onnx_export), *flag], capsys, "is an ONNX export", f"drop {flag[0]}")

@@ -14,7 +14,7 @@ from moemla.data.tokenizer import eot_id, load_tokenizer, token_bytes
 from moemla.device import amp_dtype, resolve_device
 from moemla.eval.perplexity import evaluate
 from moemla.folders import TOKENIZER_FILE
-from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder
+from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder, refuse_export_flags
 from moemla.runs import RunError, RunFolder
 
 EVAL_BATCH = 16  # sequences per forward where the run does not say
@@ -34,8 +34,7 @@ def _evaluate_export(
     batch_size: int | None, device: str, checkpoint_name: str | None,
 ) -> dict:  # fmt: skip
     """`moemla eval EXPORT`: the ONNX graph's perplexity, on the CPU, in windows of the model's context."""
-    if device not in ("auto", "cpu") or checkpoint_name is not None:
-        raise RunError(f"{folder} is an ONNX export (one checkpoint, run on the CPU): drop --device and --checkpoint")
+    refuse_export_flags(folder, device=device not in ("auto", "cpu"), checkpoint=checkpoint_name is not None)
     dec = OnnxDecoder(folder)
     tok = load_tokenizer(str(Path(folder) / TOKENIZER_FILE))
     source = dec.manifest.get("source", {}).get("run")

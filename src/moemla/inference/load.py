@@ -12,7 +12,7 @@ from moemla.data.tokenizer import load_tokenizer
 from moemla.device import resolve_device
 from moemla.folders import TOKENIZER_FILE
 from moemla.inference.decoder import Decoder, Engine, Mode, Quantize, engine_device, make_decoder
-from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder
+from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder, refuse_export_flags
 
 
 def open_decoder(
@@ -30,14 +30,8 @@ def open_decoder(
     if is_onnx_folder(path):
         if engine not in ("auto", "onnx"):
             raise ConfigError(f"{path} is an ONNX export: it decodes with --engine onnx (or auto), not {engine}")
-        asked = {"--device": device not in ("auto", "cpu"), "--checkpoint": checkpoint is not None,
-                 "--quantize": quantize != "none", "--cuda-graph": mode != "eager", "--compile": compile}  # fmt: skip
-        if any(asked.values()):
-            flags = ", ".join(k for k, v in asked.items() if v)
-            raise ConfigError(
-                f"{path} is an ONNX export (one checkpoint, quantized at export, run on the CPU by onnxruntime): "
-                f"drop {flags}"
-            )
+        refuse_export_flags(path, device=device not in ("auto", "cpu"), checkpoint=checkpoint is not None,
+                            quantize=quantize != "none", cuda_graph=mode != "eager", compile=compile)  # fmt: skip
         return OnnxDecoder(path), load_tokenizer(Path(path) / TOKENIZER_FILE)
     if engine == "onnx":
         raise ConfigError(

@@ -55,6 +55,15 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def refuse_export_flags(folder: str | Path, **asked: bool) -> None:
+    """The one refusal of flags an export folder cannot honour (generate, serve, bench and eval call it): `asked`
+    maps a flag's name (device, checkpoint, quantize, ...) to whether it was given."""
+    given = [f"--{name.replace('_', '-')}" for name, on in asked.items() if on]
+    if given:
+        raise ConfigError(f"{folder} is an ONNX export (one checkpoint, quantized at export, run on the CPU by "
+                          f"onnxruntime): drop {', '.join(given)}")  # fmt: skip
+
+
 def _ort() -> object:
     try:
         import onnxruntime
