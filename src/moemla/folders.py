@@ -103,7 +103,15 @@ def owned_files(folder: Path, what: str) -> set[str] | None:
     if what == "hf":
         files = (read_json(folder / HF_CONFIG) or {}).get("moemla_files")
         return {*files, HF_CONFIG} if isinstance(files, list) else None
+    if what == "imported":  # run.json, the tokenizer, the one checkpoint at step 0: nothing trained since
+        return {f for f in _files(folder) if _imported_file(f)}
     return None
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Every file of an export folder but the manifest, by its path below the folder: what its manifest lists."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
 
 
 def _files(folder: Path) -> list[str]:
@@ -160,10 +168,10 @@ def check_destination(
         raise FolderError(f"{out} {what}: --overwrite only replaces a folder that `moemla {command}` wrote; {fix}, "
                           "or remove it yourself")  # fmt: skip
     listed = owned_files(out, own)
-    if listed is None and own != "imported":
+    if listed is None:
         raise FolderError(f"{out} has no list of the files `moemla {command}` wrote there (an older moemla wrote "
                           f"it); {fix}, or remove it yourself")  # fmt: skip
-    extra = [f for f in _files(out) if f not in (listed or set()) and not _imported_file(out, own, f)]
+    extra = [f for f in _files(out) if f not in listed]
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         raise FolderError(f"{out} holds files that `moemla {command}` did not write ({shown}): --overwrite would "
@@ -171,10 +179,8 @@ def check_destination(
     return out
 
 
-def _imported_file(folder: Path, what: str, name: str) -> bool:
+def _imported_file(name: str) -> bool:
     """A file `moemla import` writes: run.json, the tokenizer, the one checkpoint at step 0 (nothing trained)."""
-    if what != "imported":
-        return False
     parts = name.split("/")
     step_0 = len(parts) == 3 and parts[1].startswith("step_") and parts[1][5:].isdigit() and int(parts[1][5:]) == 0
     return name in (RUN_FILE, TOKENIZER_FILE, "checkpoints/latest") or (parts[0] == "checkpoints" and step_0)

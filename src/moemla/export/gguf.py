@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from moemla.config import ModelConfig
 from moemla.data.sources import EOT
-from moemla.export.hf_native import DEEPSEEK, deepseek_weights, interleave, llama_weights, native_blocker
+from moemla.export.hf_native import DEEPSEEK, deepseek_weights, interleave, llama_weights, native_blocker, rope_rows
 from moemla.model.attention import NORM_EPS
 
 GGUFType = Literal["f32", "f16", "q8_0"]
@@ -131,10 +131,9 @@ def gguf_tensors(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
             out[f"blk.{i}.attn_k_b.weight"] = k_b.transpose(1, 2).contiguous()
             out[f"blk.{i}.attn_v_b.weight"] = v_b.contiguous()
         if arch == "llama":  # llama.cpp rotates Llama's pairs (2i, 2i + 1) too: interleave each head's q, k rows
-            order = interleave(d)
             for x in "qk":
                 w = hf.pop(f"{pre}self_attn.{x}_proj.weight")
-                out[f"blk.{i}.attn_{x}.weight"] = w.view(h, d, -1)[:, order].reshape(w.shape)
+                out[f"blk.{i}.attn_{x}.weight"] = rope_rows(w, h, 0, d, interleave(d))
         if cfg.ffn == "moe":
             for ours, theirs in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
                                  ("down_proj", "ffn_down_exps")):  # fmt: skip
@@ -190,7 +189,15 @@ def export_gguf(
     import shutil
 
     from moemla import accounting
-    from moemla.folders import GGUF_FORMAT, MANIFEST, check_destination, replace_folder, staging, write_text_atomic
+    from moemla.folders import (
+        GGUF_FORMAT,
+        MANIFEST,
+        check_destination,
+        file_sizes,
+        replace_folder,
+        staging,
+        write_text_atomic,
+    )
     from moemla.runs import RunFolder
 
     run = RunFolder.open(run_dir)
@@ -205,7 +212,7 @@ def export_gguf(
         folder.mkdir()
         written = write_gguf(model, tok, folder / GGUF_FILE, qtype)
         (folder / MODELFILE).write_text(modelfile())
-        files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
+        files = file_sizes(folder)
         ckpt = run.checkpoint(checkpoint)
         manifest = {
             "format": GGUF_FORMAT, "version": 1, "architecture": arch, "type": qtype, "config": model.cfg.to_dict(),

@@ -108,7 +108,7 @@ def interleave(p: int) -> torch.Tensor:
     return torch.stack([half, half + p // 2], dim=1).flatten()
 
 
-def _rope_rows(w: torch.Tensor, heads: int, nope: int, rope: int, order: torch.Tensor) -> torch.Tensor:
+def rope_rows(w: torch.Tensor, heads: int, nope: int, rope: int, order: torch.Tensor) -> torch.Tensor:
     """w's rows per head [nope | rope] with each head's rope rows in `order`."""
     blocks = w.view(heads, nope + rope, *w.shape[1:])
     return torch.cat([blocks[:, :nope], blocks[:, nope:][:, order]], dim=1).reshape(w.shape)
@@ -128,7 +128,7 @@ def deepseek_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = _shared_names(sd, cfg)
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-        out[f"{theirs}.self_attn.q_proj.weight"] = _rope_rows(sd[f"{ours}.attn.wq.weight"], h, d, p, order)
+        out[f"{theirs}.self_attn.q_proj.weight"] = rope_rows(sd[f"{ours}.attn.wq.weight"], h, d, p, order)
         kv_a = sd[f"{ours}.attn.wkv_a.weight"]  # rows [latent (r) | RoPE key (P)]
         out[f"{theirs}.self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([kv_a[:r], kv_a[r:][order]])
         out[f"{theirs}.self_attn.kv_a_layernorm.weight"] = sd[f"{ours}.attn.kv_norm.weight"]
@@ -201,7 +201,7 @@ def from_native(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         else:
             p, r = cfg.rope_dim, cfg.kv_lora_rank
             back = torch.argsort(interleave(p))
-            out[f"{ours}.attn.wq.weight"] = _rope_rows(weights[f"{att}.q_proj.weight"], h, d, p, back)
+            out[f"{ours}.attn.wq.weight"] = rope_rows(weights[f"{att}.q_proj.weight"], h, d, p, back)
             kv_a = weights[f"{att}.kv_a_proj_with_mqa.weight"]
             out[f"{ours}.attn.wkv_a.weight"] = torch.cat([kv_a[:r], kv_a[r:][back]])
             out[f"{ours}.attn.kv_norm.weight"] = weights[f"{att}.kv_a_layernorm.weight"]

@@ -11,9 +11,9 @@ import json
 import shutil
 from pathlib import Path
 
-from moemla.folders import check_destination, replace_folder, staging, write_text_atomic
+from moemla.folders import check_destination, file_sizes, replace_folder, staging, write_text_atomic
 from moemla.inference.onnx import MANIFEST
-from moemla.inference.onnx.write import OnnxQuantize, check_exportable, file_sizes
+from moemla.inference.onnx.write import OnnxQuantize, check_exportable
 from moemla.web import PAGE_FILES
 from moemla.web.assets import PAGE, copy_assets, resolve_assets
 

@@ -26,7 +26,7 @@ import torch
 
 from moemla import accounting
 from moemla.config import ONNX_PORTABLE, ConfigError, ModelConfig, QuantizeKind, check_portable, variant_name
-from moemla.folders import TOKENIZER_FILE, replace_folder, staging
+from moemla.folders import TOKENIZER_FILE, file_sizes, replace_folder, staging
 from moemla.inference.cpu.quant import to_int8
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
 from moemla.inference.onnx.graph import ExportedLM, cache_names, cache_shape
@@ -318,12 +318,6 @@ def write_onnx(
 def cache_entries(cfg: ModelConfig) -> list[dict[str, object]]:
     """The cache's tensors in graph order: input and output names and shape (batch, past, *the layer's spec)."""
     return [{"past": f"past.{n}", "present": f"present.{n}", "shape": cache_shape(cfg, n)} for n in cache_names(cfg)]
-
-
-def file_sizes(folder: Path) -> dict[str, int]:
-    """Every file of an export folder but the manifest, by its path below the folder: what read_manifest checks."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
 
 
 def build_manifest(
