@@ -18,6 +18,8 @@ LatentKind = Literal["separate", "joint"]
 ScoringKind = Literal["softmax", "sigmoid"]
 # weights an inference engine holds: fp32, int8 (the CPU and ONNX engines), int4 blocks (the ONNX engine only)
 QuantizeKind = Literal["none", "int8", "int4"]
+GGUFType = Literal["f32", "f16", "q8_0", "q4_0"]
+GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "q8_0", "q4_0")  # llama.cpp's weight types, as the GGUF export writes
 
 
 # the one place for these defaults: what `moemla train` and the demo build (tiny trains on a CPU in minutes),

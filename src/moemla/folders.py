@@ -29,6 +29,7 @@ HF_CONFIG = "config.json"  # a Hugging Face export's record: moemla_config, and 
 RESULTS_FILE = "results.json"  # `moemla reproduce`'s results
 ONNX_FORMAT = "moemla-onnx"  # an export manifest's "format"
 GGUF_FORMAT = "moemla-gguf"  # a GGUF export folder's manifest
+GGUF_FILE, MODELFILE = "model.gguf", "Modelfile"  # a GGUF export's model (llama.cpp) and Ollama's recipe
 
 # what each kind is, in words, and which command writes it
 KINDS = {
@@ -244,6 +245,17 @@ DATA_KEYS = {"format": int, "dtype": str, "splits": dict, "splits.train.shards":
              "tokenizer": dict}  # fmt: skip
 EXPORT_KEYS = {"format": str, "version": int, "config": dict, "config.max_seq_len": int, "config.vocab_size": int,
                "cache": list, "files": dict}  # fmt: skip
+GGUF_KEYS = {
+    "format": str,
+    "version": int,
+    "architecture": str,
+    "type": str,
+    "config": dict,
+    "config.max_seq_len": int,
+    "config.vocab_size": int,
+    "kv_cache_bytes_per_token": dict,
+    "files": dict,
+}
 WEB_KEYS = {"web": dict, "web.page": list, "web.libraries": dict}
 TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
 

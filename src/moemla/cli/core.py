@@ -132,6 +132,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bpb = f"{r['bits_per_byte']:.4f} bits per byte" if r["bits_per_byte"] is not None else "no text bytes"
     print(f"{r['run']}: loss {r['val_loss']:.4f}, perplexity {r['val_ppl']:.3f} ({ci}), {bpb}")
     print(f"{r['tokens']:,} tokens in {r['batches']} batches")
+    if "fp32" in r:  # an export: beside its run's own fp32 model on the same windows
+        print(f"the run's fp32 model ({r['fp32']['checkpoint'] or 'newest checkpoint'}, torch): perplexity "
+              f"{r['fp32']['val_ppl']:.3f}; this export ({r['engine']}) {r['ppl_vs_fp32']:+.2%}")  # fmt: skip
     if r["expert_load_cv"] is not None:
         print("expert-load CV per layer: " + ", ".join(f"{cv:.3f}" for cv in r["expert_load_cv"]))
     return 0

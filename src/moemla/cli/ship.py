@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from moemla.config import GGUF_TYPES
 from moemla.device import DTYPES
 
 
@@ -40,16 +41,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
-
-
 def _export_gguf(args: argparse.Namespace) -> int:
-    from moemla.export.gguf import GGUF_FILE, MODELFILE, export_gguf
+    from moemla.export.gguf import export_gguf
+    from moemla.folders import GGUF_FILE, MODELFILE
 
     if args.architecture != "auto" or args.dtype != "float32":
-        raise ValueError("--architecture and --dtype are for --format hf; a gguf export takes --quantize f32|f16|q8_0")
+        raise ValueError("--architecture and --dtype are for --format hf; a gguf export takes --quantize "
+                         f"{'|'.join(GGUF_TYPES)}")  # fmt: skip
     if args.quantize not in (None, *GGUF_TYPES):
-        raise ValueError(f"--quantize for --format gguf is f32, f16 or q8_0 (llama.cpp's names), not {args.quantize}")
+        raise ValueError(f"--quantize for --format gguf is {', '.join(GGUF_TYPES)} (llama.cpp's names), not "
+                         f"{args.quantize}")  # fmt: skip
     manifest = export_gguf(args.run, args.out, qtype=args.quantize or "f16", checkpoint=args.checkpoint,
                            overwrite=args.overwrite)  # fmt: skip
     if args.json:
@@ -129,7 +130,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "--quantize", default=None, choices=["none", "int8", "int4", *GGUF_TYPES],
         help="ONNX weights: none (fp32), int8 (dynamic int8 MatMuls) or int4 (4-bit blocks, MatMulNBits); the "
         "routers stay fp32 (default: none for onnx, int8 for web, a quarter of the download). GGUF: f32, f16 "
-        "(default) or q8_0, llama.cpp's types",
+        "(default), q8_0 or q4_0, llama.cpp's types (rows narrower than 32 stay f16)",
     )  # fmt: skip
     p.add_argument(
         "--web-assets", metavar="NODE_MODULES",

@@ -36,9 +36,11 @@ ENGINE_HELP = (
     "torch: the model itself (any device, dtype, batch); numpy: the torch-free NumpyDecoder, one sequence "
     "in float32 on the CPU; numba: the same with compiled one-token steps, the fastest at batch 1 on a CPU "
     "(needs pip install 'moemla[fast]'; BENCHMARKS.md); onnx: onnxruntime on an ONNX export (moemla export --format "
-    "onnx), any batch, on the CPU (needs pip install 'moemla[onnx]')"
+    "onnx), any batch, on the CPU (needs pip install 'moemla[onnx]'); llama.cpp: a GGUF export (moemla export "
+    "--format gguf, the DeepSeek flavor) through the xllamacpp binding (pip install 'moemla[gguf]'); bench times "
+    "llama.cpp's own decode loop"
 )
-ENGINES = ["torch", "numpy", "numba", "onnx"]
+ENGINES = ["torch", "numpy", "numba", "onnx", "llama.cpp"]
 CUDA_GRAPH_HELP = (
     "torch engine on CUDA: capture the one-token step as a CUDA graph per batch and length bucket over a static "
     "cache, then replay it (one launch per token); with --compile the compiled step is captured"
@@ -362,7 +364,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quantize", default="none", choices=["none", "int8", "int4"],
         help=QUANTIZE_HELP + "; with --engine onnx: int8 (dynamic int8 MatMuls) or int4 (4-bit MatMulNBits), the "
-        "embedding and routed experts int8 either way",
+        "embedding and routed experts int8 either way; with --engine llama.cpp: int8 as q8_0, int4 as q4_0 (none: "
+        "f32, or f16 with --dtype float16)",
     )  # fmt: skip
     p.add_argument(
         "--memory", type=float, metavar="GiB",

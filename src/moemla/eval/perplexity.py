@@ -77,7 +77,11 @@ def evaluate(
 def decoder_loss(dec: Decoder, x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean next-token loss of windows x (B, T) with targets y (B, T), one window at a time through dec.logits."""
     total = 0.0
+    score = getattr(dec, "target_logprobs", None)  # an engine that reads off only the targets' (llama.cpp)
     for row, target in zip(x.tolist(), y, strict=True):
+        if score is not None:
+            total -= float(np.asarray(score(row, target.tolist()), dtype=np.float64).sum())
+            continue
         logprobs = dec.logits(row).float().log_softmax(-1)  # (T, V)
         total -= float(logprobs.gather(-1, target[:, None]).sum())
     return total / y.numel()

@@ -14,6 +14,7 @@ from moemla.data.tokenizer import eot_id, load_tokenizer, token_bytes
 from moemla.device import amp_dtype, resolve_device
 from moemla.eval.perplexity import evaluate
 from moemla.folders import TOKENIZER_FILE
+from moemla.inference.llamacpp.engine import LlamaCppDecoder, is_gguf_folder
 from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder, refuse_export_flags
 from moemla.runs import RunError, RunFolder
 
@@ -33,10 +34,17 @@ def _evaluate_export(
     folder: str | Path, data_dir: str | Path | None, text: list[str] | None, split: str, max_tokens: int | None,
     batch_size: int | None, device: str, checkpoint_name: str | None,
 ) -> dict:  # fmt: skip
-    """`moemla eval EXPORT`: the ONNX graph's perplexity, on the CPU, in windows of the model's context."""
-    refuse_export_flags(folder, device=device not in ("auto", "cpu"), checkpoint=checkpoint_name is not None)
-    dec = OnnxDecoder(folder)
-    tok = load_tokenizer(str(Path(folder) / TOKENIZER_FILE))
+    """`moemla eval EXPORT`: an ONNX graph's or a GGUF file's perplexity (onnxruntime or llama.cpp), on the CPU, in
+    windows of the model's context."""
+    gguf = is_gguf_folder(folder)
+    refuse_export_flags(folder, "gguf" if gguf else "onnx", device=device not in ("auto", "cpu"),
+                        checkpoint=checkpoint_name is not None)  # fmt: skip
+    if gguf:
+        dec = LlamaCppDecoder(folder)
+        tok = dec.tokenizer
+    else:
+        dec = OnnxDecoder(folder)
+        tok = load_tokenizer(str(Path(folder) / TOKENIZER_FILE))
     source = dec.manifest.get("source", {}).get("run")
     run = RunFolder(source) if source and RunFolder(source).exists() else None
     if text:
@@ -47,10 +55,22 @@ def _evaluate_export(
         shards = PreparedData.open(data_dir or run.data_path or "").shards(split)
     # the windows the run was evaluated on in training, where the run is still on disk
     seq_len = run.train_settings.get("seq_len", dec.cfg.max_seq_len) if run else dec.cfg.max_seq_len
+    seq_len = min(seq_len, dec.max_len)  # llama.cpp holds one token less (its decoder says why)
     batch = EVAL_BATCH if batch_size is None else batch_size
-    result = evaluate(dec, shards, seq_len=seq_len, batch_size=batch, max_tokens=max_tokens,
-                      token_bytes=token_bytes(tok))  # fmt: skip
-    return {"run": str(folder), **result}
+    kw = {"seq_len": seq_len, "batch_size": batch, "max_tokens": max_tokens, "token_bytes": token_bytes(tok)}
+    result = {"run": str(folder), "engine": "llama.cpp" if gguf else "onnxruntime", **evaluate(dec, shards, **kw)}
+    if gguf:
+        dec.close()
+    if run is not None:  # the same windows in the run's own fp32 model: what the export's quantization cost
+        checkpoint = dec.manifest.get("source", {}).get("checkpoint")
+        try:
+            model = run.load_model("cpu", checkpoint)
+        except (RunError, OSError, ValueError):  # the checkpoint is gone: the export's number stands alone
+            return result
+        fp32 = evaluate(model, shards, **kw)
+        result["fp32"] = {"checkpoint": checkpoint, **{k: fp32[k] for k in ("val_loss", "val_ppl", "bits_per_byte")}}
+        result["ppl_vs_fp32"] = result["val_ppl"] / fp32["val_ppl"] - 1
+    return result
 
 
 def evaluate_run(
@@ -65,8 +85,9 @@ def evaluate_run(
     checkpoint_name: str | None = None,
 ) -> dict:
     """`moemla eval`: a run's checkpoint on a prepared split (default: its training data's) or on raw text; or an
-    ONNX export folder, scored by onnxruntime (its data: --data, --text, or that of the run it was exported from)."""
-    if is_onnx_folder(run_dir):
+    ONNX or GGUF export folder, scored by onnxruntime or llama.cpp (its data: --data, --text, or that of the run it
+    was exported from)."""
+    if is_onnx_folder(run_dir) or is_gguf_folder(run_dir):
         return _evaluate_export(run_dir, data_dir, text, split, max_tokens, batch_size, device, checkpoint_name)
     dev = resolve_device(device)
     run = RunFolder.open(run_dir)

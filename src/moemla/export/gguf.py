@@ -7,26 +7,27 @@ plus the shared RoPE key (r + P) and whose value is the latent (r), with W^Kr ab
 what moemla's does, the latent and the RoPE key, and nothing else. The RoPE rows are DeepSeek's interleaved layout
 (the same rearrangement as the native Hugging Face export, hf_native.interleave), which llama.cpp rotates in pairs
 (2i, 2i + 1); for `llama` it rotates whole heads that way, so each head's q and k rows are interleaved too.
-Written with the `gguf` package; q8_0 quantized by its own quantizer.
+Written with the `gguf` package; q8_0 and q4_0 quantized by its own quantizers. The folder also holds moemla's
+tokenizer.json, so that `moemla generate/eval/bench` run the file through llama.cpp (inference/llamacpp).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moemla.config import ModelConfig
+from moemla.config import GGUF_TYPES, GGUFType, ModelConfig
 from moemla.data.sources import EOT
 from moemla.export.hf_native import DEEPSEEK, deepseek_weights, interleave, llama_weights, native_blocker, rope_rows
+from moemla.folders import GGUF_FILE, MODELFILE
 from moemla.model.attention import NORM_EPS
 
-GGUFType = Literal["f32", "f16", "q8_0"]
-Q8_BLOCK = 32  # weights per q8_0 block (one fp16 scale each)
+GGUF_VERSION = 2  # 2: tokenizer.json beside model.gguf
+Q_BLOCK = 32  # weights per q8_0 / q4_0 block (one fp16 scale each)
 EXTRA = "pip install 'moemla[gguf]' (gguf, and xllamacpp to run the file)"
 
 
@@ -153,7 +154,7 @@ def write_gguf(model: torch.nn.Module, tok: Tokenizer, path: Path, qtype: GGUFTy
         raise ValueError(f"the GGUF export needs the gguf package: {EXTRA}") from None
     arch = gguf_architecture(model.cfg)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]  # fmt: skip
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]  # fmt: skip
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("moemla")
     w.add_file_type(ftype)
@@ -165,19 +166,16 @@ def write_gguf(model: torch.nn.Module, tok: Tokenizer, path: Path, qtype: GGUFTy
         keep = data.ndim == 1 or name.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias"))
         if qtype == "f32" or keep:
             w.add_tensor(name, data)
-        elif qtype == "f16" or data.shape[-1] % Q8_BLOCK:  # q8_0 blocks rows of 32: a narrower row stays f16
+        elif qtype == "f16" or data.shape[-1] % Q_BLOCK:  # quants block rows of 32: a narrower row stays f16
             w.add_tensor(name, data.astype(np.float16))
         else:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            kind = gguf.GGMLQuantizationType.Q8_0 if qtype == "q8_0" else gguf.GGMLQuantizationType.Q4_0
+            w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return {"architecture": arch, "type": qtype, "bytes": path.stat().st_size}
-
-
-GGUF_FILE, MODELFILE = "model.gguf", "Modelfile"
 
 
 def export_gguf(
@@ -188,44 +186,49 @@ def export_gguf(
     beside out_dir and moved into place whole. Returns the manifest."""
     import shutil
 
-    from moemla import accounting
-    from moemla.folders import (
-        GGUF_FORMAT,
-        MANIFEST,
-        check_destination,
-        file_sizes,
-        replace_folder,
-        staging,
-        write_text_atomic,
-    )
+    from moemla.folders import check_destination, replace_folder, staging
     from moemla.runs import RunFolder
 
     run = RunFolder.open(run_dir)
-    arch = gguf_architecture(run.model_config)  # before loading weights or touching OUT
-    if qtype not in ("f32", "f16", "q8_0"):
-        raise ValueError(f"--quantize for --format gguf is f32, f16 or q8_0 (llama.cpp's type names), not {qtype!r}")
+    gguf_architecture(run.model_config)  # refused before loading weights or touching OUT
+    if qtype not in GGUF_TYPES:
+        raise ValueError(f"--quantize for --format gguf is {', '.join(GGUF_TYPES)} (llama.cpp's names), not {qtype!r}")
     out = check_destination(out_dir, "export", sources=(run_dir,), overwrite=overwrite)
     model, tok = run.load_model("cpu", checkpoint, finite=True), run.tokenizer()
+    ckpt = run.checkpoint(checkpoint)
+    source = {"run": str(run.path.resolve()), "checkpoint": ckpt.name if ckpt else None}
     stage = staging(out, "export")
     try:
         folder = stage / "gguf"
         folder.mkdir()
-        written = write_gguf(model, tok, folder / GGUF_FILE, qtype)
-        (folder / MODELFILE).write_text(modelfile())
-        files = file_sizes(folder)
-        ckpt = run.checkpoint(checkpoint)
-        manifest = {
-            "format": GGUF_FORMAT, "version": 1, "architecture": arch, "type": qtype, "config": model.cfg.to_dict(),
-            # llama.cpp caches the latent and the RoPE key (f16 by default: half the fp32 bytes)
-            "kv_cache_bytes_per_token": {"f32": accounting.kv_cache_bytes_per_token(model.cfg, "float32"),
-                                         "f16": accounting.kv_cache_bytes_per_token(model.cfg, "float16")},
-            "files": files, "bytes": written["bytes"],
-            "source": {"run": str(run.path.resolve()), "checkpoint": ckpt.name if ckpt else None},
-        }  # fmt: skip
-        write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        manifest = write_gguf_folder(model, tok, folder, qtype, source)
         replace_folder(folder, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    return manifest
+
+
+def write_gguf_folder(
+    model: torch.nn.Module, tok: Tokenizer, folder: Path, qtype: GGUFType, source: dict | None = None
+) -> dict[str, object]:
+    """model.gguf, the Modelfile, tokenizer.json and the manifest in `folder` (export_gguf, and bench's random
+    weights); returns the manifest."""
+    from moemla import accounting
+    from moemla.folders import GGUF_FORMAT, MANIFEST, TOKENIZER_FILE, file_sizes, write_text_atomic
+
+    written = write_gguf(model, tok, folder / GGUF_FILE, qtype)
+    (folder / MODELFILE).write_text(modelfile())
+    tok.save(str(folder / TOKENIZER_FILE))  # moemla's own decode loop reads it (inference/llamacpp)
+    cfg = model.cfg
+    manifest = {
+        "format": GGUF_FORMAT, "version": GGUF_VERSION, "architecture": written["architecture"], "type": qtype,
+        "config": cfg.to_dict(),
+        # llama.cpp caches the latent and the RoPE key (f16 by default: half the fp32 bytes)
+        "kv_cache_bytes_per_token": {"f32": accounting.kv_cache_bytes_per_token(cfg, "float32"),
+                                     "f16": accounting.kv_cache_bytes_per_token(cfg, "float16")},
+        "files": file_sizes(folder), "bytes": written["bytes"], "source": source or {},
+    }  # fmt: skip
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

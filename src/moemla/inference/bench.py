@@ -43,6 +43,10 @@ def bench(
 ) -> dict[str, object]:
     """One row through the Decoder interface: the best of `repeats` runs (the first also warms up and compiles)."""
     _check_lengths(cfg, context, new_tokens)
+    if engine == "llama.cpp":  # its own decode loop on the same random weights (inference/llamacpp/bench.py)
+        from moemla.inference.llamacpp.bench import bench_llamacpp
+
+        return bench_llamacpp(cfg, batch, context, new_tokens, quantize=quantize, dtype=dtype, repeats=repeats)
     device = torch.device(device)
     torch.manual_seed(0)
     model = Transformer(cfg.replace(dropout=0.0)).to(device=device, dtype=dtype)
@@ -170,10 +174,14 @@ def print_table(rows: list[dict[str, object]], title: str) -> None:
             f"{r['kv_vs_mha']:.0%}" if rel else "-",
             f"{r['prefill_tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.1f}",
             f"{r['decode_speedup_vs_mha']:.2f}x" if rel else "-",
-            f"{r['latency_ms_p50']:.2f}", f"{r['latency_ms_p95']:.2f}",
+            _ms(r["latency_ms_p50"]), _ms(r["latency_ms_p95"]),
             f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
         )  # fmt: skip
     Console(width=None if sys.stdout.isatty() else 130).print(table)
+
+
+def _ms(value: object) -> str:
+    return "-" if value is None else f"{value:.2f}"  # llama.cpp's loop reports no per-step latency
 
 
 def print_memory_table(rows: list[dict[str, object]], title: str) -> None:

@@ -21,7 +21,7 @@ from moemla.config import ConfigError, ModelConfig, QuantizeKind, portable
 from moemla.inference.padding import left_pad
 from moemla.model import KVCache, Transformer
 
-Engine = Literal["torch", "numpy", "numba", "onnx"]
+Engine = Literal["torch", "numpy", "numba", "onnx", "llama.cpp"]
 Mode = Literal["eager", "static", "cuda-graph"]
 Quantize = QuantizeKind  # int4: the ONNX engine only
 
@@ -255,6 +255,13 @@ def check_engine(
 ) -> None:  # fmt: skip
     """The one check of what an engine runs (the torch-free CPU engines: one float32 sequence on the CPU,
     absorbed); make_decoder calls it, and `bench` before it builds any model."""
+    if engine == "llama.cpp":
+        if device.type != "cpu" or torch_only or not absorbed or dtype not in (torch.float32, torch.float16):
+            raise ConfigError(
+                "--engine llama.cpp runs a GGUF file on the CPU (f32, f16, or --quantize int8 / int4 "
+                "as q8_0 / q4_0): drop --device, --naive, --compile, --cuda-graph and --dtype bf16"
+            )
+        return
     if engine == "onnx":
         if device.type != "cpu" or torch_only or not absorbed:
             raise ConfigError("--engine onnx runs an ONNX export on the CPU: drop --device, --naive, --compile and "
@@ -295,6 +302,9 @@ def make_decoder(
         if quantize != "none":
             raise ConfigError("--quantize int8 is for the CPU engine; use --engine numba or numpy")
         return TorchDecoder(model, absorbed=absorbed, mode=mode, compile=compile)
+    if engine == "llama.cpp":
+        raise ConfigError("--engine llama.cpp runs a GGUF export folder: moemla export RUN OUT --format gguf, then "
+                          "moemla generate OUT")  # fmt: skip
     if engine == "onnx":
         check_engine(engine, model.wte.weight.device, model.wte.weight.dtype, batch_size, absorbed, torch_only)
         return onnx_decoder(model, quantize)

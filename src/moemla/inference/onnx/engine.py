@@ -55,13 +55,18 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def refuse_export_flags(folder: str | Path, **asked: bool) -> None:
-    """The one refusal of flags an export folder cannot honour (generate, serve, bench and eval call it): `asked`
-    maps a flag's name (device, checkpoint, quantize, ...) to whether it was given."""
+EXPORT_RUNTIMES = {
+    "onnx": "an ONNX export (one checkpoint, quantized at export, run on the CPU by onnxruntime)",
+    "gguf": "a GGUF export (one checkpoint, quantized at export, run on the CPU by llama.cpp)",
+}
+
+
+def refuse_export_flags(folder: str | Path, kind: str = "onnx", **asked: bool) -> None:
+    """The one refusal of flags an export folder (`kind` onnx or gguf) cannot honour (generate, serve, bench and
+    eval call it): `asked` maps a flag's name (device, checkpoint, quantize, ...) to whether it was given."""
     given = [f"--{name.replace('_', '-')}" for name, on in asked.items() if on]
     if given:
-        raise ConfigError(f"{folder} is an ONNX export (one checkpoint, quantized at export, run on the CPU by "
-                          f"onnxruntime): drop {', '.join(given)}")  # fmt: skip
+        raise ConfigError(f"{folder} is {EXPORT_RUNTIMES[kind]}: drop {', '.join(given)}")
 
 
 def _ort() -> object:
