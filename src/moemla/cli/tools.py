@@ -126,6 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     weights = "int8 weights" if args.quantize == "int8" else args.dtype
+    if args.engine == "llama.cpp":  # its own type names, and its default f16 cache
+        weights = f"{rows[0]['dtype']} weights, f16 cache"
     title = f"{args.preset}, {args.engine} engine, {rows[0]['device']}, {weights}, context {args.context}"
     print_table(rows, title + ", random weights")
     print(f"memory: {rows[0]['peak_memory_kind']}" + (f"; plot: {args.plot}" if args.plot else ""))

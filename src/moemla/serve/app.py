@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
 from moemla.inference.decode import Token
+from moemla.inference.llamacpp.engine import is_gguf_folder
 from moemla.inference.onnx.engine import is_onnx_folder
 from moemla.serve.engine import Engine, Job
 from moemla.serve.limits import BodyLimit
@@ -221,8 +222,8 @@ def serve(
 
     from moemla.inference.load import open_decoder
 
-    # the torch engine for a run folder (batches of any size), the ONNX engine for an ONNX export
-    engine_name = "auto" if is_onnx_folder(run_dir) else "torch"
+    # the torch engine for a run folder (batches of any size), the ONNX or llama.cpp engine for an export
+    engine_name = "auto" if is_onnx_folder(run_dir) or is_gguf_folder(run_dir) else "torch"
     mode = "cuda-graph" if cuda_graph else "eager"
     decoder, tok = open_decoder(run_dir, engine_name, device=device, checkpoint=checkpoint, batch_size=max_batch,
                                 mode=mode, compile=compile)  # fmt: skip

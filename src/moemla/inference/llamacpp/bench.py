@@ -34,10 +34,10 @@ def _refuse(dtype: torch.dtype) -> str:
 
 
 def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE of exactly `vocab_size` tokens (<|endoftext|>, the 256 bytes, then pairs with their merges):
+    """A byte-level BPE of exactly `vocab_size` tokens (<|endoftext|>, the bytes, then pairs with their merges):
     what a GGUF file of random weights needs to load; the text it writes means nothing."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    chars = sorted(alphabet)
+    # a vocabulary too small for every byte keeps fewer of them: llama.cpp needs at least one merge to load
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())[: max(2, min(256, vocab_size - 2))]
     vocab = {EOT: 0, **{c: i + 1 for i, c in enumerate(chars)}}
     merges = []
     for a in chars:

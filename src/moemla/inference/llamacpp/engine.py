@@ -174,12 +174,14 @@ class LlamaCppDecoder:
         from moemla.folders import TOKENIZER_FILE
 
         self.folder, self.manifest = read_gguf_manifest(path)
-        self.cfg = ModelConfig.from_dict(self.manifest["config"])
+        model_cfg = ModelConfig.from_dict(self.manifest["config"])
         self.tokenizer = load_tokenizer(self.folder / TOKENIZER_FILE)
-        self.ctx = min(ctx or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.ctx = min(ctx or model_cfg.max_seq_len, model_cfg.max_seq_len)  # cells per slot
+        # the context the decode loop, truncation and the server plan with: what llama.cpp holds (max_len)
+        self.cfg = model_cfg.replace(max_seq_len=self.ctx - 1)
         self.slots, self.exact = slots, exact
         settings = {"path": str(self.folder / GGUF_FILE), "slots": slots, "ctx": self.ctx, "exact": exact,
-                    "threads": threads or _threads(), "vocab": self.cfg.vocab_size,
+                    "threads": threads or _threads(), "vocab": model_cfg.vocab_size,
                     "whole": whole_token(self.tokenizer), "verbosity": 3}  # fmt: skip
         self.worker = LlamaCppWorker(settings)
         self.rows: list[list[int]] = []
