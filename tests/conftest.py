@@ -8,10 +8,19 @@ import pytest
 import torch
 
 from moemla import ModelConfig, Transformer
-from moemla.config import VARIANTS
+from moemla.config import FLAVORS, VARIANTS
 from moemla.runs import RunFolder, checkpoint
 
 ALL_VARIANTS = list(VARIANTS)
+# the block's switches (issue 43): each alone, then DeepSeek-V3's block (all of them, no biases, the bias outside
+# the gate); every engine that runs them is held to the torch model over all of them
+BLOCKS = {
+    "rmsnorm": {"norm": "rmsnorm"},
+    "swiglu": {"ffn_activation": "swiglu"},
+    "joint": {"latent": "joint"},
+    "sigmoid": {"scoring": "sigmoid"},
+    "deepseek": FLAVORS["deepseek"],
+}
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: share the cores, or N x threads oversubscribe them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))

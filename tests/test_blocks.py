@@ -9,19 +9,11 @@ import torch
 
 from moemla import KVCache, Transformer, accounting
 from moemla.cli import main
-from moemla.config import FLAVORS, VARIANTS, ConfigError, ModelConfig, flavor_name
+from moemla.config import VARIANTS, ConfigError, ModelConfig, check_portable, flavor_name
 from moemla.model.kv_cache import cache_spec
 
-from .conftest import build
+from .conftest import BLOCKS, build
 
-# each switch alone, then DeepSeek-V3's block (all of them, no biases, the bias outside the gate)
-BLOCKS = {
-    "rmsnorm": {"norm": "rmsnorm"},
-    "swiglu": {"ffn_activation": "swiglu"},
-    "joint": {"latent": "joint"},
-    "sigmoid": {"scoring": "sigmoid"},
-    "deepseek": FLAVORS["deepseek"],
-}
 CASES = [pytest.param(v, b, id=f"{v}-{b}") for v in VARIANTS for b in BLOCKS]
 
 
@@ -111,14 +103,15 @@ def test_info_prints_the_flavor(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize("block", list(BLOCKS))
-def test_engines_without_a_switch_refuse_it_in_one_line_and_auto_picks_torch(block: str) -> None:
-    from moemla.inference.cpu.decoder import NumpyDecoder
+def test_the_cpu_engine_runs_every_switch_and_auto_picks_it(block: str) -> None:
+    """The numpy/numba engine implements each switch (its logits: tests/test_numpy_decoder.py); the remote code,
+    which does not, refuses in one line."""
     from moemla.inference.decoder import make_decoder
 
     model = _model("moe-mla-drope", block)
-    with pytest.raises(ConfigError, match=r"the CPU engine does not implement ModelConfig\.\w+"):
-        NumpyDecoder.from_model(model)
-    assert type(make_decoder(model, engine="auto")).__name__ == "TorchDecoder"
+    assert type(make_decoder(model, engine="auto")).__name__ == "NumpyDecoder"
+    with pytest.raises(ConfigError, match=r"remote code does not implement ModelConfig\.\w+"):
+        check_portable(model.cfg, "the remote code", "use the native export")
 
 
 def test_train_with_the_deepseek_flavor_and_resume_it(trained_debug_run, tmp_path, capsys) -> None:

@@ -61,15 +61,15 @@ def test_left_padded_prefill_equals_each_prompt_alone() -> None:
 
 def test_cpu_engine_refuses_config_fields_it_does_not_implement() -> None:
     @dataclasses.dataclass(frozen=True)
-    class WithNorm(ModelConfig):
-        norm: str = "layernorm"  # a field added to the model that the CPU engine has never heard of
+    class WithQkNorm(ModelConfig):
+        qk_norm: str = "none"  # a field added to the model that the CPU engine has never heard of
 
-    check_supported(WithNorm())  # at its default the field changes nothing
-    with pytest.raises(ConfigError, match=r"does not implement ModelConfig.norm='rmsnorm'; use --engine torch"):
-        check_supported(WithNorm(norm="rmsnorm"))
+    check_supported(WithQkNorm())  # at its default the field changes nothing
+    with pytest.raises(ConfigError, match=r"does not implement ModelConfig.qk_norm='rms'; use --engine torch"):
+        check_supported(WithQkNorm(qk_norm="rms"))
     model = build("mha")
-    with pytest.raises(ConfigError, match="norm"):
-        NumpyDecoder(WithNorm(**{**model.cfg.to_dict(), "norm": "rmsnorm"}), model.state_dict())
+    with pytest.raises(ConfigError, match="qk_norm"):
+        NumpyDecoder(WithQkNorm(**{**model.cfg.to_dict(), "qk_norm": "rms"}), model.state_dict())
 
 
 def test_make_decoder_refuses_what_an_engine_cannot_do() -> None:

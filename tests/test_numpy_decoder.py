@@ -14,7 +14,7 @@ from moemla.inference.generate import generate_ids
 from moemla.inference.sampling import greedy
 from moemla.model import KVCache
 
-from .conftest import ALL_VARIANTS, build
+from .conftest import ALL_VARIANTS, BLOCKS, build
 
 
 def perturbed(variant: str, **overrides: object) -> torch.nn.Module:
@@ -36,7 +36,9 @@ def needs_numba(compiled: bool) -> None:
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "numba"])
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
-@pytest.mark.parametrize("overrides", [{}, {"bias": False, "bias_in_gate": False}], ids=["bias", "nobias"])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"bias": False, "bias_in_gate": False}, *BLOCKS.values()], ids=["bias", "nobias", *BLOCKS]
+)
 def test_numpy_logits_equal_torch_for_prefill_decode_and_chunks(variant: str, overrides: dict, compiled: bool) -> None:
     needs_numba(compiled)
     model = perturbed(variant, **overrides)

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moemla.config import GGUF_TYPES, GGUFType, ModelConfig
+from moemla.config import GGUF_TYPES, NORM_EPS, GGUFType, ModelConfig
 from moemla.data.sources import EOT
 from moemla.export.hf_native import DEEPSEEK, deepseek_weights, interleave, llama_weights, native_blocker, rope_rows
 from moemla.folders import GGUF_FILE, MODELFILE
-from moemla.model.attention import NORM_EPS
 
 GGUF_VERSION = 2  # 2: tokenizer.json beside model.gguf
 Q_BLOCK = 32  # weights per q8_0 / q4_0 block (one fp16 scale each)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from moemla.config import ModelConfig
-from moemla.model.attention import NORM_EPS
+from moemla.config import NORM_EPS, ModelConfig
 
 DEEPSEEK = "deepseek_v3"
 LLAMA = "llama"

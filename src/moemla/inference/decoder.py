@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moemla.compiling import CompiledOrEager
-from moemla.config import ConfigError, ModelConfig, QuantizeKind, portable
+from moemla.config import CPU_PORTABLE, ConfigError, ModelConfig, QuantizeKind, portable
 from moemla.inference.padding import left_pad
 from moemla.model import KVCache, Transformer
 
@@ -295,7 +295,7 @@ def make_decoder(
     whenever a torch mode or compile is asked for, or the model has a field the CPU engine does not implement)."""
     torch_only = compile or mode != "eager"
     if engine == "auto":
-        cpu_engine_runs = not torch_only and portable(model.cfg)
+        cpu_engine_runs = not torch_only and portable(model.cfg, CPU_PORTABLE)
         one_on_cpu = model.wte.weight.device.type == "cpu" and batch_size == 1 and cpu_engine_runs
         engine = ("numba" if importlib.util.find_spec("numba") else "numpy") if one_on_cpu else "torch"
     if engine == "torch":

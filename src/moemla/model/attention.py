@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemla.config import ModelConfig
+from moemla.config import NORM_EPS, ModelConfig
 from moemla.model.dropout import causal_attention_dropout
 from moemla.model.dropout import fast as fast_dropout
 from moemla.model.kv_cache import Write
@@ -25,7 +25,6 @@ class Angles(NamedTuple):
 
 
 Rope = Angles | None
-NORM_EPS = 1e-6  # RMSNorm's epsilon (the block's and the joint latent's), DeepSeek-V3's and Llama's
 
 
 def causal_attention(

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemla.config import ModelConfig
-from moemla.model.attention import MHA, MLA, NORM_EPS, Angles
+from moemla.config import NORM_EPS, ModelConfig
+from moemla.model.attention import MHA, MLA, Angles
 from moemla.model.dropout import Dropout
 from moemla.model.kv_cache import KVCache, Write
 from moemla.model.moe import MLP, MoE, RoutedExperts, Router, load_cvs

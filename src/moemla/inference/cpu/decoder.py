@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moemla.config import ConfigError, ModelConfig, check_portable
-from moemla.inference.cpu.layers import Block, Fused, Linear, Weights, layer_norm, rope_tables
+from moemla.config import CPU_PORTABLE, ConfigError, ModelConfig, check_portable
+from moemla.inference.cpu.layers import Block, Fused, Linear, Weights, norm, rope_tables
 from moemla.inference.cpu.quant import matmul, to_int8
 
 
@@ -66,7 +66,7 @@ def _tensor(logits: np.ndarray) -> torch.Tensor:
 
 
 def check_supported(cfg: ModelConfig) -> None:
-    check_portable(cfg, "the CPU engine", "use --engine torch")
+    check_portable(cfg, "the CPU engine", "use --engine torch", CPU_PORTABLE)
 
 
 class NumpyDecoder:
@@ -98,7 +98,7 @@ class NumpyDecoder:
         w = {name: np.asarray(a, dtype=np.float32) for name, a in weights.items()}
         self.wte_t = np.ascontiguousarray(w["wte.weight"].T)  # (C, V): the LM head's fast layout, and the lookup
         self.wpe = w.get("wpe.weight")
-        self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
+        self.ln_f = (w["ln_f.weight"], w.get("ln_f.bias"))  # no bias: RMSNorm
         self.rope = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_base) if cfg.positions == "rope" else None
         self.kernels = kernels = load_kernels() if compiled else None
         self.blocks = [Block(cfg, w, i, self.max_len, kernels) for i in range(cfg.n_layers)]
@@ -180,7 +180,7 @@ class NumpyDecoder:
         for block in self.blocks:
             x = block(x, start, self.rope)
         self.length += t
-        h = layer_norm(x if all_logits else x[-1:], *self.ln_f)
+        h = norm(x if all_logits else x[-1:], self.ln_f)
         if self.wte_q is None:
             logits = h @ self.wte_t  # (T or 1, V); tied embedding
         elif self.compiled and h.shape[0] == 1:

@@ -22,6 +22,25 @@ def _gelu(v: np.float32) -> np.float32:
     return np.float32(0.5) * v * (np.float32(1.0) + math.erf(v * _SQRT_HALF))  # exact (erf) GELU, as F.gelu
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _silu(v: np.float32) -> np.float32:
+    return v / (np.float32(1.0) + np.exp(-v))
+
+
+@njit(fastmath=True, cache=True)
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x (C,) -> (C,), as torch's RMSNorm."""
+    n = x.shape[0]
+    ms = np.float32(0.0)
+    for i in range(n):
+        ms += x[i] * x[i]
+    inv = np.float32(1.0) / np.sqrt(ms / n + np.float32(eps))
+    out = np.empty_like(x)
+    for i in range(n):
+        out[i] = x[i] * inv * weight[i]
+    return out
+
+
 @njit(fastmath=True, cache=True)
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     """x (C,) -> (C,), as torch's LayerNorm (biased variance)."""
@@ -41,15 +60,20 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 
 
 @njit(fastmath=True, cache=True)
-def route(logits: np.ndarray, bias: np.ndarray, k: int, bias_in_gate: bool) -> tuple[np.ndarray, np.ndarray]:
+def route(
+    logits: np.ndarray, bias: np.ndarray, k: int, bias_in_gate: bool, sigmoid: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Router logits (E,) -> the top-k experts (K,) and their normalized gates (K,), as NumpyDecoder.moe.
 
-    Paper (Algorithm 1): gates from softmax(l + b). DeepSeek-V3: b only picks, softmax(l) weights.
+    Paper (Algorithm 1): gates from softmax(l + b). DeepSeek-V3: b only picks, sigmoid(l) (or softmax) weights.
     """
     shifted = logits + bias
     z = shifted if bias_in_gate else logits
-    scores = np.exp(z - z.max())
-    scores /= scores.sum()
+    if sigmoid:
+        scores = np.float32(1.0) / (np.float32(1.0) + np.exp(-z))
+    else:
+        scores = np.exp(z - z.max())
+        scores /= scores.sum()
     pick = scores if bias_in_gate else scores + bias
     idx = np.argsort(-pick)[:k]
     gates = scores[idx]
@@ -58,28 +82,36 @@ def route(logits: np.ndarray, bias: np.ndarray, k: int, bias_in_gate: bool) -> t
 
 @njit(fastmath=True, cache=True)
 def routed_experts(
-    x: np.ndarray, w1: np.ndarray, w2: np.ndarray, idx: np.ndarray, gates: np.ndarray, y: np.ndarray
+    x: np.ndarray, w1: np.ndarray, w2: np.ndarray, idx: np.ndarray, gates: np.ndarray, y: np.ndarray, swiglu: bool
 ) -> None:
-    """y (C,) += sum_k gates[k] * GELU(x W1[e_k]) W2[e_k]: Eq. 12's routed term for one token.
+    """y (C,) += sum_k gates[k] * act(x W1[e_k]) W2[e_k]: Eq. 12's routed term for one token (act: GELU, or SwiGLU
+    over W1's [gate | up] halves).
 
-    x (C,), w1 (E, C, h) and w2 (E, h, C) in (in, out) layout, so both inner loops run along
+    x (C,), w1 (E, C, h) and w2 (E, h', C) in (in, out) layout, so both inner loops run along
     contiguous rows: each expert is one forward stream the prefetcher follows.
     """
-    n_in, hidden = w1.shape[1], w1.shape[2]
-    h = np.empty(hidden, np.float32)
+    n_in, width = w1.shape[1], w1.shape[2]
+    hidden = w2.shape[1]  # width, or width / 2 with SwiGLU
+    h = np.empty(width, np.float32)
     for k in range(idx.shape[0]):
         e = idx[k]
         h[:] = 0.0
         for c in range(n_in):
             xc = x[c]
-            for j in range(hidden):
+            for j in range(width):
                 h[j] += xc * w1[e, c, j]
-        for j in range(hidden):
-            h[j] = _gelu(h[j]) * gates[k]
+        _activate(h, hidden, gates[k], swiglu)
         for i in range(hidden):
             hi = h[i]
             for c in range(y.shape[0]):
                 y[c] += hi * w2[e, i, c]
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _activate(h: np.ndarray, hidden: int, gate: np.float32, swiglu: bool) -> None:
+    """h[:hidden] = gate * act(h) in place: GELU, or SiLU(h[:hidden]) * h[hidden:] (SwiGLU's halves)."""
+    for j in range(hidden):
+        h[j] = (_silu(h[j]) * h[hidden + j] if swiglu else _gelu(h[j])) * gate
 
 
 @njit(fastmath=True, cache=True)
@@ -98,6 +130,16 @@ def gelu(x: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
     for j in range(x.shape[0]):
         out[j] = _gelu(x[j])
+    return out
+
+
+@njit(fastmath=True, cache=True)
+def swiglu(x: np.ndarray) -> np.ndarray:
+    """x (2h,) as [gate | up] -> SiLU(gate) * up (h,)."""
+    half = x.shape[0] // 2
+    out = np.empty(half, np.float32)
+    for j in range(half):
+        out[j] = _silu(x[j]) * x[half + j]
     return out
 
 
@@ -262,16 +304,18 @@ def routed_experts_q8(
     idx: np.ndarray,
     gates: np.ndarray,
     y: np.ndarray,
+    swiglu: bool,
 ) -> None:
-    """routed_experts with int8 rows: w1 (E, h, C), w2 (E, C, h), scales s1 (E, h), s2 (E, C)."""
-    hidden, n_out = w1.shape[1], w2.shape[1]
-    h = np.empty(hidden, np.float32)
+    """routed_experts with int8 rows: w1 (E, h, C), w2 (E, C, h'), scales s1 (E, h), s2 (E, C)."""
+    width, n_out, hidden = w1.shape[1], w2.shape[1], w2.shape[2]
+    h = np.empty(width, np.float32)
     for k in range(idx.shape[0]):
         e = idx[k]
-        for j in range(hidden):
-            h[j] = _gelu(_dot_q8(x, w1[e, j]) * s1[e, j]) * gates[k]
+        for j in range(width):
+            h[j] = _dot_q8(x, w1[e, j]) * s1[e, j]
+        _activate(h, hidden, gates[k], swiglu)
         for c in range(n_out):
-            y[c] += _dot_q8(h, w2[e, c]) * s2[e, c]
+            y[c] += _dot_q8(h[:hidden], w2[e, c]) * s2[e, c]
 
 
 @njit(fastmath=True, cache=True)

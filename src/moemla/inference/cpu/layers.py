@@ -12,20 +12,43 @@ from typing import NamedTuple
 import numpy as np
 from scipy.special import erf
 
-from moemla.config import ModelConfig
+from moemla.config import LAYER_NORM_EPS, NORM_EPS, ModelConfig
 from moemla.inference.cpu.quant import matmul, quantize_layer, to_int8
 
 Weights = Mapping[str, np.ndarray]
 
 
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = LAYER_NORM_EPS) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
     var = np.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
+    return x / np.sqrt(np.square(x).mean(-1, keepdims=True) + np.float32(eps)) * weight  # as nn.RMSNorm
+
+
+def norm(x: np.ndarray, params: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
+    """The block's norm from its weights: LayerNorm (weight, bias) or RMSNorm (weight, None); make_norm's choice."""
+    weight, bias = params
+    return rms_norm(x, weight) if bias is None else layer_norm(x, weight, bias)
+
+
 def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + erf(x * np.float32(0.7071067811865476)))  # exact (erf) GELU, as F.gelu
+
+
+def activate(h: np.ndarray, kind: str) -> np.ndarray:
+    """model.moe.activate: GELU, or SwiGLU over h's [gate | up] halves."""
+    if kind == "gelu":
+        return gelu(h)
+    gate, up = np.split(h, 2, axis=-1)
+    return gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+
+def score(logits: np.ndarray, kind: str) -> np.ndarray:
+    """model.moe.score: softmax over the experts, or an independent sigmoid each."""
+    return softmax(logits) if kind == "softmax" else np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -103,8 +126,8 @@ class Block:
     def __init__(self, cfg: ModelConfig, w: Weights, i: int, max_len: int, kernels: ModuleType | None) -> None:
         p = f"blocks.{i}."
         self.cfg, self.kernels = cfg, kernels  # kernels: moemla.inference.cpu.kernels for one-token steps, or None
-        self.ln1 = (w[p + "ln1.weight"], w[p + "ln1.bias"])
-        self.ln2 = (w[p + "ln2.weight"], w[p + "ln2.bias"])
+        self.ln1 = (w[p + "ln1.weight"], w.get(p + "ln1.bias"))  # no bias: RMSNorm
+        self.ln2 = (w[p + "ln2.weight"], w.get(p + "ln2.bias"))
         h, d, r = cfg.n_heads, cfg.head_dim, cfg.kv_lora_rank
         self.wo = Linear(w, p + "attn.wo")
         if cfg.attention == "mha":
@@ -119,7 +142,15 @@ class Block:
             self.bv0 = np.zeros(h * d, np.float32) if self.bv is None else self.bv  # for the kernels
             self.no_bias_terms = np.zeros((h, d), np.float32)
             p_dim = cfg.rope_dim if cfg.decoupled else 0
-            self.cache = {"c_k": np.zeros((max_len, r), np.float32), "c_v": np.zeros((max_len, r), np.float32)}
+            # one RMS-normalised latent is both C^K and C^V (latent joint: DeepSeek's), or one each (the paper's)
+            self.kv_norm = w.get(p + "attn.kv_norm.weight")
+            if self.kv_norm is not None:
+                self.cache = {"c_kv": np.zeros((max_len, r), np.float32)}
+                self.c_k = self.c_v = self.cache["c_kv"]
+            else:
+                self.cache = {"c_k": np.zeros((max_len, r), np.float32), "c_v": np.zeros((max_len, r), np.float32)}
+                self.c_k, self.c_v = self.cache["c_k"], self.cache["c_v"]
+            self.pe_at = r if self.kv_norm is not None else 2 * r  # where k_pe starts in W^KV_a's output
             self.cache["k_pe"] = np.zeros((max_len, p_dim), np.float32)
         if cfg.ffn == "dense":
             self.w1, self.w2 = Linear(w, p + "ffn.w1"), Linear(w, p + "ffn.w2")
@@ -141,16 +172,17 @@ class Block:
         if self.kernels is not None and x.shape[0] == 1:
             return self.step(x[0], start, rope)[None]
         attend = self.mha if self.cfg.attention == "mha" else self.mla
-        x = x + attend(layer_norm(x, *self.ln1), start, rope)
-        h = layer_norm(x, *self.ln2)
-        return x + (self.w2(gelu(self.w1(h))) if self.cfg.ffn == "dense" else self.moe(h))
+        x = x + attend(norm(x, self.ln1), start, rope)
+        h = norm(x, self.ln2)
+        act = self.cfg.ffn_activation
+        return x + (self.w2(activate(self.w1(h), act)) if self.cfg.ffn == "dense" else self.moe(h))
 
     def step(self, x: np.ndarray, pos: int, rope: Rope | None) -> np.ndarray:
         """One token x (C,) at position pos through the compiled kernels: the same math as __call__."""
         cfg, kern, end = self.cfg, self.kernels, pos + 1
         h, d = cfg.n_heads, cfg.head_dim
         cos_sin = (rope.cos[pos], rope.sin[pos]) if rope is not None else None
-        a = kern.layer_norm(x, *self.ln1, 1e-5)
+        a = self.norm_step(x, self.ln1)
         if cfg.attention == "mha":
             q, k, v = self.gemv(a, self.wqkv).reshape(3, h, d)
             if cos_sin is not None:
@@ -162,11 +194,14 @@ class Block:
             qkv = self.gemv(a, self.wq_kv_a)
             q, kv = qkv[: h * (d + p)].reshape(h, d + p), qkv[h * (d + p) :]
             c = self.cache
-            c["c_k"][pos], c["c_v"][pos] = kv[:r], kv[r : 2 * r]
+            if self.kv_norm is not None:
+                self.c_k[pos] = kern.rms_norm(np.ascontiguousarray(kv[:r]), self.kv_norm, NORM_EPS)
+            else:
+                self.c_k[pos], self.c_v[pos] = kv[:r], kv[r : 2 * r]
             if cfg.positions == "rope" and not cfg.decoupled:  # post-RoPE, as post_rope_scores
                 q_rot = kern.rope_rows(np.ascontiguousarray(q), *cos_sin)
                 uv = kern.rotate_onto_keys(q_rot, self.wk)  # (H D, R)
-                ab = c["c_k"][:end] @ uv.T  # (S, H D): the one product that grows with S (numpy's BLAS)
+                ab = self.c_k[:end] @ uv.T  # (S, H D): the one product that grows with S (numpy's BLAS)
                 ab0 = self.no_bias_terms  # (H, D) zeros
                 if self.bk is not None:
                     ab0 = kern.rotate_onto_keys(q_rot, self.bk.reshape(h, d, 1)).reshape(h, d)
@@ -174,23 +209,32 @@ class Block:
             else:
                 q_pe = self.no_bias_terms[:, :0]  # (H, 0): no decoupled channels
                 if p:
-                    c["k_pe"][pos] = kern.rope_rows(kv[None, 2 * r :], *cos_sin)[0]
+                    c["k_pe"][pos] = kern.rope_rows(kv[None, self.pe_at :], *cos_sin)[0]
                     q_pe = kern.rope_rows(np.ascontiguousarray(q[:, d:]), *cos_sin)
-                scores = kern.absorbed_scores(q[:, :d], q_pe, self.wk, c["c_k"], c["k_pe"], end, (d + p) ** -0.5)
-            o = kern.latent_values(scores, c["c_v"], self.wv, self.bv0)
+                scores = kern.absorbed_scores(q[:, :d], q_pe, self.wk, self.c_k, c["k_pe"], end, (d + p) ** -0.5)
+            o = kern.latent_values(scores, self.c_v, self.wv, self.bv0)
         x = x + self.gemv(o, self.wo)
-        a = kern.layer_norm(x, *self.ln2, 1e-5)
+        a = self.norm_step(x, self.ln2)
+        swiglu = cfg.ffn_activation == "swiglu"
+        act = kern.swiglu if swiglu else kern.gelu
         if cfg.ffn == "dense":
-            return x + self.gemv(kern.gelu(self.gemv(a, self.w1)), self.w2)
+            return x + self.gemv(act(self.gemv(a, self.w1)), self.w2)
         both = self.gemv(a, self.router_shared)
         logits, shared = both[: cfg.n_routed_experts], both[cfg.n_routed_experts :]
-        y = np.zeros_like(x) if self.shared is None else self.gemv(kern.gelu(shared), self.shared)
-        idx, gates = kern.route(logits, self.router_bias, cfg.n_activated_experts, cfg.bias_in_gate)
+        y = np.zeros_like(x) if self.shared is None else self.gemv(act(shared), self.shared)
+        sigmoid = cfg.scoring == "sigmoid"
+        idx, gates = kern.route(logits, self.router_bias, cfg.n_activated_experts, cfg.bias_in_gate, sigmoid)
         if self.s1 is None:
-            kern.routed_experts(a, self.e1, self.e2, idx, gates, y)
+            kern.routed_experts(a, self.e1, self.e2, idx, gates, y, swiglu)
         else:
-            kern.routed_experts_q8(a, self.e1, self.s1, self.e2, self.s2, idx, gates, y)
+            kern.routed_experts_q8(a, self.e1, self.s1, self.e2, self.s2, idx, gates, y, swiglu)
         return x + y
+
+    def norm_step(self, x: np.ndarray, params: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
+        weight, bias = params
+        if bias is None:
+            return self.kernels.rms_norm(x, weight, NORM_EPS)
+        return self.kernels.layer_norm(x, weight, bias, LAYER_NORM_EPS)
 
     def mha(self, x: np.ndarray, start: int, rope: Rope | None) -> np.ndarray:
         t, (h, d) = x.shape[0], (self.cfg.n_heads, self.cfg.head_dim)
@@ -213,7 +257,10 @@ class Block:
         q, kv = self.wq_kv_a(x)
         q = q.reshape(t, h, d + p)
         c = self.cache
-        c["c_k"][start:end], c["c_v"][start:end] = kv[:, :r], kv[:, r : 2 * r]
+        if self.kv_norm is not None:
+            self.c_k[start:end] = rms_norm(kv[:, :r], self.kv_norm)
+        else:
+            self.c_k[start:end], self.c_v[start:end] = kv[:, :r], kv[:, r : 2 * r]
         q_nope = q[..., :d]
         if cfg.positions == "rope" and not cfg.decoupled and t == 1:
             scores = self.post_rope_scores(apply_rope(q_nope, rope.cos[start:end], rope.sin[start:end])[0], end, rope)
@@ -221,20 +268,20 @@ class Block:
         elif cfg.positions == "rope" and not cfg.decoupled:
             # the paper's post-projection RoPE: keys re-expanded from C^K and rotated (prefill chunks)
             cos, sin = rope.cos, rope.sin
-            k = (self.wk @ c["c_k"][:end].T).transpose(2, 0, 1)  # (H, D, R) @ (R, S) -> (S, H, D)
+            k = (self.wk @ self.c_k[:end].T).transpose(2, 0, 1)  # (H, D, R) @ (R, S) -> (S, H, D)
             k = apply_rope(k if self.bk is None else k + self.bk.reshape(h, d), cos[:end], sin[:end])
             q_rot = apply_rope(q_nope, cos[start:end], sin[start:end])
             scores = q_rot.transpose(1, 0, 2) @ k.transpose(1, 2, 0) * np.float32(d**-0.5)  # (H, T, S)
         else:
             q_lat = q_nope.transpose(1, 0, 2) @ self.wk  # (H, T, D) @ (H, D, R) -> (H, T, R)
-            scores = q_lat @ c["c_k"][:end].T  # (H, T, S); W^Kr's bias shifts a row alike: softmax ignores it
+            scores = q_lat @ self.c_k[:end].T  # (H, T, S); W^Kr's bias shifts a row alike: softmax ignores it
             if cfg.decoupled:
                 cos, sin = rope.cos[start:end], rope.sin[start:end]
-                c["k_pe"][start:end] = apply_rope(kv[:, None, 2 * r :], cos, sin)[:, 0]
+                c["k_pe"][start:end] = apply_rope(kv[:, None, self.pe_at :], cos, sin)[:, 0]
                 q_pe = apply_rope(q[..., d:], cos, sin)  # (T, H, P)
                 scores = scores + q_pe.transpose(1, 0, 2) @ c["k_pe"][:end].T
             scores = scores * np.float32((d + p) ** -0.5)
-        o_lat = softmax(_masked(scores, t, start)) @ c["c_v"][:end]  # (H, T, R)
+        o_lat = softmax(_masked(scores, t, start)) @ self.c_v[:end]  # (H, T, R)
         o = o_lat @ self.wv.transpose(0, 2, 1)  # (H, T, D): W_h^Vr once per query, not per position
         if self.bv is not None:
             o = o + self.bv.reshape(h, 1, d)
@@ -249,7 +296,7 @@ class Block:
         qa, qb = q[:, :half, None], q[:, half:, None]  # (H, D/2, 1)
         w1, w2 = self.wk[:, :half], self.wk[:, half:]  # (H, D/2, R) each
         uv = np.concatenate([qa * w1 + qb * w2, qb * w1 - qa * w2], axis=1)  # (H, D, R)
-        ab = (self.cache["c_k"][:end] @ uv.reshape(h * 2 * half, -1).T).reshape(end, h, 2 * half)  # (S, H, D)
+        ab = (self.c_k[:end] @ uv.reshape(h * 2 * half, -1).T).reshape(end, h, 2 * half)  # (S, H, D)
         cos_sin = rope.cos_sin[:end]  # (S, D)
         scores = np.einsum("shd,sd->hs", ab, cos_sin)
         if self.bk is not None:  # the bias of W^Kr turns with the position too
@@ -264,21 +311,22 @@ class Block:
         logits, *shared = self.router_shared(x)  # (T, E), and the shared experts' hidden (T, N_s h)
         k = cfg.n_activated_experts
         # paper: gates from softmax(l + b); DeepSeek-V3: b only picks the experts, softmax(l) weights them
-        scores = softmax(logits + self.router_bias if cfg.bias_in_gate else logits)
+        scores = score(logits + self.router_bias if cfg.bias_in_gate else logits, cfg.scoring)
         pick = scores if cfg.bias_in_gate else scores + self.router_bias
         idx = np.argpartition(-pick, k - 1, axis=-1)[:, :k]  # (T, K), any order
         gates = np.take_along_axis(scores, idx, -1)
         gates = gates / gates.sum(-1, keepdims=True)
-        y = self.shared(gelu(shared[0])) if self.shared is not None else np.zeros_like(x)
+        act = cfg.ffn_activation
+        y = self.shared(activate(shared[0], act)) if self.shared is not None else np.zeros_like(x)
         if x.shape[0] == 1:  # decode: K matrix-vector products, no grouping
             experts = idx[0].tolist()
-            hidden = gelu(np.concatenate([self.expert(x, e, 1) for e in experts])) * gates[0, :, None]  # (K, h)
+            hidden = activate(np.concatenate([self.expert(x, e, 1) for e in experts]), act) * gates[0, :, None]
             for k, e in enumerate(experts):
                 y += self.expert(hidden[k : k + 1], e, 2)
             return y
         for e in np.unique(idx).tolist():  # prefill: each chosen expert once, over all its tokens
             tokens, slot = np.nonzero(idx == e)
-            y[tokens] += gates[tokens, slot, None] * self.expert(gelu(self.expert(x[tokens], e, 1)), e, 2)
+            y[tokens] += gates[tokens, slot, None] * self.expert(activate(self.expert(x[tokens], e, 1), act), e, 2)
         return y
 
     def expert(self, x: np.ndarray, e: int, which: int) -> np.ndarray:
