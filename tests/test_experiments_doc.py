@@ -25,13 +25,17 @@ def _values(obj: object) -> list[float]:
     return []
 
 
-def _folders() -> dict[str, np.ndarray]:
-    """folder -> every number of its results.json (its runs, and their means and spreads)."""
-    out = {}
-    for path in sorted((ROOT / "results").glob("*/results.json")):
-        res = json.loads(path.read_text())
-        out[path.parent.name] = np.array(_values(res.get("runs")) + _values(res.get("summary")))
-    return out
+def _folders() -> dict[str, dict]:
+    """folder -> its results.json (runs: one per variant and seed; summary: one per variant, means and spreads)."""
+    return {
+        path.parent.name: json.loads(path.read_text()) for path in sorted((ROOT / "results").glob("*/results.json"))
+    }
+
+
+def _all(res: dict, name: str | None = None) -> np.ndarray:
+    """Every number of a folder's runs and summary, or only those of the rows called `name`."""
+    keep = [r for part in ("runs", "summary") for r in res.get(part) or [] if name is None or r.get("name") == name]
+    return np.array(_values(keep))
 
 
 def _in(values: np.ndarray, printed: str) -> bool:
@@ -41,9 +45,9 @@ def _in(values: np.ndarray, printed: str) -> bool:
     return values.size > 0 and float(np.abs(values - float(printed)).min()) <= 0.6 * 10**-decimals
 
 
-def _perplexities(section: str) -> list[str]:
-    """The numbers of a section's tables in perplexity columns (ours: "PPL", "seed N", "mean"; not the paper's, not
-    an interpolated curve)."""
+def _perplexities(section: str) -> list[tuple[str, str, str]]:
+    """(row name, column header, number) of a section's tables in perplexity columns (ours: "PPL", "seed N",
+    "mean"; not the paper's, not an interpolated curve)."""
     found = []
     for table in re.findall(r"((?:^\|.*\|\n)+)", section, flags=re.M):
         rows = table.strip().splitlines()
@@ -51,11 +55,31 @@ def _perplexities(section: str) -> list[str]:
         ours = [bool(re.search(r"ppl|seeds? \d|mean", h)) and not re.search("paper|curve", h) for h in header]
         for row in rows[2:]:
             cells = [c.strip() for c in row.strip("|").split("|")]
-            found += [n for keep, c in zip(ours, cells, strict=False) if keep for n, _ in NUMBER.findall(c)]
+            name = re.sub(r"[*`]", "", cells[0]).split(" ")[0]
+            for keep, head, cell in zip(ours, header, cells, strict=False):
+                found += [(name, head, n) for n, _ in NUMBER.findall(cell)] if keep else []
     return found
 
 
-def test_every_perplexity_in_experiments_md_is_in_a_results_folder() -> None:
+def _row_misses(res: dict, found: list[tuple[str, str, str]]) -> list[str]:
+    """The numbers that are not their own row's: a "seed N" cell is that variant's run with seed N, any other
+    perplexity cell one of that variant's numbers; a row not named after a run is checked against the folder."""
+    names = {r.get("name") for r in res.get("runs") or []}
+    misses = []
+    for name, head, printed in found:
+        if name not in names:
+            ok = _in(_all(res), printed)
+        elif seed := re.fullmatch(r"seed (\d+)", head):
+            runs = [r for r in res["runs"] if r.get("name") == name and r.get("seed") == int(seed.group(1))]
+            ok = any(_in(np.array([r["val_ppl"]]), printed) for r in runs)
+        else:
+            ok = _in(_all(res, name), printed)
+        if not ok:
+            misses.append(f"{name} {head}: {printed}")
+    return misses
+
+
+def test_every_perplexity_in_experiments_md_is_its_rows_in_a_results_folder() -> None:
     folders = _folders()
     if not folders:
         pytest.skip("no results/ folder here")
@@ -64,13 +88,25 @@ def test_every_perplexity_in_experiments_md_is_in_a_results_folder() -> None:
     for section in sections:
         if not re.search(r"^moemla reproduce (table\d|routing) ", section, flags=re.M):
             continue
-        numbers = _perplexities(section)
-        if not numbers:
+        found = _perplexities(section)
+        if not found:
             continue
-
-        best = max(folders, key=lambda name, numbers=numbers: sum(_in(folders[name], n) for n in numbers))
-        missing = [n for n in numbers if not _in(folders[best], n)]
+        best = min(folders, key=lambda name, found=found: len(_row_misses(folders[name], found)))
+        missing = _row_misses(folders[best], found)
         title = section.splitlines()[0]
-        assert not missing, f"{title}: {missing} are in no results folder (closest: results/{best})"
+        assert not missing, f"{title}: {missing} are not their rows' numbers in any results folder (closest: {best})"
         checked += 1
     assert checked >= 20, "EXPERIMENTS.md lost its tables, or the parser no longer finds them"
+
+
+def test_a_swapped_row_fails() -> None:
+    """The check above is row by row: two rows' numbers swapped in a copy of a table are caught."""
+    folders = _folders()
+    if "table2-tiny-control" not in folders:
+        pytest.skip("no results/ folder here")
+    res = folders["table2-tiny-control"]
+    seed0 = {r["name"]: r["val_ppl"] for r in res["runs"] if r["seed"] == 0}
+    good = [("mha", "seed 0", f"{seed0['mha']:.3f}"), ("mha-rope", "seed 0", f"{seed0['mha-rope']:.3f}")]
+    swapped = [(good[0][0], "seed 0", good[1][2]), (good[1][0], "seed 0", good[0][2])]
+    assert not _row_misses(res, good)
+    assert len(_row_misses(res, swapped)) == 2
