@@ -108,7 +108,11 @@ def flops_per_token_at(cfg: ModelConfig, active_experts: float, context: int | N
     return f1 + (active_experts - 1) * (f2 - f1)
 
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1}
+# the one table of element types moemla names: their bytes (device.DTYPES maps the float ones to torch's), and the
+# short names `moemla info --dtype` also takes
+FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_BYTES = {**FLOAT_BYTES, "int8": 1, **{alias: FLOAT_BYTES[name] for alias, name in DTYPE_ALIASES.items()}}
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "float32") -> int:

@@ -6,8 +6,10 @@ import contextlib
 
 import torch
 
-# the weight dtypes a user may name (--dtype): export, bench and decoding read this one table
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from moemla.accounting import FLOAT_BYTES
+
+# the weight dtypes a user may name (--dtype): export, bench and decoding read this one table (accounting's names)
+DTYPES = {name: getattr(torch, name) for name in FLOAT_BYTES}
 
 
 def cpu_name() -> str:

@@ -8,7 +8,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from moemla.config import DEFAULT_VARIANT, ModelConfig
+from moemla.config import DEFAULT_VARIANT, ConfigError, ModelConfig
 
 FLAVOR_HELP = (
     "the block: paper (LayerNorm, GELU, separate latents, softmax routing; the default) or deepseek (RMSNorm, "
@@ -26,6 +26,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def check_port(port: int) -> int:
+    """The one rule for --port (`moemla serve`, `moemla web`): 0..65535, 0 picking any free port."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {port}")
+    return port
 
 
 def seed_list(text: str) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from moemla.cli.flags import check_port
 from moemla.config import GGUF_TYPES
 from moemla.device import DTYPES
 
@@ -158,8 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"{missing}: pip install 'moemla[serve]'") from None
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+    check_port(args.port)
     if args.max_rows_per_request < 1:
         raise ValueError(f"--max-rows-per-request must be at least 1, got {args.max_rows_per_request}")
     if not args.max_body_mb > 0:
@@ -182,7 +182,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", help="run folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--checkpoint", metavar="step_N", help="serve this checkpoint (default: the newest)")
     p.add_argument("--name", help="model id clients pass as `model` (default: the run folder's name)")
@@ -270,7 +270,7 @@ def add_import(sub: argparse._SubParsersAction) -> None:
 def cmd_web(args: argparse.Namespace) -> int:
     from moemla.web.server import make_server, network_notice, url
 
-    server = make_server(args.folder, args.host, args.port)
+    server = make_server(args.folder, args.host, check_port(args.port))
     if notice := network_notice(args.host):
         print(notice, file=sys.stderr)
     print(f"serving {args.folder} at {url(server)} (cross-origin isolated: multi-threaded WebAssembly); Ctrl-C stops",

@@ -115,6 +115,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = ModelConfig.from_preset(args.preset, v, args.flavor, **overrides)
             if not args.json:
                 print(f"{v}, batch {batch} ...", file=sys.stderr, flush=True)
+            if args.engine == "llama.cpp":  # llama.cpp's own loop on the weights exported to GGUF
+                from moemla.export.gguf_bench import bench_llamacpp
+
+                rows.append(bench_llamacpp(cfg, batch, args.context, args.new_tokens, quantize=args.quantize,
+                                           dtype=dtype))  # fmt: skip
+                continue
             rows.append(bench(
                 cfg, batch, args.context, args.new_tokens, engine=args.engine, device=device, dtype=dtype,
                 absorbed=not args.naive, compile=args.compile, quantize=args.quantize, cuda_graph=args.cuda_graph,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moemla import accounting
-from moemla.config import ModelConfig, variant_name
+from moemla.config import ConfigError, ModelConfig, variant_name
 from moemla.inference.decoder import Decoder, Engine, Quantize, make_decoder
 from moemla.model import Transformer
 from moemla.progress import Progress
@@ -43,10 +43,10 @@ def bench(
 ) -> dict[str, object]:
     """One row through the Decoder interface: the best of `repeats` runs (the first also warms up and compiles)."""
     _check_lengths(cfg, context, new_tokens)
-    if engine == "llama.cpp":  # its own decode loop on the same random weights (inference/llamacpp/bench.py)
-        from moemla.inference.llamacpp.bench import bench_llamacpp
-
-        return bench_llamacpp(cfg, batch, context, new_tokens, quantize=quantize, dtype=dtype, repeats=repeats)
+    if engine == "llama.cpp":
+        raise ConfigError(
+            "the llama.cpp engine's bench is moemla.export.gguf_bench.bench_llamacpp (it exports to GGUF)"
+        )
     device = torch.device(device)
     torch.manual_seed(0)
     model = Transformer(cfg.replace(dropout=0.0)).to(device=device, dtype=dtype)

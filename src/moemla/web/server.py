@@ -77,11 +77,11 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 def make_server(folder: str | Path, host: str = "127.0.0.1", port: int = 8000) -> http.server.ThreadingHTTPServer:
     """A server for the checked folder, bound (port 0: any free port); serve_forever() serves it."""
     check_web_folder(folder)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535, got {port}")
     handler = functools.partial(Handler, directory=str(Path(folder).resolve()))
     try:
         return http.server.ThreadingHTTPServer((host, port), handler)
+    except OverflowError:  # a port outside 0..65535 (the CLI's port_number refuses it first)
+        raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {port}") from None
     except socket.gaierror:
         raise ConfigError(f"--host {host} is not a name or address this machine knows; use 127.0.0.1") from None
     except OSError as err:

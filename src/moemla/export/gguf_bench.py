@@ -1,11 +1,12 @@
-"""`moemla bench --engine llama.cpp`: llama.cpp's own decode loop on the same random weights, in bench's table.
+"""`moemla bench --engine llama.cpp`: llama.cpp's own decode loop on the same random weights, in bench's table (here,
+beside the GGUF export it needs, not in inference/, which may not import export/).
 
 The weights go through the GGUF export (export/gguf.py) into a temporary folder; llama.cpp then prefills the
 batch's prompts and decodes greedily in its own loop (its sampler, its batching of the rows, its f16 cache: what
-`llama-cli` and Ollama run). Through the Decoder interface each step would carry the whole vocabulary back through
-the binding's JSON (engine.py), which measures JSON, not llama.cpp. The times are wall-clock times of the
-binding's requests: prefill = one request that samples one token; decode = the extra time of a request that
-samples `new_tokens + 1` (so `new_tokens` decode passes, the last one attending over the whole context).
+`llama-cli` and Ollama run). Through the Decoder interface each step would carry the whole vocabulary back
+through the binding's JSON (inference/llamacpp/engine.py), which measures JSON, not llama.cpp. The times are
+wall-clock times of the binding's requests: prefill = one request that samples one token; decode = the extra
+time of a request that samples `new_tokens + 1` (so `new_tokens` decode passes, the last over the whole context).
 """
 
 from __future__ import annotations
