@@ -45,9 +45,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--windows", type=int, default=4)
     args = p.parse_args()
-    from moemla.cli import main as cli
     from moemla.data.shards import PreparedData
     from moemla.eval.runs import evaluate_run
+    from moemla.export.gguf import export_gguf
     from moemla.runs import RunFolder
 
     run = RunFolder.open(args.run)
@@ -59,10 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moemla-gguf-q-") as tmp:
         for qtype in TYPES:
             out = Path(tmp) / qtype
-            argv = ["export", args.run, str(out), "--format", "gguf", "--quantize", qtype, "--json"]
-            if args.checkpoint:
-                argv += ["--checkpoint", args.checkpoint]
-            assert cli(argv) == 0
+            export_gguf(args.run, out, qtype=qtype, checkpoint=args.checkpoint)
             r = evaluate_run(out, max_tokens=args.max_tokens)
             rows.append({"type": qtype, "file_mib": (out / "model.gguf").stat().st_size / 2**20,
                          "val_ppl": r["val_ppl"], "fp32_val_ppl": r["fp32"]["val_ppl"], "vs_fp32": r["ppl_vs_fp32"],

@@ -98,9 +98,10 @@ def test_pipeline_text_generation_equals_moemla_greedy_text(
 def test_readme_hf_example_runs_as_written_and_equals_moemla(
     base_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """README's export example: a left-padded batch through the folder's own tokenizer, loaded without remote code."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("### `moemla export RUN OUT --format hf`") :]
+    """docs/interop.md's export example: a left-padded batch through the folder's own tokenizer, loaded without
+    remote code."""
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "interop.md").read_text()
+    section = readme[readme.index("## `moemla export RUN OUT --format hf`") :]
     code = re.search(r"```py\n(.*?)```", section, flags=re.S).group(1)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(builtins, "input", _no_prompt)

@@ -16,9 +16,11 @@ So no `--overwrite` can delete a run, a prepared data set or a file the user put
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 RUN_FILE = "run.json"  # a run: model config, training settings, data (runs/folder.py)
@@ -208,6 +210,19 @@ def staging(out: Path, what: str = "partial") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+@contextlib.contextmanager
+def assembled(out: Path, what: str, name: str = "new") -> Iterator[Path]:
+    """The one way a command writes a whole folder: it writes into the path this yields (beside OUT, not yet
+    created); when the block ends without an error that folder replaces OUT whole, and the staging folder is
+    removed either way, so an interrupted command leaves what was there before."""
+    stage = staging(out, what)
+    try:
+        yield stage / name
+        replace_folder(stage / name, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def replace_folder(new: Path, out: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,11 @@ from moemla.folders import (
     MANIFEST,
     TOKENIZER_FILE,
     RecordError,
+    assembled,
     check_destination,
     kind,
     read_json,
     read_record,
-    replace_folder,
-    staging,
     write_text_atomic,
 )
 from moemla.progress import Progress
@@ -129,8 +127,7 @@ def prepare(
         )
     check_destination(out, "prepare", sources=sources, overwrite=overwrite, fix="choose another --out")
     _check_splits(source, val_fraction)
-    stage = staging(out, "prepare")
-    try:  # assembled beside OUT and moved into place whole: an interrupted prepare leaves what was there
+    with assembled(out, "prepare") as folder:  # an interrupted prepare leaves what was there
         tok = (
             train_bpe(_train_texts(source, val_fraction), vocab_size)
             if tokenizer == "bpe"
@@ -138,15 +135,11 @@ def prepare(
             if given is not None
             else load_tokenizer(tokenizer)
         )
-        folder = stage / "data"
         folder.mkdir()
         manifest = _write_shards(source, tok, folder, val_fraction, shard_tokens, chunk)
         manifest["request"] = request
         tok.save(str(folder / TOKENIZER_FILE))
         write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))  # the folder's record, last
-        replace_folder(folder, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return manifest
 
 

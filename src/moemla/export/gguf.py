@@ -183,9 +183,8 @@ def export_gguf(
 ) -> dict[str, object]:  # fmt: skip
     """A folder holding the run as model.gguf (llama.cpp, Ollama), an Ollama Modelfile and a manifest; assembled
     beside out_dir and moved into place whole. Returns the manifest."""
-    import shutil
 
-    from moemla.folders import check_destination, replace_folder, staging
+    from moemla.folders import assembled, check_destination
     from moemla.runs import RunFolder
 
     run = RunFolder.open(run_dir)
@@ -196,14 +195,9 @@ def export_gguf(
     model, tok = run.load_model("cpu", checkpoint, finite=True), run.tokenizer()
     ckpt = run.checkpoint(checkpoint)
     source = {"run": str(run.path.resolve()), "checkpoint": ckpt.name if ckpt else None}
-    stage = staging(out, "export")
-    try:
-        folder = stage / "gguf"
+    with assembled(out, "export") as folder:
         folder.mkdir()
         manifest = write_gguf_folder(model, tok, folder, qtype, source)
-        replace_folder(folder, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return manifest
 
 

@@ -27,7 +27,7 @@ from moemla.export.hf_native import (
     llama_weights,
     native_blocker,
 )
-from moemla.folders import HF_CONFIG, check_destination, replace_folder, staging, write_text_atomic
+from moemla.folders import HF_CONFIG, assembled, check_destination, write_text_atomic
 from moemla.inference.sampling import SamplingConfig
 from moemla.model import Transformer
 from moemla.runs import RunFolder
@@ -265,12 +265,8 @@ def export_hf(
     if eot is None:
         raise ExportError(f"the run's tokenizer has no {EOT} token, which export needs as eos")
     out = check_destination(out_dir, "export", sources=(run_dir,), overwrite=overwrite)
-    stage = staging(out, "export")
-    try:  # assembled beside OUT and moved into place only when complete
-        write_hf_folder(model, tok, kind, dtype, Path(run_dir) / TOKENIZER_FILE, stage / "hf")
-        replace_folder(stage / "hf", out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with assembled(out, "export") as folder:
+        write_hf_folder(model, tok, kind, dtype, Path(run_dir) / TOKENIZER_FILE, folder)
     return {"out": str(out), "architecture": kind, "variant": variant_name(cfg), "dtype": dtype, "run": str(run_dir)}
 
 

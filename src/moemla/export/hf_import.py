@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from moemla.config import ConfigError, ModelConfig
 from moemla.data.tokenizer import digest, load_tokenizer
 from moemla.export.hf import GPT2_NAMES, MOEMLA_TOKENIZER, NEOX_NAMES, ExportError
 from moemla.export.hf_native import DEEPSEEK, LLAMA, from_native
-from moemla.folders import TOKENIZER_FILE, check_destination, replace_folder, staging
+from moemla.folders import TOKENIZER_FILE, assembled, check_destination
 from moemla.model import Transformer
 from moemla.runs import RunFolder
 
@@ -111,13 +110,9 @@ def import_hf(folder: str | Path, run_dir: str | Path, *, overwrite: bool = Fals
         "data": {"path": str(src.resolve()), "tokenizer_sha256": digest(tok), "vocab_size": tok.get_vocab_size()},
         "imported_from": str(src.resolve()),
     }
-    stage = staging(out, "import")
-    try:  # the run is assembled beside OUT and moved into place only when complete
-        run = RunFolder(stage / "run")
+    with assembled(out, "import") as folder:
+        run = RunFolder(folder)
         run.write_meta(meta)
         run.write_tokenizer(tok_file)
         run.save_checkpoint(0, model, {}, {"step": 0, "elapsed_s": 0.0}, keep=1)
-        replace_folder(run.path, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return {"run": str(out), "variant": hf.get("moemla_variant"), "from": str(src), "architecture": hf["model_type"]}

@@ -7,11 +7,10 @@ data where that data is still on disk.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from moemla.data.sources import EOT
-from moemla.folders import check_destination, replace_folder, staging, write_text_atomic
+from moemla.folders import assembled, check_destination, write_text_atomic
 from moemla.inference.onnx import MANIFEST
 from moemla.inference.onnx.write import OnnxQuantize, check_exportable, require_onnx, write_onnx
 from moemla.model import Transformer
@@ -32,12 +31,8 @@ def export_onnx(
     run = RunFolder.open(run_dir)
     check_exportable(run.model_config, quantize)  # before loading weights or touching OUT
     out = check_destination(out_dir, "export", sources=(run_dir,), overwrite=overwrite)
-    stage = staging(out, "export")
-    try:
-        manifest = write_export(run, stage / "onnx", quantize, checkpoint)
-        replace_folder(stage / "onnx", out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with assembled(out, "export") as folder:
+        manifest = write_export(run, folder, quantize, checkpoint)
     return manifest
 
 

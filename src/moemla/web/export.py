@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from moemla.folders import check_destination, file_sizes, replace_folder, staging, write_text_atomic
+from moemla.folders import assembled, check_destination, file_sizes, write_text_atomic
 from moemla.inference.onnx import MANIFEST
 from moemla.inference.onnx.write import OnnxQuantize, check_exportable
 from moemla.web import PAGE_FILES
@@ -46,11 +46,7 @@ def export_web(
     check_exportable(run.model_config, quantize)  # a run that is not portable: before any work
     out = check_destination(out_dir, "export", sources=(run_dir,), overwrite=overwrite)
     sources = resolve_assets(node_modules)  # fetch (or find) the libraries first: no network fails before the export
-    stage = staging(out, "web")
-    try:
-        write_export(run, stage / "web", quantize, checkpoint)
-        manifest = add_page(stage / "web", sources=sources)
-        replace_folder(stage / "web", out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with assembled(out, "web") as folder:
+        write_export(run, folder, quantize, checkpoint)
+        manifest = add_page(folder, sources=sources)
     return manifest

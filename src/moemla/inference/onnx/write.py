@@ -26,7 +26,7 @@ import torch
 
 from moemla import accounting
 from moemla.config import ONNX_PORTABLE, ConfigError, ModelConfig, QuantizeKind, check_portable, variant_name
-from moemla.folders import TOKENIZER_FILE, file_sizes, replace_folder, staging
+from moemla.folders import TOKENIZER_FILE, assembled, file_sizes
 from moemla.inference.cpu.quant import to_int8
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
 from moemla.inference.onnx.graph import ExportedLM, cache_names, cache_shape
@@ -292,8 +292,8 @@ def write_onnx(
     require_onnx()
     cfg = model.cfg
     check_exportable(cfg, quantize)
-    tmp = staging(out)
-    try:
+    with assembled(out, "partial") as tmp:
+        tmp.mkdir()
         start = time.perf_counter()
         fp32 = tmp / (MODEL if quantize == "none" else "fp32.onnx")
         export_graph(model, fp32)
@@ -308,10 +308,6 @@ def write_onnx(
         manifest = build_manifest(cfg, quantize, eos_token_id, checked, source, tmp)
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
