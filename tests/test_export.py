@@ -239,14 +239,16 @@ def test_import_of_truncated_weights_or_a_config_that_does_not_fit_is_one_line(
 def test_remote_export_and_cpu_engine_refuse_the_same_unimplemented_fields(
     base_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One list (config.PORTABLE) says what the second implementations implement; both refuse the rest."""
+    """The lists in config (PORTABLE: the remote code; CPU_PORTABLE: the CPU engine, PORTABLE plus the DeepSeek
+    block's switches) say what the second implementations implement; both refuse the rest."""
     import moemla.config
     from moemla.config import ConfigError
     from moemla.inference.cpu.decoder import NumpyDecoder
 
     run = make_run(base_run, tmp_path / "run", "moe-mla-rope", bias_in_gate=False)
     export_hf(run, tmp_path / "ok")  # implemented: exports
-    monkeypatch.delitem(moemla.config.PORTABLE, "bias_in_gate")  # as if a new field nobody ported yet
+    for table in (moemla.config.PORTABLE, moemla.config.CPU_PORTABLE):  # as if a new field nobody ported yet
+        monkeypatch.delitem(table, "bias_in_gate")
     with pytest.raises(ExportError, match=r"remote code does not implement ModelConfig.bias_in_gate=False"):
         export_hf(run, tmp_path / "hf")
     model, _, _ = load_run(run)
