@@ -4,9 +4,10 @@ beside the GGUF export it needs, not in inference/, which may not import export/
 The weights go through the GGUF export (export/gguf.py) into a temporary folder; llama.cpp then prefills the
 batch's prompts and decodes greedily in its own loop (its sampler, its batching of the rows, its f16 cache: what
 `llama-cli` and Ollama run). Through the Decoder interface each step would carry the whole vocabulary back
-through the binding's JSON (inference/llamacpp/engine.py), which measures JSON, not llama.cpp. The times are
-wall-clock times of the binding's requests: prefill = one request that samples one token; decode = the extra
-time of a request that samples `new_tokens + 1` (so `new_tokens` decode passes, the last over the whole context).
+through the binding's JSON (inference/llamacpp/engine.py), which measures JSON, not llama.cpp. Prefill and time
+to first token: the wall-clock time of one request that samples one token; decode: the `new_tokens` passes of a
+request that samples `new_tokens + 1` (the last pass over the whole context), timed by llama.cpp's own clock
+(_decode_rate says why).
 """
 
 from __future__ import annotations
@@ -99,18 +100,26 @@ def _best_run(dec: object, prompts: list[list[int]], new_tokens: int, repeats: i
         for _ in range(repeats + 1):  # the first also warms up
             first = dec.generate_native(prompts, 1)
             full = dec.generate_native(prompts, new_tokens + 1)
-            decode_s = max(full["seconds"] - first["seconds"], 1e-9)
             row = {
                 "prefill_tokens_per_s": batch * prompt_len / first["seconds"],
                 "ttft_ms": 1e3 * first["seconds"],
-                "decode_tokens_per_s": batch * new_tokens / decode_s,
+                "decode_tokens_per_s": _decode_rate(full, first, batch, new_tokens),
                 "latency_ms_p50": None,  # llama.cpp's loop does not report each step
                 "latency_ms_p95": None,
-                "latency_ms_mean": 1e3 * decode_s / new_tokens,
-                # llama.cpp's own count of the same run (one row's view of it where rows decode together)
-                "llama_cpp_decode_tokens_per_s": (full["timings"] or {}).get("predicted_per_second"),
             }
+            row["latency_ms_mean"] = 1e3 * batch / row["decode_tokens_per_s"]
             if best is None or row["decode_tokens_per_s"] > best["decode_tokens_per_s"]:  # type: ignore[operator]
                 best = row
             bar.advance()
     return best  # type: ignore[return-value]
+
+
+def _decode_rate(full: dict, first: dict, batch: int, new_tokens: int) -> float:
+    """Tokens/s of the decode passes, by llama.cpp's own clock where it reports one: its generation time covers
+    the passes after the first token (predicted_n - 1 of them), and with the rows decoding together in one batch
+    each slot's time is the batch's. Wall-clock differences of two requests are too coarse for a small model (a
+    64-token decode of `tiny` takes ~15 ms, the noise of a request's start)."""
+    timings = full.get("timings") or {}
+    if timings.get("predicted_ms") and timings.get("predicted_n", 0) > 1:
+        return batch * (timings["predicted_n"] - 1) / (timings["predicted_ms"] / 1e3)
+    return batch * new_tokens / max(full["seconds"] - first["seconds"], 1e-9)
