@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4)
     args = p.parse_args()
     from moemla.data.shards import PreparedData
-    from moemla.eval.runs import evaluate_run
+    from moemla.eval.folder_eval import evaluate_run
     from moemla.export.gguf import export_gguf
     from moemla.runs import RunFolder
 

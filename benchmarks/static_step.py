@@ -16,7 +16,7 @@ import time
 import torch
 
 from moemla.config import ModelConfig
-from moemla.inference.decoder import TorchDecoder
+from moemla.inference.torch_decoder import TorchDecoder
 from moemla.model import Transformer
 
 

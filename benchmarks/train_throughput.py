@@ -178,11 +178,11 @@ def bench_case(size: str, vocab: int, args: argparse.Namespace, data: Path | Non
 
 
 def _prepare(tmp: str) -> Path:
-    from moemla.data.shards import prepare
+    from moemla.data.shards import write_prepared
     from moemla.data.sources import builtin_source
 
     out = Path(tmp) / "builtin"
-    prepare(builtin_source(2000), out, {"dataset": "builtin", "stories": 2000}, vocab_size=1024)
+    write_prepared(builtin_source(2000), out, {"dataset": "builtin", "stories": 2000}, vocab_size=1024)
     return out
 
 

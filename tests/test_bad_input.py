@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 
 from moemla.cli import main
-from moemla.data.shards import prepare
+from moemla.data.shards import write_prepared
 from moemla.data.sources import builtin_source, file_source
 from moemla.inference.generate import generate_ids
 from moemla.inference.sampling import SamplingConfig
@@ -29,7 +29,7 @@ from .conftest import build
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "builtin"
-    prepare(builtin_source(400), out, {"dataset": "builtin", "stories": 400}, vocab_size=300)
+    write_prepared(builtin_source(400), out, {"dataset": "builtin", "stories": 400}, vocab_size=300)
     return out
 
 
@@ -252,7 +252,7 @@ def test_resume_goes_on_with_the_recorded_data_and_refuses_other_data_unless_ask
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     monkeypatch.chdir(tmp_path)  # a data/builtin here, same tokenizer, other stories: never picked silently
-    prepare(builtin_source(300), "data/builtin", {"dataset": "builtin", "stories": 300}, tokenizer=str(data))
+    write_prepared(builtin_source(300), "data/builtin", {"dataset": "builtin", "stories": 300}, tokenizer=str(data))
     flags = ["--max-steps", "7", "--batch-size", "4", "--micro-batch-size", "4", "--seq-len", "32"]
     assert main(["train", "--out", str(copy), "--resume", *flags]) == 0
     assert str(data) in capsys.readouterr().out  # "resuming ... on <the run's data>"

@@ -10,10 +10,23 @@ from tokenizers import Tokenizer
 from moemla.cli import main
 from moemla.data.shards import eval_batches
 from moemla.data.tokenizer import token_bytes, train_bpe
-from moemla.eval.perplexity import evaluate, window_bytes
+from moemla.eval.perplexity import evaluate
 from tests.test_data import SHARED, needs_shared
 
 from .conftest import build
+
+
+def window_bytes(
+    shards: list[np.ndarray], seq_len: int, batch_size: int, max_tokens: int | None, table: np.ndarray
+) -> tuple[int, int]:
+    """(target tokens, their text bytes) of the windows `evaluate` scores with the same settings, counted here
+    from eval_batches on their own: what evaluate's bits per byte must divide by."""
+    tokens = n_bytes = 0
+    for _, y in eval_batches(shards, seq_len, batch_size, max_tokens):
+        tokens += y.numel()
+        n_bytes += int(table[y.numpy()].sum())
+    return tokens, n_bytes
+
 
 TEXT = ['Lily found a shiny red ball. She said, "Look!" Then the café closed — über früh.', "The end. 🐰"] * 40
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moemla.data import corpus
-from moemla.data.shards import PreparedData, is_val, prepare, train_batch
+from moemla.data.shards import PreparedData, is_val, train_batch, write_prepared
 from moemla.data.sources import DataError, builtin_source, file_source
 from moemla.data.tokenizer import load_tokenizer
 
@@ -16,7 +16,7 @@ needs_shared = pytest.mark.skipif(not (SHARED / "gpt2" / "tokenizer.json").is_fi
 
 def _prepare(tmp_path: Path, stories: int = 300, **kw: object) -> Path:
     out = tmp_path / "data"
-    prepare(builtin_source(stories), out, {"dataset": "builtin", "stories": stories}, vocab_size=400, **kw)
+    write_prepared(builtin_source(stories), out, {"dataset": "builtin", "stories": stories}, vocab_size=400, **kw)
     return out
 
 
@@ -116,7 +116,7 @@ def test_prepared_folder_is_reused_and_never_mixes_tokenizers(tmp_path: Path) ->
     _prepare(tmp_path)  # same request: reused as is
     assert (out / "train_000.bin").stat().st_mtime_ns == stamp
     with pytest.raises(DataError, match="tokenizer: 'bpe' then, 'gpt2' now"):
-        prepare(builtin_source(300), out, {"dataset": "builtin", "stories": 300}, tokenizer="gpt2")
+        write_prepared(builtin_source(300), out, {"dataset": "builtin", "stories": 300}, tokenizer="gpt2")
 
 
 def test_prepare_errors(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_gpt2_tokenizer_and_tinystories_sample(tmp_path: Path) -> None:
     tok = load_tokenizer(str(SHARED / "gpt2" / "tokenizer.json"))
     assert tok.get_vocab_size() == 50257 and tok.encode("Once upon a time").ids == [7454, 2402, 257, 640]
     source = file_source([SHARED / "tinystories-train-sample.txt"])
-    m = prepare(source, tmp_path / "ts", {"dataset": "text"}, tokenizer=str(SHARED / "gpt2" / "tokenizer.json"))
+    m = write_prepared(source, tmp_path / "ts", {"dataset": "text"}, tokenizer=str(SHARED / "gpt2" / "tokenizer.json"))
     assert m["splits"]["train"]["stories"] + m["splits"]["val"]["stories"] == 1728
     assert m["tokenizer"]["eot_id"] == 50256 and m["dtype"] == "uint16"
 

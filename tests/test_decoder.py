@@ -10,9 +10,10 @@ import torch
 
 from moemla.config import ConfigError, ModelConfig
 from moemla.inference.cpu.decoder import NumpyDecoder, check_supported
-from moemla.inference.decoder import TorchDecoder, make_decoder
+from moemla.inference.decoder import make_decoder
 from moemla.inference.generate import generate_ids
 from moemla.inference.sampling import greedy
+from moemla.inference.torch_decoder import TorchDecoder
 
 from .conftest import ALL_VARIANTS, build
 

@@ -261,7 +261,8 @@ def test_top_p_routing_is_refused_by_the_export_and_the_cpu_engine_and_auto_pick
 ) -> None:
     """Dynamic expert selection runs in the torch model and decoder only; the second implementations say so."""
     from moemla.config import ConfigError
-    from moemla.inference.decoder import TorchDecoder, make_decoder
+    from moemla.inference.decoder import make_decoder
+    from moemla.inference.torch_decoder import TorchDecoder
 
     run = make_run(base_run, tmp_path / "run", "moe-mla-rope", routing="top-p", routing_p=0.5)
     with pytest.raises(ExportError, match=r"does not implement ModelConfig.routing='top-p'"):

@@ -225,8 +225,8 @@ def test_the_one_decode_loop_gives_each_row_its_tokens_then_one_finish() -> None
     from pathlib import Path
 
     from moemla.inference.decode import Finish, Row, Token, decode
-    from moemla.inference.decoder import TorchDecoder
     from moemla.inference.sampling import SamplingConfig
+    from moemla.inference.torch_decoder import TorchDecoder
 
     model = build("moe-mla-rope")
     rows = [

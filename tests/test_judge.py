@@ -186,12 +186,12 @@ def test_a_judge_run_killed_halfway_resumes_without_asking_twice(runs: list[str]
 
 
 def test_reproduce_table8_judges_the_four_variants_beside_the_paper(tmp_path: Path) -> None:
-    from moemla.data.shards import prepare
+    from moemla.data.shards import write_prepared
     from moemla.data.sources import builtin_source
     from moemla.experiments.reproduce import reproduce
 
     data = tmp_path / "data"
-    prepare(builtin_source(300), data, {"dataset": "builtin", "stories": 300}, vocab_size=300)
+    write_prepared(builtin_source(300), data, {"dataset": "builtin", "stories": 300}, vocab_size=300)
     with FakeJudge() as fake:
         result = reproduce("table8", "debug", steps=2, data=data, out=tmp_path / "t8", log=lambda _: None,
                            endpoint=fake.url, judge_model=MODEL, samples=3)  # fmt: skip

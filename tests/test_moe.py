@@ -222,7 +222,7 @@ def test_top_p_routing_compiles_without_graph_breaks_and_decodes_from_the_cache(
     import torch._dynamo
 
     from moemla import KVCache
-    from moemla.inference.decoder import TorchDecoder
+    from moemla.inference.torch_decoder import TorchDecoder
 
     model = build("moe-mla-rope", routing="top-p", routing_p=0.5)
     idx = torch.randint(0, model.cfg.vocab_size, (2, 17))

@@ -22,11 +22,11 @@ from .conftest import ALL_VARIANTS, build
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from moemla.inference.decoder import TorchDecoder
 from moemla.inference.generate import generate_ids, generate_ids_batch
 from moemla.inference.onnx.engine import OnnxDecoder
 from moemla.inference.onnx.write import write_onnx
 from moemla.inference.sampling import SamplingConfig, greedy
+from moemla.inference.torch_decoder import TorchDecoder
 from moemla.model.kv_cache import cache_spec
 
 # every portable variant, and the routing bias outside the gate (DeepSeek-V3) as well as in it; a context of 128

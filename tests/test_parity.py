@@ -15,9 +15,9 @@ import torch
 
 from moemla.config import FLAVORS, VARIANTS
 from moemla.inference.cpu.decoder import NumpyDecoder
-from moemla.inference.decoder import TorchDecoder
 from moemla.inference.generate import generate_ids, generate_ids_batch
 from moemla.inference.sampling import greedy
+from moemla.inference.torch_decoder import TorchDecoder
 
 from .conftest import build
 

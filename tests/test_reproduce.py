@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from moemla.config import VARIANTS, ConfigError, ModelConfig
-from moemla.data.shards import prepare
+from moemla.data.shards import write_prepared
 from moemla.data.sources import builtin_source
 from moemla.experiments.claims import _quality
 from moemla.experiments.reproduce import reproduce, summarize
@@ -15,7 +15,7 @@ from moemla.experiments.tables import relative_improvement, table5_specs
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "builtin"
-    prepare(builtin_source(300), out, {"dataset": "builtin", "stories": 300}, vocab_size=300)
+    write_prepared(builtin_source(300), out, {"dataset": "builtin", "stories": 300}, vocab_size=300)
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from moemla.config import ConfigError, ModelConfig
-from moemla.data.shards import prepare
+from moemla.data.shards import write_prepared
 from moemla.data.sources import DataError, builtin_source
 from moemla.eval.perplexity import evaluate
 from moemla.model import Transformer
@@ -38,7 +38,7 @@ TC = TrainConfig(
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "builtin"
-    prepare(builtin_source(400), out, {"dataset": "builtin", "stories": 400}, vocab_size=300)
+    write_prepared(builtin_source(400), out, {"dataset": "builtin", "stories": 400}, vocab_size=300)
     return out
 
 
@@ -229,7 +229,7 @@ def test_resume_refuses_other_tokenizer(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "r"
     train(data, run, cfg(), TC.replace(max_steps=3), log=lambda _: None)
     other = tmp_path / "other"
-    prepare(builtin_source(400), other, {"dataset": "builtin", "stories": 400}, vocab_size=290)
+    write_prepared(builtin_source(400), other, {"dataset": "builtin", "stories": 400}, vocab_size=290)
     with pytest.raises(DataError, match="different tokenizer"):
         train(other, run, cfg(), TC, resume=True)
     meta = json.loads((run / "run.json").read_text())

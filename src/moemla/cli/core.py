@@ -119,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from moemla.eval.runs import evaluate_run
+    from moemla.eval.folder_eval import evaluate_run
 
     r = evaluate_run(
         args.run, data_dir=args.data, text=args.text, split=args.split, max_tokens=args.max_tokens,

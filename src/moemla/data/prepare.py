@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from moemla.data.documents import document_source, find_documents, is_document_input
-from moemla.data.shards import prepare
+from moemla.data.shards import write_prepared
 from moemla.data.sources import (
     DataError,
     StorySource,
@@ -53,7 +53,7 @@ def prepare_data(
     else:
         raise DataError(f"unknown dataset {dataset!r}: use builtin or tinystories, or local files with --text")
     folder = Path(out or f"data/{name}")
-    manifest = prepare(
+    manifest = write_prepared(
         source, folder, description, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
         overwrite=overwrite, sources=tuple(t for t in text or () if Path(t).exists()),
     )  # fmt: skip

@@ -93,7 +93,7 @@ class _ShardWriter:
         return {"stories": self.stories, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
 
 
-def prepare(
+def write_prepared(
     source: StorySource,
     out: str | Path,
     description: dict[str, object],

@@ -108,16 +108,5 @@ def bits_per_byte(nats: float, n_bytes: int) -> float | None:
     return nats / math.log(2) / n_bytes if n_bytes else None
 
 
-def window_bytes(
-    shards: list[np.ndarray], seq_len: int, batch_size: int, max_tokens: int | None, token_bytes: np.ndarray
-) -> tuple[int, int]:
-    """(target tokens, their text bytes) of the windows `evaluate` scores with the same settings."""
-    tokens = n_bytes = 0
-    for _, y in eval_batches(shards, seq_len, batch_size, max_tokens):
-        tokens += y.numel()
-        n_bytes += _text_bytes(y, token_bytes)
-    return tokens, n_bytes
-
-
 def _text_bytes(targets: torch.Tensor, token_bytes: np.ndarray) -> int:
     return int(token_bytes[targets.numpy()].sum())

@@ -15,7 +15,7 @@ import torch
 
 from moemla import accounting
 from moemla.config import ConfigError, ModelConfig, variant_name
-from moemla.inference.decoder import Decoder, Engine, Quantize, make_decoder
+from moemla.inference.decoder import Decoder, EngineName, Quantize, make_decoder
 from moemla.model import Transformer
 from moemla.progress import Progress
 
@@ -32,7 +32,7 @@ def bench(
     context: int,
     new_tokens: int,
     *,
-    engine: Engine = "torch",
+    engine: EngineName = "torch",
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     absorbed: bool = True,

@@ -9,8 +9,9 @@ from tokenizers import Tokenizer
 
 from moemla.data.tokenizer import eot_id
 from moemla.inference.decode import Row, Token, decode
-from moemla.inference.decoder import Decoder, TorchDecoder
+from moemla.inference.decoder import Decoder
 from moemla.inference.sampling import SamplingConfig, truncate_prompt
+from moemla.inference.torch_decoder import TorchDecoder
 from moemla.model import Transformer
 
 DEFAULT = SamplingConfig()

@@ -12,14 +12,14 @@ from moemla.config import ConfigError
 from moemla.data.tokenizer import load_tokenizer
 from moemla.device import resolve_device
 from moemla.folders import TOKENIZER_FILE
-from moemla.inference.decoder import Decoder, Engine, Mode, Quantize, engine_device, make_decoder
+from moemla.inference.decoder import Decoder, EngineName, Mode, Quantize, engine_device, make_decoder
 from moemla.inference.llamacpp.engine import LlamaCppDecoder, is_gguf_folder
 from moemla.inference.onnx.engine import OnnxDecoder, is_onnx_folder, refuse_export_flags
 
 
 def open_decoder(
     path: str | Path,
-    engine: Engine | str = "auto",
+    engine: EngineName | str = "auto",
     *,
     device: str = "auto",
     checkpoint: str | None = None,

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moemla.inference.decode import Event, Finish, Row, Token, decode, top_logprobs
-from moemla.inference.decoder import Decoder, Mode, TorchDecoder
+from moemla.inference.decoder import Decoder
 from moemla.inference.sampling import SamplingConfig, fit
+from moemla.inference.torch_decoder import Mode, TorchDecoder
 from moemla.model import Transformer
 
 

@@ -1,4 +1,4 @@
-"""Evaluating a run folder: its checkpoint on a prepared split or on raw text files."""
+"""Evaluating a folder: a run's checkpoint, or an ONNX or GGUF export, on a prepared split or on raw text files."""
 
 from __future__ import annotations
 
