@@ -284,6 +284,63 @@ console.log(JSON.stringify(texts.map((t) => {{
             assert decoded == tok.decode(ids), (path, text)
 
 
+PAGE_JS = Path(__file__).resolve().parent.parent / "src" / "moemla" / "web" / "page" / "generate.js"
+
+
+def test_the_pages_sampler_keeps_the_python_samplers_candidates() -> None:
+    """On the same logits the page's sampler (generate.js `candidates`) keeps exactly the tokens moemla's sampler
+    keeps (top-k, the top-p nucleus, both, ties) with the same probabilities; a seed repeating is not enough."""
+    import torch
+
+    from moemla.inference.sampling import filter_logits
+
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(50, generator=gen) * 3 for _ in range(4)] + [torch.tensor([2.0, 2.0, 1.0, 1.0, 0.0, 2.0])]
+    # (on the tied row no equal logits straddle a top-k cut, where topk's choice is its own: _most_likely)
+    settings = [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.9), (0.8, 10, 0.5), (1.0, 3, 1.0), (2.0, 3, 0.7)]
+    cases = [(row.tolist(), t, k, p) for row in logits for t, k, p in settings]
+    script = f"""
+import {{ candidates }} from "{PAGE_JS.as_uri()}";
+console.log(JSON.stringify({json.dumps(cases)}.map(([logits, temperature, topK, topP]) =>
+  candidates(Float32Array.from(logits), {{ temperature, topK, topP }}))));"""
+    got = json.loads(_node(script))
+    for (row, t, k, p), js in zip(cases, got, strict=True):
+        filtered = filter_logits(torch.tensor([row]) / t, k, p)[0]
+        want = {i: float(q) for i, q in enumerate(filtered.softmax(-1)) if torch.isfinite(filtered[i])}
+        kept = {i: q for i, q in zip(js["order"], js["probs"], strict=True) if q > 0}
+        assert kept.keys() == want.keys(), (row, t, k, p)
+        assert all(abs(kept[i] - want[i]) < 1e-5 for i in want), (row, t, k, p)
+
+
+def test_the_page_refuses_the_sampling_settings_python_refuses() -> None:
+    from moemla.inference.sampling import SamplingConfig
+
+    cases = [(t, k, p, n, s) for t, k, p, n, s in [
+        (0.8, 40, None, 10, 0), (-1, None, None, 10, 0), (float("nan"), None, None, 10, 0), (1, 0, None, 10, 0),
+        (1, 2.5, None, 10, 0), (1, None, 0, 10, 0), (1, None, 1.5, 10, 0), (1, None, 1.0, 10, 0),
+        (1, None, None, -1, 0), (0, None, None, 0, 2**63), (0, None, None, 0, 2**63 - 1)]]  # fmt: skip
+    script = f"""
+import {{ checkSampling }} from "{PAGE_JS.as_uri()}";
+const cases = {json.dumps([[t if t == t else "nan", k, p, n, str(s)] for t, k, p, n, s in cases])};
+console.log(JSON.stringify(cases.map(([temperature, topK, topP, maxNewTokens, seed]) => {{
+  try {{
+    checkSampling({{ temperature: temperature === "nan" ? NaN : temperature, topK, topP, maxNewTokens,
+                    seed: BigInt(seed) }});
+    return true;
+  }} catch (e) {{ return false; }}
+}})));"""
+    got = json.loads(_node(script))
+    for (t, k, p, n, s), js in zip(cases, got, strict=True):
+        try:
+            SamplingConfig(temperature=t, top_k=k, top_p=p, max_new_tokens=n, seed=s)
+            if isinstance(k, float):  # Python's flag parser refuses a fractional --top-k before SamplingConfig
+                raise ValueError
+            ok = True
+        except ValueError:
+            ok = False
+        assert js == ok, (t, k, p, n, s)
+
+
 def test_the_pages_fit_check_is_the_python_one(web_exports: dict) -> None:
     cases = [(p, c, m) for p in (0, 1, 5, 63, 64, 65) for c in (64,) for m in (0, 1, 10, 200)]
     script = f"""

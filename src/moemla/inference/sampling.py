@@ -108,7 +108,7 @@ def _candidates(logits: torch.Tensor, configs: Sequence[SamplingConfig]) -> tupl
     ks = [c.top_k for c in configs]
     vocab = logits.shape[-1]
     n = vocab if None in ks else min(vocab, max(ks))  # type: ignore[type-var]
-    values, order = torch.topk(logits, n, dim=-1)  # (B, N), sorted
+    values, order = _most_likely(logits, n)  # (B, N)
     rank = torch.arange(n, device=logits.device)
     k = torch.tensor([min(x or vocab, n) for x in ks], device=logits.device)
     values = values.masked_fill(rank >= k[:, None], float("-inf"))
@@ -120,6 +120,19 @@ def _candidates(logits: torch.Tensor, configs: Sequence[SamplingConfig]) -> tupl
         before = probs.cumsum(-1) - probs
         values = values.masked_fill((before >= top_p[:, None]) & (top_p[:, None] < 1), float("-inf"))
     return values, order
+
+
+def _most_likely(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest logits of each row and their ids, most likely first, equal logits by token id (as numpy's and
+    the browser page's sort), so which of equal logits falls inside a top-p nucleus is defined. With the whole
+    vocabulary that is one stable sort; under a top-k, topk's n (cheap) re-sorted. Which of several equal logits
+    straddling the top-k cut stays is topk's choice (deciding it would cost a full sort or a host sync)."""
+    if n == logits.shape[-1]:
+        return torch.sort(logits, dim=-1, descending=True, stable=True)
+    values, order = torch.topk(logits, n, dim=-1)
+    order, by_id = order.sort(dim=-1)
+    values, by_value = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
+    return values, order.gather(-1, by_value)
 
 
 def sample_batch(

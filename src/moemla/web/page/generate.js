@@ -40,9 +40,9 @@ export function argmax(logits) {
   return best;
 }
 
-// One token id from logits (V,): greedy at temperature 0, else within the top-k and the top-p nucleus.
-export function sample(logits, { temperature, topK, topP }, random) {
-  if (temperature === 0) return argmax(logits);
+// The candidates sampling draws from (moemla.inference.sampling's rule): token ids most likely first (ties by id)
+// and their probabilities at this temperature, 0 outside the top-k and outside the top-p nucleus, summing to 1.
+export function candidates(logits, { temperature, topK, topP }) {
   let order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a] || a - b);
   if (topK !== null) order = order.slice(0, topK);
   const top = logits[order[0]];
@@ -55,6 +55,13 @@ export function sample(logits, { temperature, topK, topP }, random) {
     total = probs.reduce((a, b) => a + b, 0);
     probs = probs.map((p) => p / total);
   }
+  return { order, probs };
+}
+
+// One token id from logits (V,): greedy at temperature 0, else drawn from the candidates.
+export function sample(logits, settings, random) {
+  if (settings.temperature === 0) return argmax(logits);
+  const { order, probs } = candidates(logits, settings);
   let u = random();
   for (let j = 0; j < order.length; j++) {
     u -= probs[j];
