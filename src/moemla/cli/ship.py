@@ -64,6 +64,7 @@ def _export_gguf(args: argparse.Namespace) -> int:
     print("run it with llama.cpp or Ollama:")
     print(f"  llama-cli -m {args.out}/{GGUF_FILE} -p 'Once upon a time' -n 200")
     print(f"  ollama create moemla -f {args.out}/{MODELFILE} && ollama run moemla 'Once upon a time'")
+    print(f"or through moemla (its sampler on llama.cpp): moemla generate {args.out} --prompt 'Once upon a time'")
     return 0
 
 
