@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 ENGINES = [("llama.cpp", "none"), ("llama.cpp", "int8"), ("llama.cpp", "int4"), ("numba", "none"),
@@ -82,14 +80,6 @@ def hf_row(preset: str, variant: str, context: int, new: int) -> dict | None:
             "transformers": transformers.__version__}  # fmt: skip
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", default="tiny,xs")
@@ -99,6 +89,7 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate() rows")
     args = p.parse_args()
     from moemla.config import ModelConfig
+    from moemla.device import cpu_name
 
     rows = []
     for preset in args.presets.split(","):
@@ -138,5 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory():
-        main()
+    main()

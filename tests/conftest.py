@@ -1,7 +1,12 @@
+import contextlib
 import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +79,30 @@ def load_run(run: Path, checkpoint: str | None = None) -> tuple[Transformer, obj
     """(model in eval mode, tokenizer, run.json) of a run folder, as every reading wing opens it."""
     folder = RunFolder.open(run)
     return folder.load_model("cpu", checkpoint), folder.tokenizer(), folder.meta
+
+
+@contextlib.contextmanager
+def serving_cli(folder: Path, *flags: str) -> Iterator[int]:
+    """`moemla serve FOLDER FLAGS` in a process of its own on a free loopback port; yields the port once its /health
+    answers, stops the process after."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "moemla", "serve", str(folder), "--port", str(port), *flags]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def free_port() -> int:

@@ -4,12 +4,8 @@ eval` (beside the run's fp32 model), llama.cpp's own decode loop in `moemla benc
 
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -19,7 +15,7 @@ from moemla.config import FLAVORS
 from moemla.inference.generate import generate_ids, generate_ids_batch
 from moemla.inference.sampling import SamplingConfig, greedy
 
-from .conftest import free_port, load_run, make_run
+from .conftest import load_run, make_run, serving_cli
 
 pytest.importorskip("gguf")
 pytest.importorskip("xllamacpp")
@@ -174,20 +170,7 @@ def test_serve_answers_the_openai_client_from_a_gguf_folder(exported) -> None:
     openai = pytest.importorskip("openai")
     _, folder, model, tok = exported
     want = tok.decode(generate_ids(model, tok.encode(PROMPTS[0]).ids, greedy(8)))
-    port = free_port()
-    cmd = [sys.executable, "-m", "moemla", "serve", str(folder), "--port", str(port), "--max-batch", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for _ in range(300):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.1)
+    with serving_cli(folder, "--max-batch", "2") as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         out = client.completions.create(model=folder.name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
         assert out.choices[0].text == want
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)

@@ -1,10 +1,7 @@
 """moemla serve: OpenAI-compatible answers equal to moemla's own decoding; batching, streaming, disconnects, 4xx."""
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +14,7 @@ import torch
 from moemla.inference.generate import generate_ids
 from moemla.inference.sampling import greedy
 
-from .conftest import free_port, load_run, make_run
+from .conftest import free_port, load_run, make_run, serving_cli
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -272,18 +269,7 @@ def test_openai_client_streams_usage_and_logprobs_and_reads_the_model(server: tu
 
 def test_cli_serves_on_loopback_to_the_openai_client(run: Path) -> None:
     openai = pytest.importorskip("openai")
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "moemla", "serve", str(run), "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for _ in range(300):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.1)
+    with serving_cli(run, "--device", "cpu") as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         out = client.completions.create(model=run.name, prompt="Once", max_tokens=4, temperature=0)
         assert out.choices[0].finish_reason in ("stop", "length") and out.usage.prompt_tokens > 0
@@ -295,9 +281,6 @@ def test_cli_serves_on_loopback_to_the_openai_client(run: Path) -> None:
         if not host_ip.startswith("127."):  # bound to the loopback address only: unreachable on the others
             with socket.socket() as s:
                 assert s.connect_ex((host_ip, port)) != 0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_engine_decodes_the_same_with_static_steps(run: Path) -> None:

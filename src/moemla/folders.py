@@ -117,6 +117,16 @@ def file_sizes(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
 
 
+def check_listed_files(folder: Path, files: dict[str, int], fix: str) -> None:
+    """Every file an export's manifest lists (name -> bytes) is present at its recorded size: a truncated or swapped
+    file is named before a runtime reads it. RecordError naming the file and `fix` otherwise."""
+    for name, size in files.items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            what = "is missing" if not f.is_file() else f"has {f.stat().st_size:,} bytes, not {size:,}"
+            raise RecordError(f"{f} {what}: the export is incomplete or damaged; {fix}")
+
+
 def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 

@@ -23,7 +23,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moemla.config import ConfigError, ModelConfig
-from moemla.folders import GGUF_FILE, GGUF_FORMAT, GGUF_KEYS, MANIFEST, RUN_FILE, RecordError, read_record
+from moemla.folders import (
+    GGUF_FILE,
+    GGUF_FORMAT,
+    GGUF_KEYS,
+    MANIFEST,
+    RecordError,
+    check_listed_files,
+    kind,
+    read_json,
+    read_record,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -40,12 +50,10 @@ class LlamaCppError(ValueError):
 def is_gguf_folder(path: str | Path) -> bool:
     """Whether path is a GGUF export folder (its manifest says so), or a .gguf file inside one."""
     path = Path(path)
-    folder = path.parent if path.suffix == ".gguf" else path
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return path.suffix == ".gguf"  # a bare file: read_gguf_manifest says what to do
-    return isinstance(manifest, dict) and manifest.get("format") == GGUF_FORMAT and not (folder / RUN_FILE).exists()
+    if path.suffix != ".gguf":
+        return kind(path) == "gguf"
+    # a file: inside an export, or bare (no manifest beside it), for read_gguf_manifest to say what to do
+    return kind(path.parent) == "gguf" or read_json(path.parent / MANIFEST) is None
 
 
 def read_gguf_manifest(path: str | Path) -> tuple[Path, dict]:
@@ -61,18 +69,14 @@ def read_gguf_manifest(path: str | Path) -> tuple[Path, dict]:
         )
     try:
         manifest = read_record(folder / MANIFEST, GGUF_KEYS, again)
+        if manifest["format"] != GGUF_FORMAT:
+            raise RecordError(f"{folder / MANIFEST} is not a GGUF export's manifest; {again}")
+        if manifest["version"] not in READ_VERSIONS:
+            raise RecordError(f"{folder} was written by another moemla (GGUF folder version {manifest['version']}, "
+                              f"this one reads {', '.join(map(str, READ_VERSIONS))}); {again}")  # fmt: skip
+        check_listed_files(folder, manifest["files"], again)
     except RecordError as err:
         raise ConfigError(str(err)) from None
-    if manifest["format"] != GGUF_FORMAT:
-        raise ConfigError(f"{folder / MANIFEST} is not a GGUF export's manifest; {again}")
-    if manifest["version"] not in READ_VERSIONS:
-        raise ConfigError(f"{folder} was written by another moemla (GGUF folder version {manifest['version']}, this "
-                          f"one reads {', '.join(map(str, READ_VERSIONS))}); {again}")  # fmt: skip
-    for name, size in manifest["files"].items():
-        f = folder / name
-        if not f.is_file() or f.stat().st_size != size:
-            what = "is missing" if not f.is_file() else f"has {f.stat().st_size:,} bytes, not {size:,}"
-            raise ConfigError(f"{f} {what}: the export is incomplete or damaged; {again}")
     return folder, manifest
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moemla.config import ConfigError, ModelConfig
-from moemla.folders import EXPORT_KEYS, RUN_FILE, RecordError, check_record, read_record
+from moemla.folders import EXPORT_KEYS, RUN_FILE, RecordError, check_listed_files, check_record, read_record
 from moemla.inference.onnx import EXTRA, FORMAT, MANIFEST, MODEL, VERSION
 from moemla.inference.padding import left_pad
 
@@ -45,13 +45,9 @@ def read_manifest(folder: str | Path) -> dict:
             raise ConfigError(f"{folder} was written by another moemla (graph version {manifest.get('version')}, "
                               f"this one reads {VERSION}); export it again with this moemla")  # fmt: skip
         check_record(manifest, path, EXPORT_KEYS, again)
+        check_listed_files(folder, manifest["files"], "export it again")
     except RecordError as err:
         raise ConfigError(str(err)) from None
-    for name, size in manifest["files"].items():
-        f = folder / name
-        if not f.is_file() or f.stat().st_size != size:
-            what = "is missing" if not f.is_file() else f"has {f.stat().st_size:,} bytes, not {size:,}"
-            raise ConfigError(f"{f} {what}: the export is incomplete or damaged; export it again")
     return manifest
 
 
